@@ -1,0 +1,180 @@
+/**
+ * The command line: a thin layer over the library. Non-interactive commands print results on
+ * stdout (human or JSON) and errors on stderr, with qemu-img's exit codes where it has them.
+ */
+import { Command, Option } from 'commander';
+import { allDrivers } from '../drivers/index.js';
+import { checkExitCode, checkImage } from './check.js';
+import { ImgconvError, FormatError } from './errors.js';
+import { openImage, type ImageChain } from './image.js';
+import { formatMapHuman, formatMapJson, mapChain } from './map.js';
+import { VERSION } from './version.js';
+
+const outputOption = () => new Option('--output <fmt>', 'output format').choices(['human', 'json']).default('human');
+const formatOption = () => new Option('-f, --format <fmt>', 'image format (skips probing)');
+
+async function withImage<T>(path: string, format: string | undefined, fn: (chain: ImageChain) => Promise<T>): Promise<T> {
+  const chain = await openImage(path, { drivers: allDrivers, format });
+  try {
+    return await fn(chain);
+  } finally {
+    await chain.close();
+  }
+}
+
+export function humanSize(n: number): string {
+  const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB', 'PiB'];
+  let u = 0;
+  let v = n;
+  while (v >= 1024 && u < units.length - 1) {
+    v /= 1024;
+    u++;
+  }
+  return u === 0 ? `${n} B` : `${Number.isInteger(v) ? v : v.toFixed(2).replace(/\.?0+$/, '')} ${units[u]}`;
+}
+
+export async function infoJson(chain: ImageChain): Promise<Record<string, unknown>> {
+  const top = chain.layers[0]!;
+  const i = top.info;
+  const out: Record<string, unknown> = {
+    filename: chain.paths[0],
+    format: i.format,
+    ...(i.subformat ? { subformat: i.subformat } : {}),
+    'virtual-size': i.virtualSize,
+    'actual-size': await top.dev.allocated(),
+    'file-length': await top.dev.size(),
+    ...(i.clusterSize ? { 'cluster-size': i.clusterSize } : {}),
+    ...(i.backing ? { 'backing-filename': i.backing.filename, 'full-backing-filename': chain.paths[1] ?? null } : {}),
+    ...(i.backing?.format ? { 'backing-filename-format': i.backing.format } : {}),
+    ...(top.dataFile ? { 'data-file': top.dataFile } : {}),
+    'dirty-flag': i.dirty,
+    corrupt: i.corrupt,
+    features: i.features,
+    'format-specific': i.details,
+    probed: chain.probed,
+  };
+  return out;
+}
+
+function infoHuman(j: Record<string, unknown>): string {
+  const lines = [
+    `image: ${j.filename}`,
+    `file format: ${j.format}${j.probed ? ' (probed; use -f to state it)' : ''}`,
+    ...(j.subformat ? [`subformat: ${j.subformat}`] : []),
+    `virtual size: ${humanSize(j['virtual-size'] as number)} (${j['virtual-size']} bytes)`,
+    `disk size: ${humanSize(j['actual-size'] as number)}`,
+    ...(j['cluster-size'] ? [`cluster_size: ${j['cluster-size']}`] : []),
+    ...(j['backing-filename'] ? [`backing file: ${j['backing-filename']}`] : []),
+    ...(j['backing-filename-format'] ? [`backing file format: ${j['backing-filename-format']}`] : []),
+    ...(j['data-file'] ? [`data file: ${j['data-file']}`] : []),
+    ...(j['dirty-flag'] ? ['dirty: yes (needs check)'] : []),
+    ...(j.corrupt ? ['corrupt: yes'] : []),
+    ...((j.features as string[]).length ? [`features: ${(j.features as string[]).join(', ')}`] : []),
+  ];
+  const details = j['format-specific'] as Record<string, unknown>;
+  if (Object.keys(details).length) {
+    lines.push('Format specific information:');
+    for (const [k, v] of Object.entries(details)) lines.push(`    ${k}: ${v}`);
+  }
+  return lines.join('\n');
+}
+
+export function buildProgram(): Command {
+  const program = new Command();
+  program.name('imgconv').description('Convert VM disk images between qcow2, QED, VMDK, VHD and raw in place').version(VERSION);
+  program.showHelpAfterError();
+
+  program
+    .command('info')
+    .description('show the format, virtual size, features and layout facts of an image')
+    .argument('<image>')
+    .addOption(formatOption())
+    .addOption(outputOption())
+    .action(async (image: string, o: { format?: string; output: string }) => {
+      await withImage(image, o.format, async (chain) => {
+        const j = await infoJson(chain);
+        process.stdout.write((o.output === 'json' ? JSON.stringify(j, null, 2) : infoHuman(j)) + '\n');
+      });
+    });
+
+  program
+    .command('map')
+    .description('show the guest → host mapping (same fields as qemu-img map --output=json)')
+    .argument('<image>')
+    .addOption(formatOption())
+    .addOption(outputOption())
+    .action(async (image: string, o: { format?: string; output: string }) => {
+      await withImage(image, o.format, async (chain) => {
+        const entries = await mapChain(chain);
+        process.stdout.write((o.output === 'json' ? formatMapJson(entries) : formatMapHuman(entries, chain.paths)) + '\n');
+      });
+    });
+
+  program
+    .command('check')
+    .description('check the image structure (exit 0 clean, 2 corrupt, 3 leaks only)')
+    .argument('<image>')
+    .addOption(formatOption())
+    .addOption(outputOption())
+    .action(async (image: string, o: { format?: string; output: string }) => {
+      let code = 0;
+      try {
+        await withImage(image, o.format, async (chain) => {
+          const top = chain.layers[0]!;
+          const r = await checkImage(top);
+          code = checkExitCode(r);
+          if (o.output === 'json') {
+            process.stdout.write(
+              JSON.stringify(
+                {
+                  filename: chain.paths[0],
+                  format: r.format,
+                  'check-errors': r.checkErrors,
+                  corruptions: r.corruptions,
+                  leaks: r.leaks,
+                  ...(r.imageEndOffset !== undefined ? { 'image-end-offset': r.imageEndOffset } : {}),
+                  ...(r.totalClusters !== undefined ? { 'total-clusters': r.totalClusters } : {}),
+                  ...(r.allocatedClusters !== undefined ? { 'allocated-clusters': r.allocatedClusters } : {}),
+                  ...(r.fragmentedClusters !== undefined ? { 'fragmented-clusters': r.fragmentedClusters } : {}),
+                  ...(r.compressedClusters !== undefined ? { 'compressed-clusters': r.compressedClusters } : {}),
+                  messages: r.messages,
+                },
+                null,
+                2,
+              ) + '\n',
+            );
+          } else {
+            for (const m of r.messages) process.stdout.write(m + '\n');
+            if (code === 0) process.stdout.write('No errors were found on the image.\n');
+            else {
+              if (r.corruptions) process.stdout.write(`\n${r.corruptions} errors were found on the image.\nData may be corrupted, or further writes to the image may corrupt it.\n`);
+              if (r.leaks) process.stdout.write(`\n${r.leaks} leaked clusters were found on the image.\nThis means waste of disk space, but no harm to data.\n`);
+            }
+          }
+        });
+      } catch (e) {
+        // A header that fails validation is a corrupt image, not an internal error.
+        if (e instanceof FormatError) {
+          process.stderr.write(`imgconv: ${e.message}\n`);
+          code = 2;
+        } else throw e;
+      }
+      process.exitCode = code;
+    });
+
+  return program;
+}
+
+export async function main(argv: string[]): Promise<void> {
+  try {
+    await buildProgram().parseAsync(argv);
+  } catch (e) {
+    if (e instanceof ImgconvError) {
+      process.stderr.write(`imgconv: ${e.message}\n`);
+      process.exitCode = 1;
+    } else {
+      process.stderr.write(`imgconv: internal error: ${(e as Error).stack ?? e}\n`);
+      process.exitCode = 70;
+    }
+  }
+}

@@ -1,0 +1,14 @@
+/** The library API. */
+export * from './errors.js';
+export type { BlockDevice, OpenOptions, DeviceOpener } from './blockdev/types.js';
+export { readAt, readExact } from './blockdev/types.js';
+export { FileBlockDevice, openFileDevice } from './blockdev/file.js';
+export { MemoryBlockDevice } from './blockdev/memory.js';
+export { ExtentMap, type Extent, type ExtentKind } from './extent-map.js';
+export { HostSpace, type HostRange, type HostRole } from './host-space.js';
+export type { FormatDriver, SourceImage, ImageInfo, CheckReport, BackingRef, ProbeInput, OpenContext } from './driver.js';
+export { openImage, probe, type ImageChain, type OpenImageOptions } from './image.js';
+export { GuestReader } from './guest.js';
+export { mapChain, type MapEntry } from './map.js';
+export { checkImage, checkExitCode } from './check.js';
+export { allDrivers } from '../drivers/index.js';
