@@ -1,0 +1,124 @@
+/**
+ * Storage: the injectable file system around images — opening devices, and creating, removing and
+ * syncing the sidecar files the conversion protocol needs (its journal). A conversion touches the disk
+ * only through this, so tests can record every operation across the image and its journal in one
+ * global order, and replay any prefix or subset of it as a crash.
+ */
+import { open as fsOpen, rm, stat } from 'node:fs/promises';
+import { dirname } from 'node:path';
+import { FileBlockDevice } from './file.js';
+import { MemoryBlockDevice } from './memory.js';
+import type { BlockDevice, OpenOptions } from './types.js';
+import { IoError } from '../errors.js';
+
+export interface Storage {
+  open(path: string, opts: OpenOptions): Promise<BlockDevice>;
+  /** Creates an empty file for writing; fails if it exists. */
+  create(path: string): Promise<BlockDevice>;
+  remove(path: string): Promise<void>;
+  exists(path: string): Promise<boolean>;
+  /** Makes a file's creation or removal durable (fsync of its directory). */
+  syncDir(path: string): Promise<void>;
+}
+
+function ioErr(op: string, path: string, e: unknown): IoError {
+  const err = e as NodeJS.ErrnoException;
+  return new IoError(op, path, 0, err.code, err.message ?? String(e));
+}
+
+export const fileStorage: Storage = {
+  open: (path, opts) => FileBlockDevice.open(path, opts),
+  async create(path) {
+    try {
+      const fh = await fsOpen(path, 'wx');
+      await fh.close();
+    } catch (e) {
+      throw ioErr('create', path, e);
+    }
+    return FileBlockDevice.open(path, { write: true, lock: false });
+  },
+  async remove(path) {
+    try {
+      await rm(path, { force: true });
+    } catch (e) {
+      throw ioErr('remove', path, e);
+    }
+  },
+  async exists(path) {
+    try {
+      await stat(path);
+      return true;
+    } catch {
+      return false;
+    }
+  },
+  async syncDir(path) {
+    const dir = dirname(path);
+    try {
+      const fh = await fsOpen(dir, 'r');
+      try {
+        await fh.sync();
+      } finally {
+        await fh.close();
+      }
+    } catch (e) {
+      // Some filesystems refuse fsync on a directory (EINVAL); nothing more can be done there.
+      const code = (e as NodeJS.ErrnoException).code;
+      if (code !== 'EINVAL' && code !== 'EISDIR' && code !== 'EBADF') throw ioErr('fsync directory', dir, e);
+    }
+  },
+};
+
+/** In-memory storage: a map of path → MemoryBlockDevice (shared, so reopening sees the same bytes). */
+export class MemoryStorage implements Storage {
+  readonly files = new Map<string, MemoryBlockDevice>();
+
+  put(path: string, bytes: Uint8Array): MemoryBlockDevice {
+    const d = MemoryBlockDevice.from(bytes, path);
+    this.files.set(path, d);
+    return d;
+  }
+
+  async open(path: string, opts: OpenOptions): Promise<BlockDevice> {
+    const d = this.files.get(path);
+    if (!d) throw new IoError('open', path, 0, 'ENOENT', 'no such file');
+    return opts.write ? d : readOnlyView(d);
+  }
+
+  async create(path: string): Promise<BlockDevice> {
+    if (this.files.has(path)) throw new IoError('create', path, 0, 'EEXIST', 'file exists');
+    const d = new MemoryBlockDevice(path);
+    this.files.set(path, d);
+    return d;
+  }
+
+  async remove(path: string): Promise<void> {
+    this.files.delete(path);
+  }
+
+  async exists(path: string): Promise<boolean> {
+    return this.files.has(path);
+  }
+
+  async syncDir(): Promise<void> {}
+}
+
+function readOnlyView(d: MemoryBlockDevice): BlockDevice {
+  const refuse = async () => {
+    throw new IoError('write', d.path, 0, 'EBADF', 'opened read-only');
+  };
+  return {
+    path: d.path,
+    writable: false,
+    size: () => d.size(),
+    allocated: () => d.allocated(),
+    read: (b, o) => d.read(b, o),
+    nextData: (o) => d.nextData(o),
+    nextHole: (o) => d.nextHole(o),
+    write: refuse,
+    flush: async () => {},
+    truncate: refuse,
+    punchHole: refuse,
+    close: async () => {},
+  };
+}

@@ -1,0 +1,162 @@
+/**
+ * The conversion journal: an append-only sidecar file `<image>.imgconv-journal`, a sequence of
+ * self-checksummed records. Decoding stops at the first record that is torn or fails its checksum, so
+ * a crash while appending leaves exactly the records completed before it. See DESIGN.md, "Commit
+ * protocol": PREPARE (undo bytes, original length) is made durable before the image is touched; the
+ * durable COMMIT record (redo bytes of the fixed regions) is the commit point; DONE marks the end.
+ */
+import { createHash } from 'node:crypto';
+
+export const JOURNAL_SUFFIX = '.imgconv-journal';
+const MAGIC = Buffer.from('IMGCJREC', 'latin1');
+const HEADER_BYTES = 8 + 4 + 4 + 8; // magic, type, json length, binary length
+const DIGEST_BYTES = 32;
+/** Bounds what a hostile or corrupt journal can make us allocate. */
+const MAX_JSON = 1 << 20;
+const MAX_BINARY = 256 << 20;
+
+export function journalPath(imagePath: string): string {
+  return imagePath + JOURNAL_SUFFIX;
+}
+
+/** Bytes of the image at a fixed offset. */
+export interface Region {
+  offset: number;
+  bytes: Uint8Array;
+}
+
+export interface PrepareRecord {
+  type: 'prepare';
+  sourceFormat: string;
+  targetFormat: string;
+  /** File length before the conversion: rollback truncates back to it. */
+  originalLength: number;
+  /** SHA-256 of the source's fixed regions as found, to recognise the image on recovery. */
+  sourceDigest: string;
+  /** The old bytes of every region the commit overwrites in place. */
+  undo: Region[];
+  /** The plan summary, for messages. */
+  plan: Record<string, unknown>;
+}
+
+export interface CommitRecord {
+  type: 'commit';
+  /** The new bytes of every fixed region, written in place after this record is durable. */
+  redo: Region[];
+  /** Length the file must have once committed (the target's end), or -1 to leave it. */
+  finalLength: number;
+}
+
+export interface DoneRecord {
+  type: 'done';
+}
+
+export type JournalRecord = PrepareRecord | CommitRecord | DoneRecord;
+
+const TYPE_CODES = { prepare: 1, commit: 2, done: 3 } as const;
+const CODE_TYPES: Record<number, JournalRecord['type']> = { 1: 'prepare', 2: 'commit', 3: 'done' };
+
+export function regionsDigest(regions: Region[]): string {
+  const h = createHash('sha256');
+  for (const r of regions) {
+    h.update(`${r.offset}:${r.bytes.length};`);
+    h.update(r.bytes);
+  }
+  return h.digest('hex');
+}
+
+export function encodeRecord(rec: JournalRecord): Uint8Array {
+  const regions = rec.type === 'prepare' ? rec.undo : rec.type === 'commit' ? rec.redo : [];
+  const meta: Record<string, unknown> = { ...rec };
+  delete meta.undo;
+  delete meta.redo;
+  meta.regions = regions.map((r) => ({ offset: r.offset, length: r.bytes.length }));
+  const json = Buffer.from(JSON.stringify(meta), 'utf8');
+  const binLength = regions.reduce((s, r) => s + r.bytes.length, 0);
+  const out = new Uint8Array(HEADER_BYTES + json.length + binLength + DIGEST_BYTES);
+  const dv = new DataView(out.buffer);
+  out.set(MAGIC, 0);
+  dv.setUint32(8, TYPE_CODES[rec.type], true);
+  dv.setUint32(12, json.length, true);
+  dv.setBigUint64(16, BigInt(binLength), true);
+  out.set(json, HEADER_BYTES);
+  let pos = HEADER_BYTES + json.length;
+  for (const r of regions) {
+    out.set(r.bytes, pos);
+    pos += r.bytes.length;
+  }
+  out.set(createHash('sha256').update(out.subarray(0, pos)).digest(), pos);
+  return out;
+}
+
+export interface DecodedJournal {
+  records: JournalRecord[];
+  /** Bytes covered by valid records; anything after is a torn or corrupt tail. */
+  validLength: number;
+  /** True when bytes follow the last valid record. */
+  tornTail: boolean;
+}
+
+/** Decodes as many complete, valid records as the bytes hold. Never throws on bad input. */
+export function decodeJournal(bytes: Uint8Array): DecodedJournal {
+  const records: JournalRecord[] = [];
+  let pos = 0;
+  for (;;) {
+    const rec = decodeOne(bytes, pos);
+    if (!rec) break;
+    records.push(rec.record);
+    pos = rec.end;
+  }
+  return { records, validLength: pos, tornTail: pos < bytes.length };
+}
+
+function decodeOne(bytes: Uint8Array, pos: number): { record: JournalRecord; end: number } | null {
+  if (bytes.length - pos < HEADER_BYTES + DIGEST_BYTES) return null;
+  if (!Buffer.from(bytes.subarray(pos, pos + 8)).equals(MAGIC)) return null;
+  const dv = new DataView(bytes.buffer, bytes.byteOffset + pos);
+  const type = CODE_TYPES[dv.getUint32(8, true)];
+  const jsonLen = dv.getUint32(12, true);
+  const binLenBig = dv.getBigUint64(16, true);
+  if (!type || jsonLen > MAX_JSON || binLenBig > BigInt(MAX_BINARY)) return null;
+  const binLen = Number(binLenBig);
+  const end = pos + HEADER_BYTES + jsonLen + binLen + DIGEST_BYTES;
+  if (end > bytes.length) return null;
+  const body = bytes.subarray(pos, end - DIGEST_BYTES);
+  const digest = createHash('sha256').update(body).digest();
+  if (!digest.equals(Buffer.from(bytes.subarray(end - DIGEST_BYTES, end)))) return null;
+  let meta: Record<string, unknown>;
+  try {
+    meta = JSON.parse(Buffer.from(bytes.subarray(pos + HEADER_BYTES, pos + HEADER_BYTES + jsonLen)).toString('utf8'));
+  } catch {
+    return null;
+  }
+  if (meta.type !== type) return null;
+  const layout = meta.regions as { offset: number; length: number }[] | undefined;
+  const regions: Region[] = [];
+  let bin = pos + HEADER_BYTES + jsonLen;
+  for (const r of layout ?? []) {
+    regions.push({ offset: r.offset, bytes: bytes.slice(bin, bin + r.length) });
+    bin += r.length;
+  }
+  if (bin !== end - DIGEST_BYTES) return null;
+  delete meta.regions;
+  const record = (
+    type === 'prepare' ? { ...meta, undo: regions } : type === 'commit' ? { ...meta, redo: regions } : meta
+  ) as unknown as JournalRecord;
+  return { record, end };
+}
+
+/** Where a journal says the conversion stands. */
+export type JournalState =
+  | { state: 'none' }
+  | { state: 'prepared'; prepare: PrepareRecord }
+  | { state: 'committed'; prepare: PrepareRecord; commit: CommitRecord }
+  | { state: 'done'; prepare: PrepareRecord; commit: CommitRecord };
+
+export function journalState(j: DecodedJournal): JournalState {
+  const [p, c, d] = j.records;
+  if (!p || p.type !== 'prepare') return { state: 'none' };
+  if (!c || c.type !== 'commit') return { state: 'prepared', prepare: p };
+  if (!d || d.type !== 'done') return { state: 'committed', prepare: p, commit: c };
+  return { state: 'done', prepare: p, commit: c };
+}

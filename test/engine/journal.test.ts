@@ -1,0 +1,79 @@
+import { describe, expect, it } from 'vitest';
+import { fc, test } from '@fast-check/vitest';
+import { decodeJournal, encodeRecord, journalState, type JournalRecord, type Region } from '../../src/engine/journal.js';
+
+const regionArb: fc.Arbitrary<Region> = fc.record({
+  offset: fc.nat(2 ** 40),
+  bytes: fc.uint8Array({ maxLength: 600 }),
+});
+
+const recordArb: fc.Arbitrary<JournalRecord> = fc.oneof(
+  fc.record({
+    type: fc.constant('prepare' as const),
+    sourceFormat: fc.string(),
+    targetFormat: fc.string(),
+    originalLength: fc.nat(2 ** 50),
+    sourceDigest: fc.string({ unit: fc.constantFrom(...'0123456789abcdef'), minLength: 64, maxLength: 64 }),
+    undo: fc.array(regionArb, { maxLength: 4 }),
+    plan: fc.dictionary(fc.string(), fc.oneof(fc.string(), fc.integer(), fc.boolean())),
+  }),
+  fc.record({ type: fc.constant('commit' as const), redo: fc.array(regionArb, { maxLength: 4 }), finalLength: fc.integer({ min: -1, max: 2 ** 50 }) }),
+  fc.record({ type: fc.constant('done' as const) }),
+);
+
+function concat(parts: Uint8Array[]): Uint8Array {
+  const out = new Uint8Array(parts.reduce((s, p) => s + p.length, 0));
+  let pos = 0;
+  for (const p of parts) {
+    out.set(p, pos);
+    pos += p.length;
+  }
+  return out;
+}
+
+describe('journal records', () => {
+  test.prop([fc.array(recordArb, { maxLength: 4 })])('round-trip', (recs) => {
+    const bytes = concat(recs.map(encodeRecord));
+    const d = decodeJournal(bytes);
+    expect(d.tornTail).toBe(false);
+    expect(d.records).toEqual(recs);
+  });
+
+  test.prop([fc.array(recordArb, { minLength: 1, maxLength: 3 }), fc.nat()])('a torn tail leaves exactly the complete records', (recs, cutSeed) => {
+    const encoded = recs.map(encodeRecord);
+    const bytes = concat(encoded);
+    const cut = cutSeed % (bytes.length + 1);
+    const d = decodeJournal(bytes.subarray(0, cut));
+    let complete = 0;
+    let pos = 0;
+    for (const e of encoded) {
+      if (pos + e.length <= cut) complete++;
+      pos += e.length;
+    }
+    expect(d.records).toEqual(recs.slice(0, complete));
+  });
+
+  test.prop([fc.array(recordArb, { minLength: 1, maxLength: 3 }), fc.nat(), fc.integer({ min: 1, max: 255 })])(
+    'a flipped byte never yields a record that was not written',
+    (recs, at, xor) => {
+      const bytes = concat(recs.map(encodeRecord));
+      const i = at % bytes.length;
+      bytes[i]! ^= xor;
+      const d = decodeJournal(bytes);
+      // every decoded record is one of the originals, in order, as a prefix
+      expect(recs.slice(0, d.records.length)).toEqual(d.records);
+      expect(d.records.length).toBeLessThan(recs.length + 1);
+    },
+  );
+
+  it('derives the state from the records present', () => {
+    const prepare: JournalRecord = { type: 'prepare', sourceFormat: 'qed', targetFormat: 'qcow2', originalLength: 1, sourceDigest: '0'.repeat(64), undo: [], plan: {} };
+    const commit: JournalRecord = { type: 'commit', redo: [{ offset: 0, bytes: new Uint8Array([1, 2]) }], finalLength: -1 };
+    expect(journalState(decodeJournal(new Uint8Array()))).toEqual({ state: 'none' });
+    expect(journalState(decodeJournal(encodeRecord(prepare))).state).toBe('prepared');
+    expect(journalState(decodeJournal(concat([encodeRecord(prepare), encodeRecord(commit)]))).state).toBe('committed');
+    expect(journalState(decodeJournal(concat([encodeRecord(prepare), encodeRecord(commit), encodeRecord({ type: 'done' })]))).state).toBe('done');
+    // a commit without a prepare is not a journal we wrote
+    expect(journalState(decodeJournal(encodeRecord(commit))).state).toBe('none');
+  });
+});
