@@ -12,6 +12,8 @@ export interface BuildOptions {
   clusterSize?: number;
   tableSize?: number;
   virtualSize?: number;
+  /** Clusters of header area (the L1 table follows it). */
+  headerSize?: number;
   /** Guest cluster index → a fill byte for a data cluster, or 'zero' for a zero cluster. */
   clusters?: Map<number, number | 'zero'>;
   header?: Partial<QedHeader>;
@@ -35,21 +37,22 @@ export function buildQed(o: BuildOptions = {}): BuiltQed {
   const entries = tableBytes / 8;
   const virtualSize = o.virtualSize ?? 16 * 1024 * 1024;
   const name = o.backingName ? Buffer.from(o.backingName) : undefined;
+  const headerBytes = (o.headerSize ?? 1) * cs;
   const header: QedHeader = {
     magic: 'QED\0',
     clusterSize: cs,
     tableSize: ts,
-    headerSize: 1,
+    headerSize: o.headerSize ?? 1,
     features: name ? 1n : 0n,
     compatFeatures: 0n,
     autoclearFeatures: 0n,
-    l1TableOffset: BigInt(cs),
+    l1TableOffset: BigInt(headerBytes),
     imageSize: BigInt(virtualSize),
     backingFilenameOffset: name ? 64 : 0,
     backingFilenameSize: name ? name.length : 0,
     ...o.header,
   };
-  let end = cs + tableBytes;
+  let end = headerBytes + tableBytes;
   const l1: bigint[] = new Array(entries).fill(0n);
   const l2 = new Map<number, bigint[]>();
   const l2Offsets = new Map<number, number>();
@@ -76,10 +79,10 @@ export function buildQed(o: BuildOptions = {}): BuiltQed {
   const bytes = new Uint8Array(end);
   bytes.set(encodeHeader(header), 0);
   if (name) bytes.set(name, 64);
-  bytes.set(encodeTable(l1, tableBytes), cs);
+  bytes.set(encodeTable(l1, tableBytes), headerBytes);
   for (const [i, t] of l2) bytes.set(encodeTable(t, tableBytes), l2Offsets.get(i)!);
   for (const f of fills) bytes.fill(f.byte, f.at, f.at + cs);
-  return { bytes, header, l1Offset: cs, l2Offsets, dataOffsets };
+  return { bytes, header, l1Offset: headerBytes, l2Offsets, dataOffsets };
 }
 
 export function setU64(bytes: Uint8Array, offset: number, v: bigint): void {
