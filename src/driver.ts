@@ -1,3 +1,5 @@
+// >>> PARALLEL HELPERS OF THIS SESSION: before writing any code, read /tmp/HELPERS-READ-FIRST.md (shared rules:
+// >>> touch only drivers/<fmt>/ and test/drivers/<fmt>*, never src/ or this registry; commit only your paths; test style). <<<
 /**
  * The driver interface. One format per folder under drivers/, each implementing FormatDriver; the
  * core only ever sees this interface (the registry in drivers/index.ts is the one place that lists
@@ -97,4 +99,70 @@ export interface FormatDriver {
    */
   probe(input: ProbeInput): number;
   open(dev: BlockDevice, ctx: OpenContext): Promise<SourceImage>;
+  /** Present when the format can be a conversion target. */
+  readonly target?: TargetDriver;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Write half: what a target format provides to the conversion engine (src/engine/convert.ts).
+
+/** `-o key=value,...` as given by the user (qemu-img's option names where they exist). */
+export type TargetOptions = Record<string, string>;
+
+/** Bytes at a host offset. */
+export interface HostWrite {
+  offset: number;
+  bytes: Uint8Array;
+}
+
+export interface PlanInput {
+  /** The source's top layer. */
+  info: ImageInfo;
+  mapping: ExtentMap;
+  hostSpace: HostSpace;
+  fileSize: number;
+  options: TargetOptions;
+}
+
+export interface TargetPlan {
+  format: string;
+  /** Chosen parameters, for `plan` output ("cluster_size": 65536, "compat": "1.1", ...). */
+  parameters: Record<string, string | number | boolean>;
+  /** Fixed-offset regions the new format's header/footer occupy; written only at the commit point. */
+  fixedRegions: { start: number; length: number; what: string }[];
+  /**
+   * Guest ranges the target cannot express where their data lies now (misaligned data, data under a
+   * fixed region, compressed data). The engine relocates these before building, or refuses.
+   */
+  mustMove: { guest: number; length: number; reason: string }[];
+  /** Alignment a data run's host offset needs in this target (cluster size; 512 when sector-addressed). */
+  dataAlignment: number;
+  /** Source features that do not survive (listed in the output), e.g. "dirty bitmaps". */
+  dropped: string[];
+  /** Estimated bytes of new metadata (exact after build). */
+  metadataBytes: number;
+}
+
+/** Hands out host space for new structures: free gaps of the source first, then past the end. */
+export interface Allocator {
+  alloc(length: number, align: number): number;
+  /** The end of everything allocated so far and of the live source structures. */
+  readonly end: number;
+}
+
+export interface TargetBuild {
+  /** New structures in allocated space: written (and flushed) before the commit point. */
+  writes: HostWrite[];
+  /** The fixed regions' new bytes: journalled, then written in place at the commit point. */
+  fixed: HostWrite[];
+  /** File length once committed (≥ the end of every structure; e.g. whole clusters for QED). */
+  finalLength: number;
+  metadataBytes: number;
+}
+
+export interface TargetDriver {
+  /** Chooses parameters for this mapping; throws UnsupportedError/UsageError to refuse. Pure. */
+  plan(input: PlanInput): TargetPlan;
+  /** Lays out and encodes the new metadata for `mapping` (where data now lies). Pure but for `alloc`. */
+  build(plan: TargetPlan, input: PlanInput, alloc: Allocator): TargetBuild;
 }

@@ -23,6 +23,8 @@ export interface OpenImageOptions {
   /** Follow backing files (default true). */
   backing?: boolean;
   opener?: DeviceOpener;
+  /** An already-open device for the top image (the caller keeps ownership; close() leaves it open). */
+  topDevice?: BlockDevice;
 }
 
 export interface ImageChain {
@@ -102,8 +104,9 @@ export async function openImage(path: string, opts: OpenImageOptions): Promise<I
       if (paths.includes(current)) {
         throw new FormatError(layers[layers.length - 1]!.format, 'backing file', current, 'the backing chain loops back to an image already in it');
       }
-      const dev = await opener(current, { write: depth === 0 && (opts.write ?? false) });
-      devs.push(dev);
+      const dev =
+        depth === 0 && opts.topDevice ? opts.topDevice : await opener(current, { write: depth === 0 && (opts.write ?? false) });
+      if (dev !== opts.topDevice) devs.push(dev);
       paths.push(current);
       let driver: FormatDriver;
       if (format) {

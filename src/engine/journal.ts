@@ -51,10 +51,16 @@ export interface DoneRecord {
   type: 'done';
 }
 
-export type JournalRecord = PrepareRecord | CommitRecord | DoneRecord;
+/** Verification failed after the commit: the conversion is being undone from the undo bytes. */
+export interface AbortRecord {
+  type: 'abort';
+  reason: string;
+}
 
-const TYPE_CODES = { prepare: 1, commit: 2, done: 3 } as const;
-const CODE_TYPES: Record<number, JournalRecord['type']> = { 1: 'prepare', 2: 'commit', 3: 'done' };
+export type JournalRecord = PrepareRecord | CommitRecord | DoneRecord | AbortRecord;
+
+const TYPE_CODES = { prepare: 1, commit: 2, done: 3, abort: 4 } as const;
+const CODE_TYPES: Record<number, JournalRecord['type']> = { 1: 'prepare', 2: 'commit', 3: 'done', 4: 'abort' };
 
 export function regionsDigest(regions: Region[]): string {
   const h = createHash('sha256');
@@ -151,12 +157,20 @@ export type JournalState =
   | { state: 'none' }
   | { state: 'prepared'; prepare: PrepareRecord }
   | { state: 'committed'; prepare: PrepareRecord; commit: CommitRecord }
+  | { state: 'aborted'; prepare: PrepareRecord; reason: string; redo: Region[] }
   | { state: 'done'; prepare: PrepareRecord; commit: CommitRecord };
 
+/**
+ * prepare → (nothing durable in the image changed yet) roll back;
+ * prepare+commit → roll forward; +abort → roll back with the undo bytes; +done → only remove the journal.
+ */
 export function journalState(j: DecodedJournal): JournalState {
   const [p, c, d] = j.records;
   if (!p || p.type !== 'prepare') return { state: 'none' };
-  if (!c || c.type !== 'commit') return { state: 'prepared', prepare: p };
-  if (!d || d.type !== 'done') return { state: 'committed', prepare: p, commit: c };
-  return { state: 'done', prepare: p, commit: c };
+  if (!c) return { state: 'prepared', prepare: p };
+  if (c.type === 'abort') return { state: 'aborted', prepare: p, reason: c.reason, redo: [] };
+  if (c.type !== 'commit') return { state: 'prepared', prepare: p };
+  if (d?.type === 'abort') return { state: 'aborted', prepare: p, reason: d.reason, redo: c.redo };
+  if (d?.type === 'done') return { state: 'done', prepare: p, commit: c };
+  return { state: 'committed', prepare: p, commit: c };
 }

@@ -19,6 +19,7 @@ const recordArb: fc.Arbitrary<JournalRecord> = fc.oneof(
   }),
   fc.record({ type: fc.constant('commit' as const), redo: fc.array(regionArb, { maxLength: 4 }), finalLength: fc.integer({ min: -1, max: 2 ** 50 }) }),
   fc.record({ type: fc.constant('done' as const) }),
+  fc.record({ type: fc.constant('abort' as const), reason: fc.string() }),
 );
 
 function concat(parts: Uint8Array[]): Uint8Array {
@@ -73,6 +74,7 @@ describe('journal records', () => {
     expect(journalState(decodeJournal(encodeRecord(prepare))).state).toBe('prepared');
     expect(journalState(decodeJournal(concat([encodeRecord(prepare), encodeRecord(commit)]))).state).toBe('committed');
     expect(journalState(decodeJournal(concat([encodeRecord(prepare), encodeRecord(commit), encodeRecord({ type: 'done' })]))).state).toBe('done');
+    expect(journalState(decodeJournal(concat([encodeRecord(prepare), encodeRecord(commit), encodeRecord({ type: 'abort', reason: 'x' })]))).state).toBe('aborted');
     // a commit without a prepare is not a journal we wrote
     expect(journalState(decodeJournal(encodeRecord(commit))).state).toBe('none');
   });

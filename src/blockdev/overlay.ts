@@ -1,0 +1,63 @@
+/**
+ * A read-only view of a device with some byte ranges replaced and a different length: how the image
+ * looked before the commit, rebuilt from the journal's undo bytes. Recovery opens the source format on
+ * it to know what the converted image must read.
+ */
+import type { BlockDevice } from './types.js';
+import { IoError } from '../errors.js';
+
+export class OverlayDevice implements BlockDevice {
+  readonly writable = false;
+  constructor(
+    private readonly inner: BlockDevice,
+    private readonly patches: { offset: number; bytes: Uint8Array }[],
+    private readonly length: number,
+  ) {}
+  get path(): string {
+    return this.inner.path;
+  }
+  async size(): Promise<number> {
+    return this.length;
+  }
+  allocated(): Promise<number> {
+    return this.inner.allocated();
+  }
+  async read(buf: Uint8Array, offset: number): Promise<number> {
+    const n = Math.max(0, Math.min(buf.length, this.length - offset));
+    if (n === 0) return 0;
+    const view = buf.subarray(0, n);
+    let got = 0;
+    while (got < n) {
+      const r = await this.inner.read(view.subarray(got), offset + got);
+      if (r === 0) break;
+      got += r;
+    }
+    view.fill(0, got);
+    for (const p of this.patches) {
+      const s = Math.max(offset, p.offset);
+      const e = Math.min(offset + n, p.offset + p.bytes.length);
+      if (s < e) view.set(p.bytes.subarray(s - p.offset, e - p.offset), s - offset);
+    }
+    return n;
+  }
+  async nextData(offset: number): Promise<number | null> {
+    return offset < this.length ? offset : null;
+  }
+  async nextHole(offset: number): Promise<number> {
+    return Math.max(offset, this.length);
+  }
+  private refuse(op: string): never {
+    throw new IoError(op, this.path, 0, 'EROFS', 'read-only overlay');
+  }
+  async write(): Promise<void> {
+    this.refuse('write');
+  }
+  async flush(): Promise<void> {}
+  async truncate(): Promise<void> {
+    this.refuse('truncate');
+  }
+  async punchHole(): Promise<void> {
+    this.refuse('punch');
+  }
+  async close(): Promise<void> {}
+}

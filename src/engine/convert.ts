@@ -1,0 +1,484 @@
+/**
+ * In-place conversion: the one place where the commit protocol lives (DESIGN.md, "Commit protocol").
+ * Format-agnostic: the source driver gives the mapping and the host-space map, the target driver lays
+ * out and encodes new metadata, and this file decides ordering — what is written where, when it is
+ * flushed, and the single commit point (the durable COMMIT record in the journal).
+ */
+import type { BlockDevice } from '../blockdev/types.js';
+import { fileStorage, type Storage } from '../blockdev/storage.js';
+import type { FormatDriver, HostWrite, PlanInput, SourceImage, TargetDriver, TargetOptions, TargetPlan } from '../driver.js';
+import { ExtentMap, type Extent } from '../extent-map.js';
+import { ImgconvError, UnsupportedError, UsageError } from '../errors.js';
+import { findDriver, openImage, probe, type ImageChain } from '../image.js';
+import { checkImage } from '../check.js';
+import { GapAllocator } from './allocator.js';
+import { encodeRecord, journalPath, regionsDigest, type Region } from './journal.js';
+import { guestEquivalent, readTopLayer } from './mapping.js';
+
+export type Phase = 'analyse' | 'plan' | 'move' | 'write' | 'commit' | 'verify' | 'reclaim';
+export const PHASES: readonly Phase[] = ['analyse', 'plan', 'move', 'write', 'commit', 'verify', 'reclaim'];
+
+export interface ProgressEvent {
+  phase: Phase;
+  bytesDone: number;
+  bytesTotal: number;
+}
+
+export interface ConvertOptions {
+  /** Target format name. */
+  to: string;
+  options?: TargetOptions;
+  /** Source format (skips probing). */
+  format?: string;
+  drivers: readonly FormatDriver[];
+  storage?: Storage;
+  onProgress?: (e: ProgressEvent) => void;
+  /** Cancels before the commit point (rolled back); after it the conversion completes. */
+  signal?: AbortSignal;
+}
+
+export interface DataMove {
+  guest: number;
+  length: number;
+  /** Where the data lies now (a data run's host offset), or undefined when it is zeros/compressed. */
+  from?: number;
+  to: number;
+  reason: string;
+}
+
+export interface ConversionPlan {
+  image: string;
+  source: { format: string; virtualSize: number; fileLength: number; backing?: string };
+  target: { format: string; parameters: TargetPlan['parameters'] };
+  /** Bytes of new metadata written before the commit (tables) and at it (fixed regions). */
+  metadataBytes: number;
+  moves: DataMove[];
+  dataMoveBytes: number;
+  /** Most the file grows beyond its original length during the conversion. */
+  peakExtraBytes: number;
+  finalLength: number;
+  dropped: string[];
+}
+
+export interface ConversionReport extends ConversionPlan {
+  written: { metadataBytes: number; dataBytes: number };
+  reclaimedBytes: number;
+  verified: string[];
+}
+
+/** Everything decided before the first write. Pure with respect to the image. */
+interface Prepared {
+  chain: ImageChain;
+  source: SourceImage;
+  target: TargetDriver;
+  targetPlan: TargetPlan;
+  input: PlanInput;
+  moves: DataMove[];
+  movedMapping: ExtentMap;
+  writes: HostWrite[];
+  fixed: HostWrite[];
+  finalLength: number;
+  plan: ConversionPlan;
+  /** Set once the journal's prepare record is written. */
+  undo: Region[];
+}
+
+async function prepare(path: string, dev: BlockDevice, opts: ConvertOptions): Promise<Prepared> {
+  const targetDriver = findDriver(opts.drivers, opts.to);
+  if (!targetDriver.target) throw new UsageError(`${opts.to} cannot be a conversion target yet`);
+  const chain = await openImage(path, { drivers: opts.drivers, format: opts.format, topDevice: dev, backing: false });
+  try {
+    const source = chain.layers[0]!;
+    const info = source.info;
+    if (info.format === opts.to) throw new UsageError(`${path} is already ${opts.to}; nothing to do`);
+    if (info.corrupt) throw new UnsupportedError(info.format, 'corrupt image', 'the image is marked corrupt; repair it first (qemu-img check -r all)');
+    if (info.dirty) throw new UnsupportedError(info.format, 'dirty image', 'the image was not closed cleanly; run qemu-img check -r all on it first');
+    if (source.dataDev !== source.dev) throw new UnsupportedError(info.format, 'external data file', 'converting an image whose data lives in another file is not supported yet');
+    const fileLength = await dev.size();
+    const mapping = await source.mapping();
+    const hostSpace = await source.hostSpace();
+    const input: PlanInput = { info, mapping, hostSpace, fileSize: fileLength, options: opts.options ?? {} };
+    const targetPlan = targetDriver.target.plan(input);
+
+    const reserved = targetPlan.fixedRegions.map((r) => ({ start: r.start, length: r.length }));
+    const alloc = new GapAllocator(hostSpace.free(), reserved, Math.max(fileLength, hostSpace.usedEnd()));
+
+    // Data the target cannot express where it lies is copied to new space; the source keeps reading
+    // the original until the commit, so the copy needs no repointing of the source.
+    const moves: DataMove[] = [];
+    for (const m of targetPlan.mustMove) {
+      if (info.backing && [...mapping.range(m.guest, m.length)].some((e) => e.kind === 'unallocated')) {
+        throw new UnsupportedError(info.format, 'partly allocated cluster over a backing file', `guest ${m.guest}+${m.length} must move (${m.reason}) but part of it reads from the backing file`);
+      }
+      const to = alloc.alloc(m.length, targetPlan.dataAlignment);
+      const first = [...mapping.range(m.guest, m.length)].find((e) => e.kind === 'data');
+      moves.push({ guest: m.guest, length: m.length, ...(first ? { from: first.host! - (first.guest - m.guest) } : {}), to, reason: m.reason });
+    }
+    const movedMapping = overlayMoves(mapping, moves);
+    const build = targetDriver.target.build(targetPlan, { ...input, mapping: movedMapping }, alloc);
+    const dataMoveBytes = moves.reduce((s, m) => s + m.length, 0);
+    const finalLength = Math.max(build.finalLength, fileLength);
+    const plan: ConversionPlan = {
+      image: path,
+      source: { format: info.format, virtualSize: info.virtualSize, fileLength, ...(info.backing ? { backing: info.backing.filename } : {}) },
+      target: { format: opts.to, parameters: targetPlan.parameters },
+      metadataBytes: build.metadataBytes,
+      moves,
+      dataMoveBytes,
+      peakExtraBytes: Math.max(0, finalLength - fileLength),
+      finalLength,
+      dropped: targetPlan.dropped,
+    };
+    return { chain, source, target: targetDriver.target, targetPlan, input, moves, movedMapping, writes: build.writes, fixed: build.fixed, finalLength, plan, undo: [] };
+  } catch (e) {
+    await chain.close();
+    throw e;
+  }
+}
+
+/** Replaces the guest ranges of `moves` by data runs at their new place. */
+export function overlayMoves(map: ExtentMap, moves: DataMove[]): ExtentMap {
+  if (moves.length === 0) return map;
+  const sorted = moves.slice().sort((a, b) => a.guest - b.guest);
+  const out = new ExtentMap(map.virtualSize);
+  let pos = 0;
+  for (const m of sorted) {
+    if (m.guest > pos) for (const e of map.range(pos, m.guest - pos)) out.push(stripWithin(e));
+    out.push({ guest: m.guest, length: m.length, kind: 'data', host: m.to });
+    pos = m.guest + m.length;
+  }
+  if (pos < map.virtualSize) for (const e of map.range(pos, map.virtualSize - pos)) out.push(stripWithin(e));
+  return out;
+}
+
+function stripWithin(e: Extent & { within: number }): Extent {
+  const { within: _w, ...rest } = e;
+  void _w;
+  return rest;
+}
+
+/** `imgconv plan`: everything `inplace` would do, without writing. */
+export async function planConversion(path: string, opts: ConvertOptions): Promise<ConversionPlan> {
+  const storage = opts.storage ?? fileStorage;
+  await refuseInterrupted(path, storage);
+  const dev = await storage.open(path, { write: false });
+  try {
+    const p = await prepare(path, dev, opts);
+    await p.chain.close();
+    return p.plan;
+  } finally {
+    await dev.close();
+  }
+}
+
+async function refuseInterrupted(path: string, storage: Storage): Promise<void> {
+  if (await storage.exists(journalPath(path))) {
+    throw new InterruptedConversionError(
+      `${path} has an interrupted conversion (${journalPath(path)} exists); run: imgconv recover ${path}`,
+    );
+  }
+}
+
+export class InterruptedConversionError extends ImgconvError {}
+
+/** Says in which state a failed conversion left the image. */
+export class ConversionFailedError extends ImgconvError {
+  constructor(
+    readonly imageState: 'untouched' | 'rolled-back' | 'converted' | 'needs-recover',
+    message: string,
+    readonly causeError?: unknown,
+  ) {
+    super(message);
+  }
+}
+
+/** Reads the current bytes of each fixed region (zeros past EOF). */
+async function readRegions(dev: BlockDevice, regions: { offset: number; length: number }[]): Promise<Region[]> {
+  const out: Region[] = [];
+  for (const r of regions) {
+    const bytes = new Uint8Array(r.length);
+    let done = 0;
+    while (done < r.length) {
+      const n = await dev.read(bytes.subarray(done), r.offset + done);
+      if (n === 0) break;
+      done += n;
+    }
+    out.push({ offset: r.offset, bytes });
+  }
+  return out;
+}
+
+const COPY_CHUNK = 4 << 20;
+
+export async function convertInPlace(path: string, opts: ConvertOptions): Promise<ConversionReport> {
+  const storage = opts.storage ?? fileStorage;
+  const progress = (phase: Phase, bytesDone: number, bytesTotal: number) => opts.onProgress?.({ phase, bytesDone, bytesTotal });
+  await refuseInterrupted(path, storage);
+  // 1. Lock (exclusive OFD lock; refused while QEMU holds the image) and analyse, read-only.
+  const dev = await storage.open(path, { write: true, lock: true });
+  let prepared: Prepared;
+  try {
+    progress('analyse', 0, 1);
+    prepared = await prepare(path, dev, opts);
+    progress('plan', 1, 1);
+  } catch (e) {
+    await dev.close();
+    throw e; // nothing was written: the file is byte-identical
+  }
+  const { plan, moves, writes, fixed, source } = prepared;
+  const jpath = journalPath(path);
+  let journal: BlockDevice | undefined;
+  let journalEnd = 0;
+  const appendRecord = async (bytes: Uint8Array) => {
+    await journal!.write(bytes, journalEnd);
+    journalEnd += bytes.length;
+    await journal!.flush();
+  };
+  let committed = false;
+  try {
+    opts.signal?.throwIfAborted();
+    // 2. Journal: the old bytes of every fixed region, and the original length. Durable before any
+    //    write to the image, so any later crash can be rolled back.
+    const undo = await readRegions(dev, fixed.map((f) => ({ offset: f.offset, length: f.bytes.length })));
+    prepared.undo = undo;
+    journal = await storage.create(jpath);
+    await appendRecord(
+      encodeRecord({
+        type: 'prepare',
+        sourceFormat: plan.source.format,
+        targetFormat: plan.target.format,
+        originalLength: plan.source.fileLength,
+        sourceDigest: regionsDigest(undo),
+        undo,
+        plan: {
+          virtualSize: plan.source.virtualSize,
+          backing: plan.source.backing ?? null,
+          moves,
+          metadataBytes: plan.metadataBytes,
+          dataMoveBytes: plan.dataMoveBytes,
+          finalLength: plan.finalLength,
+        },
+      }),
+    );
+    await storage.syncDir(jpath);
+
+    // 3. Data the target cannot express in place is copied to new space, then flushed, before any
+    //    metadata refers to it. The source still reads the originals.
+    let moved = 0;
+    progress('move', 0, plan.dataMoveBytes);
+    for (const m of moves) {
+      for (let off = 0; off < m.length; off += COPY_CHUNK) {
+        opts.signal?.throwIfAborted();
+        const len = Math.min(COPY_CHUNK, m.length - off);
+        const bytes = await readTopLayer(source, prepared.input.mapping, m.guest + off, len);
+        await dev.write(bytes, m.to + off);
+        moved += len;
+        progress('move', moved, plan.dataMoveBytes);
+      }
+    }
+    if (moves.length) await dev.flush();
+
+    // 4. New metadata into space no live source structure uses; flushed. The source is still intact.
+    const writeTotal = writes.reduce((s, w) => s + w.bytes.length, 0);
+    let written = 0;
+    progress('write', 0, writeTotal);
+    for (const w of writes) {
+      opts.signal?.throwIfAborted();
+      await dev.write(w.bytes, w.offset);
+      written += w.bytes.length;
+      progress('write', written, writeTotal);
+    }
+    await dev.flush();
+    opts.signal?.throwIfAborted();
+
+    // 5. THE COMMIT POINT: once this record is durable, recovery rolls forward.
+    progress('commit', 0, 1);
+    await appendRecord(encodeRecord({ type: 'commit', redo: fixed, finalLength: prepared.finalLength }));
+    committed = true;
+    await applyRedo(dev, fixed, prepared.finalLength);
+    progress('commit', 1, 1);
+  } catch (e) {
+    await prepared.chain.close();
+    if (!committed) {
+      // Before the commit: undo what was written (only free space and the tail) and drop the journal.
+      try {
+        if (journal) {
+          await dev.truncate(plan.source.fileLength);
+          await dev.flush();
+          await journal.close();
+          journal = undefined;
+          await storage.remove(jpath);
+          await storage.syncDir(jpath);
+        }
+        await dev.close();
+      } catch (rollbackError) {
+        await dev.close().catch(() => {});
+        throw new ConversionFailedError(
+          'needs-recover',
+          `conversion failed (${(e as Error).message}) and so did the clean-up (${(rollbackError as Error).message}); the image is still a valid ${plan.source.format} image or is made one by: imgconv recover ${path}`,
+          e,
+        );
+      }
+      if (isAbort(e)) throw new ConversionFailedError('untouched', `cancelled before the commit point; ${path} is unchanged (${plan.source.format})`, e);
+      throw new ConversionFailedError(journal === undefined && !(await storage.exists(jpath)) ? 'rolled-back' : 'needs-recover', `conversion failed before the commit point: ${(e as Error).message}; ${path} is unchanged (${plan.source.format})`, e);
+    }
+    await dev.close().catch(() => {});
+    await journal?.close().catch(() => {});
+    throw new ConversionFailedError('needs-recover', `conversion failed after the commit point: ${(e as Error).message}; finish it with: imgconv recover ${path}`, e);
+  }
+  await prepared.chain.close();
+
+  // 6. Verify, then reclaim (shared with recovery).
+  try {
+    const { verified, reclaimedBytes } = await finishCommitted({
+      path,
+      dev,
+      storage,
+      drivers: opts.drivers,
+      to: opts.to,
+      expected: prepared.movedMapping,
+      virtualSize: plan.source.virtualSize,
+      backing: plan.source.backing,
+      append: appendRecord,
+      undo: prepared.undo,
+      originalLength: plan.source.fileLength,
+      onProgress: opts.onProgress,
+    });
+    await journal!.close();
+    await storage.remove(jpath);
+    await storage.syncDir(jpath);
+    const finalLength = await dev.size();
+    await dev.close();
+    return { ...plan, finalLength, written: { metadataBytes: plan.metadataBytes, dataBytes: plan.dataMoveBytes }, reclaimedBytes, verified };
+  } catch (e) {
+    await dev.close().catch(() => {});
+    await journal?.close().catch(() => {});
+    if (e instanceof ConversionFailedError) {
+      if (e.imageState === 'rolled-back') await storage.remove(jpath).then(() => storage.syncDir(jpath)).catch(() => {});
+      throw e;
+    }
+    throw new ConversionFailedError('needs-recover', `conversion committed but not finished (${(e as Error).message}); finish it with: imgconv recover ${path}`, e);
+  }
+}
+
+export interface FinishArgs {
+  path: string;
+  dev: BlockDevice;
+  storage: Storage;
+  drivers: readonly FormatDriver[];
+  to: string;
+  /** What the converted image must read: the source mapping with the moves applied. */
+  expected: ExtentMap;
+  virtualSize: number;
+  backing: string | undefined;
+  append: (record: Uint8Array) => Promise<void>;
+  undo: Region[];
+  originalLength: number;
+  onProgress?: (e: ProgressEvent) => void;
+}
+
+/**
+ * After the commit: verify the new image; if our own reader rejects it, roll back from the undo bytes
+ * (the source's structures are all still in place until reclaim). Once verified, a DONE record is made
+ * durable before reclaim starts, because reclaim destroys the source's tables and with them the way back.
+ */
+export async function finishCommitted(a: FinishArgs): Promise<{ verified: string[]; reclaimedBytes: number }> {
+  a.onProgress?.({ phase: 'verify', bytesDone: 0, bytesTotal: 1 });
+  let verified: string[];
+  try {
+    verified = await verifyTarget(a.path, a.dev, a.drivers, a.to, a.expected, a.virtualSize, a.backing);
+  } catch (e) {
+    if (!(e instanceof VerificationError)) throw e;
+    await a.append(encodeRecord({ type: 'abort', reason: e.message }));
+    await rollBack(a.dev, a.undo, a.originalLength);
+    throw new ConversionFailedError('rolled-back', `the converted image failed verification (${e.message}); ${a.path} was restored to its original format`, e);
+  }
+  a.onProgress?.({ phase: 'verify', bytesDone: 1, bytesTotal: 1 });
+  await a.append(encodeRecord({ type: 'done' }));
+  a.onProgress?.({ phase: 'reclaim', bytesDone: 0, bytesTotal: 1 });
+  const reclaimedBytes = await reclaim(a.path, a.dev, a.drivers, a.to);
+  a.onProgress?.({ phase: 'reclaim', bytesDone: 1, bytesTotal: 1 });
+  return { verified, reclaimedBytes };
+}
+
+function isAbort(e: unknown): boolean {
+  return e instanceof Error && (e.name === 'AbortError' || (e as { code?: string }).code === 'ABORT_ERR');
+}
+
+/** Writes the fixed regions and sets the committed length. Idempotent: recovery repeats it. */
+export async function applyRedo(dev: BlockDevice, redo: Region[], finalLength: number): Promise<void> {
+  for (const r of redo) await dev.write(r.bytes, r.offset);
+  if (finalLength >= 0 && (await dev.size()) < finalLength) await dev.truncate(finalLength);
+  await dev.flush();
+}
+
+/** Restores the fixed regions' old bytes and the original length. Idempotent. */
+export async function rollBack(dev: BlockDevice, undo: Region[], originalLength: number): Promise<void> {
+  for (const r of undo) await dev.write(r.bytes, r.offset);
+  await dev.truncate(originalLength);
+  await dev.flush();
+}
+
+export class VerificationError extends ImgconvError {}
+
+/**
+ * The new image must probe as the target, keep the virtual size, read the same guest content (same
+ * data at the same host offsets; zeros where there were zeros; backing where there was backing) and
+ * pass our structural check without corruption.
+ */
+export async function verifyTarget(
+  path: string,
+  dev: BlockDevice,
+  drivers: readonly FormatDriver[],
+  to: string,
+  expected: ExtentMap,
+  virtualSize: number,
+  backing: string | undefined,
+): Promise<string[]> {
+  const probed = await probe(dev, drivers);
+  if (probed.driver.name !== to) throw new VerificationError(`the file probes as ${probed.driver.name}, not ${to}`);
+  let chain: ImageChain;
+  try {
+    chain = await openImage(path, { drivers, format: to, topDevice: dev, backing: false });
+  } catch (e) {
+    if (e instanceof ImgconvError) throw new VerificationError(`the new image does not open: ${e.message}`);
+    throw e;
+  }
+  try {
+    const img = chain.layers[0]!;
+    if (img.info.virtualSize !== virtualSize) {
+      throw new VerificationError(`virtual size ${img.info.virtualSize} differs from the source's ${virtualSize}`);
+    }
+    const hasBacking = backing !== undefined;
+    if (img.info.backing?.filename !== backing) {
+      throw new VerificationError(`backing file ${img.info.backing?.filename} differs from the source's ${backing}`);
+    }
+    const diff = guestEquivalent(expected, await img.mapping(), hasBacking);
+    if (diff) throw new VerificationError(`guest mapping differs: ${diff}`);
+    const report = await checkImage(img);
+    if (report.corruptions > 0 || report.checkErrors > 0) throw new VerificationError(`check found: ${report.messages.slice(0, 3).join('; ')}`);
+    return [`probes as ${to}`, 'virtual size unchanged', 'guest mapping identical', 'structure check clean'];
+  } finally {
+    await chain.close();
+  }
+}
+
+/**
+ * The final fsck: space the new image does not reference (the old format's tables) is punched out and a
+ * free tail truncated. Returns the bytes deallocated.
+ */
+export async function reclaim(path: string, dev: BlockDevice, drivers: readonly FormatDriver[], to: string): Promise<number> {
+  const chain = await openImage(path, { drivers, format: to, topDevice: dev, backing: false });
+  try {
+    const hs = await chain.layers[0]!.hostSpace();
+    let reclaimed = 0;
+    for (const f of hs.free()) {
+      await dev.punchHole(f.start, f.length);
+      reclaimed += f.length;
+    }
+    await dev.flush();
+    return reclaimed;
+  } finally {
+    await chain.close();
+  }
+}

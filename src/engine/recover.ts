@@ -1,0 +1,175 @@
+/**
+ * `imgconv recover`: finishes or undoes an interrupted conversion from its journal, whatever the point
+ * of interruption. Every step is an idempotent rewrite from the journal, so a crash during recovery is
+ * recovered by running it again.
+ */
+import type { BlockDevice } from '../blockdev/types.js';
+import { fileStorage, type Storage } from '../blockdev/storage.js';
+import { OverlayDevice } from '../blockdev/overlay.js';
+import type { FormatDriver } from '../driver.js';
+import { ImgconvError } from '../errors.js';
+import { openImage } from '../image.js';
+import { applyRedo, finishCommitted, overlayMoves, reclaim, rollBack, type DataMove, type ProgressEvent } from './convert.js';
+import { decodeJournal, journalPath, journalState, type JournalState, type Region } from './journal.js';
+
+export interface RecoverOptions {
+  drivers: readonly FormatDriver[];
+  storage?: Storage;
+  onProgress?: (e: ProgressEvent) => void;
+}
+
+export interface RecoverReport {
+  image: string;
+  /** none: no interrupted conversion; rolled-back: the source format is back; rolled-forward: converted. */
+  action: 'none' | 'rolled-back' | 'rolled-forward';
+  format: string | null;
+  detail: string;
+}
+
+export async function readJournal(storage: Storage, jpath: string): Promise<JournalState> {
+  if (!(await storage.exists(jpath))) return { state: 'none' };
+  const dev = await storage.open(jpath, { write: false });
+  try {
+    const size = await dev.size();
+    const bytes = new Uint8Array(size);
+    let done = 0;
+    while (done < size) {
+      const n = await dev.read(bytes.subarray(done), done);
+      if (n === 0) break;
+      done += n;
+    }
+    return journalState(decodeJournal(bytes.subarray(0, done)));
+  } finally {
+    await dev.close();
+  }
+}
+
+export class RecoveryRefusedError extends ImgconvError {}
+
+/**
+ * The fixed regions must hold, sector by sector, either the old or the new bytes (a torn in-place
+ * write mixes them). Anything else means the image changed since the journal was written: refuse
+ * rather than overwrite it.
+ */
+async function requireJournalMatches(dev: BlockDevice, undo: Region[], redo: Region[], path: string): Promise<void> {
+  for (let i = 0; i < undo.length; i++) {
+    const u = undo[i]!;
+    const r = redo[i];
+    const cur = new Uint8Array(u.bytes.length);
+    let got = 0;
+    while (got < cur.length) {
+      const n = await dev.read(cur.subarray(got), u.offset + got);
+      if (n === 0) break;
+      got += n;
+    }
+    for (let s = 0; s < cur.length; s += 512) {
+      const a = cur.subarray(s, s + 512);
+      const same = (b: Uint8Array | undefined) => b !== undefined && Buffer.from(a).equals(Buffer.from(b.subarray(s, s + 512)));
+      if (!same(u.bytes) && !same(r?.bytes)) {
+        throw new RecoveryRefusedError(
+          `${path}: bytes at ${u.offset + s} match neither the state before nor after the interrupted conversion; the image was changed since (refusing to touch it; the journal ${journalPath(path)} is kept)`,
+        );
+      }
+    }
+  }
+}
+
+export async function recover(path: string, opts: RecoverOptions): Promise<RecoverReport> {
+  const storage = opts.storage ?? fileStorage;
+  const jpath = journalPath(path);
+  const st = await readJournal(storage, jpath);
+  if (st.state === 'none') {
+    if (await storage.exists(jpath)) {
+      // A journal whose prepare record never became durable: the image was never written.
+      await storage.remove(jpath);
+      await storage.syncDir(jpath);
+      return { image: path, action: 'none', format: null, detail: 'removed an incomplete journal; the image was not modified' };
+    }
+    return { image: path, action: 'none', format: null, detail: 'no interrupted conversion' };
+  }
+  const { prepare } = st;
+  const dev = await storage.open(path, { write: true, lock: true });
+  try {
+    const removeJournal = async () => {
+      await storage.remove(jpath);
+      await storage.syncDir(jpath);
+    };
+    if (st.state === 'prepared' || st.state === 'aborted') {
+      await requireJournalMatches(dev, prepare.undo, st.state === 'aborted' ? st.redo : [], path);
+      await rollBack(dev, prepare.undo, prepare.originalLength);
+      await removeJournal();
+      return {
+        image: path,
+        action: 'rolled-back',
+        format: prepare.sourceFormat,
+        detail: st.state === 'aborted' ? `the conversion failed verification (${st.reason}); the ${prepare.sourceFormat} image was restored` : `the conversion stopped before its commit point; the ${prepare.sourceFormat} image was restored`,
+      };
+    }
+    if (st.state === 'done') {
+      // Verified already; only reclaim may be unfinished.
+      await applyRedo(dev, st.commit.redo, st.commit.finalLength);
+      await reclaim(path, dev, opts.drivers, prepare.targetFormat);
+      await removeJournal();
+      return { image: path, action: 'rolled-forward', format: prepare.targetFormat, detail: `the conversion to ${prepare.targetFormat} was complete; finished reclaiming space` };
+    }
+    // Committed, not yet verified: rewrite the fixed regions, then verify against the source as the
+    // journal's undo bytes let us rebuild it, exactly as the conversion itself would have.
+    await requireJournalMatches(dev, prepare.undo, st.commit.redo, path);
+    await applyRedo(dev, st.commit.redo, st.commit.finalLength);
+    const expected = await sourceMappingFromUndo(path, dev, opts.drivers, prepare.sourceFormat, prepare.undo, prepare.originalLength, (prepare.plan.moves ?? []) as DataMove[]);
+    const journal = await storage.open(jpath, { write: true });
+    let end = await journal.size();
+    const append = async (rec: Uint8Array) => {
+      await journal.write(rec, end);
+      end += rec.length;
+      await journal.flush();
+    };
+    try {
+      await finishCommitted({
+        path,
+        dev,
+        storage,
+        drivers: opts.drivers,
+        to: prepare.targetFormat,
+        expected,
+        virtualSize: prepare.plan.virtualSize as number,
+        backing: (prepare.plan.backing as string | null) ?? undefined,
+        append,
+        undo: prepare.undo,
+        originalLength: prepare.originalLength,
+        onProgress: opts.onProgress,
+      });
+    } catch (e) {
+      await journal.close();
+      if ((e as { imageState?: string }).imageState === 'rolled-back') {
+        await removeJournal();
+        return { image: path, action: 'rolled-back', format: prepare.sourceFormat, detail: (e as Error).message };
+      }
+      throw e;
+    }
+    await journal.close();
+    await removeJournal();
+    return { image: path, action: 'rolled-forward', format: prepare.targetFormat, detail: `the conversion to ${prepare.targetFormat} was completed from the journal` };
+  } finally {
+    await dev.close();
+  }
+}
+
+/** The source's mapping as it was: the source format opened on the image with the undo bytes laid over it. */
+async function sourceMappingFromUndo(
+  path: string,
+  dev: BlockDevice,
+  drivers: readonly FormatDriver[],
+  format: string,
+  undo: Region[],
+  originalLength: number,
+  moves: DataMove[],
+) {
+  const view = new OverlayDevice(dev, undo, originalLength);
+  const chain = await openImage(path, { drivers, format, topDevice: view, backing: false });
+  try {
+    return overlayMoves(await chain.layers[0]!.mapping(), moves);
+  } finally {
+    await chain.close();
+  }
+}
