@@ -17,7 +17,7 @@ import type { CheckReport } from '../../src/driver.js';
 import { ImgconvError, formatValue } from '../../src/errors.js';
 import { QED, type QedGeometry } from './header.js';
 import { l1EntryField, l2EntryField } from './layout.js';
-import { QED_ZERO_CLUSTER, clusterOffsetProblem, forEachEntry, tableOffsetProblem } from './tables.js';
+import { QED_ZERO_CLUSTER, clusterOffsetProblem, forEachEntry, l1EntryProblem } from './tables.js';
 
 /** Messages beyond this many are summarised in one line (a garbage table can hold millions). */
 const MAX_MESSAGES = 1000;
@@ -81,8 +81,7 @@ export async function checkQed(dev: BlockDevice, g: QedGeometry): Promise<CheckR
   const l2Offsets: { l1Index: number; offset: number }[] = [];
   try {
     await forEachEntry(dev, g.l1TableOffset, g.tableBytes, (i, value, big) => {
-      const problem =
-        value === QED_ZERO_CLUSTER ? 'the zero-cluster marker 1 is not valid in the L1 table' : tableOffsetProblem(g, value, big);
+      const problem = l1EntryProblem(g, value, big);
       if (problem) {
         report.corruptions++;
         say(`ERROR ${l1EntryField(i)} = ${formatValue(big ?? value)}: ${problem}`);

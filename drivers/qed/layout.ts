@@ -8,7 +8,7 @@ import type { BlockDevice } from '../../src/blockdev/types.js';
 import { FormatError, formatValue } from '../../src/errors.js';
 import { ExtentMap } from '../../src/extent-map.js';
 import { QED, type QedGeometry } from './header.js';
-import { QED_ZERO_CLUSTER, clusterOffsetProblem, forEachEntry, tableOffsetProblem } from './tables.js';
+import { QED_ZERO_CLUSTER, clusterOffsetProblem, forEachEntry, l1EntryProblem } from './tables.js';
 
 export interface L2Table {
   /** The L1 entry that points at it. */
@@ -85,11 +85,7 @@ export async function scanLayout(dev: BlockDevice, g: QedGeometry): Promise<QedL
   // L1 entries first, so that every table is known before data entries are checked against them.
   const candidates: L2Table[] = [];
   await forEachEntry(dev, g.l1TableOffset, g.tableBytes, (i, value, big) => {
-    if (value === QED_ZERO_CLUSTER) {
-      fail(l1EntryField(i), value, 'the zero-cluster marker 1 is valid only in L2 tables; an L1 entry is 0 or an L2 table offset');
-      return;
-    }
-    const problem = tableOffsetProblem(g, value, big);
+    const problem = l1EntryProblem(g, value, big);
     if (problem) fail(l1EntryField(i), big ?? value, problem);
     else candidates.push({ l1Index: i, offset: value });
   });

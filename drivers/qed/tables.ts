@@ -59,10 +59,6 @@ export async function forEachEntry(dev: BlockDevice, offset: number, bytes: numb
   }
 }
 
-function hex(n: number | bigint): string {
-  return formatValue(n);
-}
-
 /**
  * Why `offset` cannot be a cluster of this image, or null when it can: the rule of qed.h
  * qed_check_cluster_offset — cluster-aligned, past the header area, below the file size rounded
@@ -70,7 +66,7 @@ function hex(n: number | bigint): string {
  */
 export function clusterOffsetProblem(g: QedGeometry, offset: number, big?: bigint): string | null {
   if (big !== undefined || offset >= g.fileClustersEnd) {
-    return `points at or past the end of the last whole cluster of the file (${hex(g.fileClustersEnd)}; file is ${g.fileSize} bytes)`;
+    return `points at or past the end of the last whole cluster of the file (${formatValue(g.fileClustersEnd)}; file is ${g.fileSize} bytes)`;
   }
   if (offset % g.clusterSize !== 0) return `is not a multiple of the cluster size ${g.clusterSize}`;
   if (offset < g.headerBytes) return `points into the header area (first ${g.headerBytes} bytes)`;
@@ -82,7 +78,13 @@ export function tableOffsetProblem(g: QedGeometry, offset: number, big?: bigint)
   const first = clusterOffsetProblem(g, offset, big);
   if (first) return first;
   if (offset + g.tableBytes > g.fileClustersEnd) {
-    return `the ${g.tableBytes}-byte table runs past the last whole cluster of the file (${hex(g.fileClustersEnd)}; file is ${g.fileSize} bytes)`;
+    return `the ${g.tableBytes}-byte table runs past the last whole cluster of the file (${formatValue(g.fileClustersEnd)}; file is ${g.fileSize} bytes)`;
   }
   return null;
+}
+
+/** An L1 entry is an L2 table offset; 1, the zero-cluster marker, has no meaning there. */
+export function l1EntryProblem(g: QedGeometry, value: number, big?: bigint): string | null {
+  if (value === QED_ZERO_CLUSTER) return 'the zero-cluster marker 1 is valid only in L2 tables; an L1 entry is 0 or an L2 table offset';
+  return tableOffsetProblem(g, value, big);
 }
