@@ -9,13 +9,17 @@ import { FormatError } from './errors.js';
 export const CHECK_EXIT = { clean: 0, internalError: 1, corrupt: 2, leaks: 3 } as const;
 
 export async function checkImage(img: SourceImage): Promise<CheckReport> {
+  // The driver's check counts every problem the way qemu-img does; the generic overlap check runs
+  // only when it found none, so a damaged image is not reported as "1 corruption" of ours.
+  const report = await img.check();
+  if (report.corruptions > 0 || report.checkErrors > 0) return report;
   try {
     await img.hostSpace();
   } catch (e) {
     if (!(e instanceof FormatError)) throw e;
-    return { format: img.format, corruptions: 1, leaks: 0, checkErrors: 0, messages: [`ERROR ${e.message}`] };
+    return { ...report, corruptions: report.corruptions + 1, messages: [...report.messages, `ERROR ${e.message}`] };
   }
-  return img.check();
+  return report;
 }
 
 export function checkExitCode(r: CheckReport): number {

@@ -1,0 +1,128 @@
+/**
+ * Cluster view of a mapping, for targets that map whole clusters (qcow2, QED, VMDK grains). For a
+ * candidate cluster size it says, run by run, which target clusters can point at their data where it
+ * lies and which must move — misaligned data, data under the target's fixed regions, compressed data,
+ * clusters that mix data with zeros at a finer granularity — so a target can pick the cluster size
+ * that moves the fewest bytes. Works in runs: cost is linear in the mapping's runs, not in clusters.
+ */
+import type { ExtentMap } from '../extent-map.js';
+
+export type ClusterKind = 'data' | 'zero' | 'unallocated';
+
+export interface ClusterRun {
+  /** Guest offset, a multiple of the cluster size. */
+  guest: number;
+  /** Bytes (whole clusters, but for a partial last cluster at the virtual end). */
+  length: number;
+  kind: ClusterKind;
+  /** Data: host offset of the first cluster, a multiple of the cluster size. */
+  host?: number;
+}
+
+export interface MustMove {
+  guest: number;
+  length: number;
+  reason: string;
+}
+
+export interface Clusterized {
+  clusterSize: number;
+  runs: ClusterRun[];
+  mustMove: MustMove[];
+  moveBytes: number;
+}
+
+export interface ClusterizeOptions {
+  /** Host ranges no data may stay in (the target's fixed regions). */
+  reserved?: { start: number; length: number }[];
+}
+
+export function clusterize(map: ExtentMap, cs: number, opts: ClusterizeOptions = {}): Clusterized {
+  const runs: ClusterRun[] = [];
+  const mustMove: MustMove[] = [];
+  const reserved = opts.reserved ?? [];
+  const vsize = map.virtualSize;
+  const pushRun = (r: ClusterRun) => {
+    const p = runs[runs.length - 1];
+    if (p && p.kind === r.kind && p.guest + p.length === r.guest && (r.kind !== 'data' || p.host! + p.length === r.host)) p.length += r.length;
+    else runs.push(r);
+  };
+  const move = (guest: number, length: number, reason: string) => {
+    const p = mustMove[mustMove.length - 1];
+    if (p && p.reason === reason && p.guest + p.length === guest) p.length += length;
+    else mustMove.push({ guest, length, reason });
+  };
+  const underReserved = (host: number, length: number) => reserved.some((r) => host < r.start + r.length && r.start < host + length);
+
+  let i = 0;
+  let pos = 0;
+  while (pos < vsize) {
+    while (map.at(i).guest + map.at(i).length <= pos) i++;
+    const e = map.at(i);
+    const eEnd = e.guest + e.length;
+    const cEnd = Math.min(pos + cs, vsize);
+    if (eEnd >= cEnd) {
+      // Whole clusters inside one run: [pos, batchEnd)
+      const batchEnd = eEnd >= vsize ? vsize : pos + Math.floor((eEnd - pos) / cs) * cs;
+      const length = batchEnd - pos;
+      if (e.kind === 'zero' || e.kind === 'unallocated') {
+        pushRun({ guest: pos, length, kind: e.kind });
+      } else if (e.kind === 'compressed') {
+        move(pos, length, 'compressed data is stored decompressed');
+      } else {
+        const host = e.host! + (pos - e.guest);
+        if (host % cs !== 0) {
+          move(pos, length, `data not aligned to ${cs}-byte clusters`);
+        } else if (underReserved(host, Math.ceil(length / cs) * cs)) {
+          // Split: only the clusters that meet a reserved range move.
+          for (let g = pos; g < batchEnd; g += cs) {
+            const len = Math.min(cs, batchEnd - g);
+            const h = host + (g - pos);
+            if (underReserved(h, cs)) move(g, len, 'data lies where the new format keeps its header');
+            else pushRun({ guest: g, length: len, kind: 'data', host: h });
+          }
+        } else {
+          pushRun({ guest: pos, length, kind: 'data', host });
+        }
+      }
+      pos = batchEnd;
+      continue;
+    }
+    // A cluster that several runs share.
+    const kinds = new Set<string>();
+    for (let k = i; k < map.count; k++) {
+      const r = map.at(k);
+      if (r.guest >= cEnd) break;
+      kinds.add(r.kind);
+    }
+    if (!kinds.has('data') && !kinds.has('compressed')) {
+      // zero and unallocated only: zeros without a backing file; the caller refuses with one
+      pushRun({ guest: pos, length: cEnd - pos, kind: kinds.has('zero') ? 'zero' : 'unallocated' });
+      if (kinds.has('zero') && kinds.has('unallocated')) move(pos, cEnd - pos, 'cluster mixes zeros and backing-file reads');
+    } else {
+      move(pos, cEnd - pos, kinds.has('compressed') ? 'compressed data is stored decompressed' : `cluster mixes data with other content below ${cs} bytes`);
+    }
+    pos = cEnd;
+  }
+  // The zero/unallocated entries for mixed clusters were pushed as placeholders only when they do not
+  // move; drop runs that a move covers.
+  const moved = mustMove;
+  const finalRuns = moved.length === 0 ? runs : runs.filter((r) => !moved.some((m) => m.guest <= r.guest && r.guest + r.length <= m.guest + m.length));
+  return { clusterSize: cs, runs: finalRuns, mustMove, moveBytes: mustMove.reduce((s, m) => s + m.length, 0) };
+}
+
+/** Power-of-two cluster sizes from `min` to `max`. */
+export function powersOfTwo(min: number, max: number): number[] {
+  const out: number[] = [];
+  for (let c = min; c <= max; c *= 2) out.push(c);
+  return out;
+}
+
+/**
+ * The candidate that moves the fewest bytes; among equals, the one closest to `preferred` (the
+ * format's default, what qemu-img would make), then the smaller.
+ */
+export function cheapestClusterSize(candidates: { cs: number; moveBytes: number }[], preferred: number): number {
+  const dist = (cs: number) => Math.abs(Math.log2(cs) - Math.log2(preferred));
+  return candidates.slice().sort((a, b) => a.moveBytes - b.moveBytes || dist(a.cs) - dist(b.cs) || a.cs - b.cs)[0]!.cs;
+}
