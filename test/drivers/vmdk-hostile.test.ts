@@ -12,7 +12,8 @@ import { encodeGrainMarker } from '../../drivers/vmdk/markers.js';
 import { vmdkDriver } from '../../drivers/vmdk/index.js';
 import { rawDriver } from '../../drivers/raw/index.js';
 import type { SparseImage } from '../../drivers/vmdk/sparse.js';
-import { FormatError, ImgconvError, UnsupportedError } from '../../src/errors.js';
+import { FormatError, ImgconvError, IoError, UnsupportedError } from '../../src/errors.js';
+import type { DeviceOpener } from '../../src/blockdev/types.js';
 import { openImage, type ImageChain } from '../../src/image.js';
 import { GuestReader } from '../../src/guest.js';
 import { checkImage } from '../../src/check.js';
@@ -24,7 +25,13 @@ import { normaliseMap, ourMap, qemuMap, qemuRawSha } from './vmdk-support.js';
 const G = 4096; // builder default grain: 8 sectors
 
 async function openMem(files: Record<string, Uint8Array>, top = '/m/a.vmdk', format?: string): Promise<ImageChain> {
-  return openImage(top, { drivers: [vmdkDriver, rawDriver], opener: memOpener(new Map(Object.entries(files))), ...(format ? { format } : {}) });
+  const inner = memOpener(new Map(Object.entries(files)));
+  // Like FileBlockDevice: a missing file is an IoError.
+  const opener: DeviceOpener = async (p, o) => {
+    if (!(p in files)) throw new IoError('open', p, 0, 'ENOENT', 'no such file');
+    return inner(p, o);
+  };
+  return openImage(top, { drivers: [vmdkDriver, rawDriver], opener, ...(format ? { format } : {}) });
 }
 
 async function errorOf(p: Promise<unknown>): Promise<unknown> {
@@ -431,4 +438,38 @@ describe('mutation fuzz', () => {
     }
     expect(Date.now() - started).toBeLessThan(5000);
   });
+});
+
+describe('descriptor-file fuzz', () => {
+  const text = encodeDescriptor({
+    version: 1,
+    cid: 0x1234,
+    parentCid: 0xffffffff,
+    createType: 'monolithicFlat',
+    extents: [{ access: 'RW', sectors: 16, type: 'FLAT', file: 'd-flat.vmdk', offset: 2 }],
+    ddb: [['ddb.adapterType', 'ide']],
+    other: [],
+  });
+  const flat = pattern(18 * 512, 6);
+  test.prop([fc.array(fc.record({ at: fc.nat(), s: fc.string({ maxLength: 12 }), del: fc.nat({ max: 12 }) }), { minLength: 1, maxLength: 5 })], { numRuns: 200 })(
+    'edited descriptor text opens or fails with an ImgconvError',
+    async (edits) => {
+      let t = text;
+      for (const e of edits) {
+        const at = e.at % (t.length + 1);
+        t = t.slice(0, at) + e.s + t.slice(at + e.del);
+      }
+      try {
+        const chain = await openMem({ '/m/a.vmdk': Buffer.from(t), '/m/d-flat.vmdk': flat }, '/m/a.vmdk', 'vmdk');
+        const img = chain.layers[0]!;
+        await img.mapping();
+        await img.hostSpace();
+        await img.check();
+        await (await GuestReader.create(chain)).sha256();
+        await chain.close();
+      } catch (e) {
+        if (!(e instanceof ImgconvError)) throw e;
+      }
+    },
+  );
 });
