@@ -1,0 +1,367 @@
+/**
+ * The refcount check, as `qemu-img check` does it (block/qcow2-refcount.c qcow2_check_refcounts):
+ * count every reference to every host cluster — header, active and snapshot L1/L2 tables and their
+ * data, compressed payloads by the clusters they touch, the snapshot table, the refcount table and
+ * blocks, the LUKS header, bitmaps — then compare with the stored refcounts: stored < counted is a
+ * corruption, stored > counted a leak. Then OFLAG_COPIED must equal (refcount == 1) in the active
+ * tables. On-disk problems are counted with one message each, never thrown. The message texts and
+ * the fragmentation statistics follow QEMU so the numbers compare one to one.
+ */
+import { readAt } from '../../src/blockdev/types.js';
+import type { CheckReport } from '../../src/driver.js';
+import { BME_MAX_TABLE_SIZE, bitmapTableEntryOffset, bitmapTableEntryProblem, decodeBitmapDirectory, dirEntryProblem } from './bitmaps.js';
+import { csizeShift, getRefcount, refcountMax } from './entries.js';
+import { FORMAT, MAX_L1_BYTES } from './header.js';
+import type { Qcow2Layout } from './open.js';
+
+const TWO32 = 2 ** 32;
+const hex = (n: number) => n.toString(16);
+const hex64 = (hi: number, lo: number) => (hi ? hi.toString(16) + (lo >>> 0).toString(16).padStart(8, '0') : (lo >>> 0).toString(16));
+
+class RefcountCheck {
+  readonly report: CheckReport;
+  private refs: Uint32Array;
+  private nbClusters: number;
+  private readonly cs: number;
+  private readonly max: number;
+  private readonly external: boolean;
+  private nextContiguous = 0;
+  /** The stored reftable and refblocks (undefined: no block, null: unusable offset). */
+  private reftable: DataView | undefined;
+  private blocks = new Map<number, Uint8Array | null | undefined>();
+  private farBlock: { index: number; block: Uint8Array | null | undefined } | undefined;
+
+  constructor(private readonly layout: Qcow2Layout) {
+    this.cs = layout.clusterSize;
+    this.nbClusters = Math.ceil(layout.fileSize / this.cs);
+    this.refs = new Uint32Array(Math.max(1, this.nbClusters));
+    this.max = Math.min(refcountMax(layout.header.refcountOrder), 0xffffffff);
+    this.external = layout.dataFileName !== undefined;
+    this.report = {
+      format: FORMAT,
+      corruptions: 0,
+      leaks: 0,
+      checkErrors: 0,
+      messages: [],
+      totalClusters: Math.ceil(layout.virtualSize / this.cs),
+      allocatedClusters: 0,
+      fragmentedClusters: 0,
+      compressedClusters: 0,
+    };
+  }
+
+  private corrupt(msg: string): void {
+    this.report.corruptions++;
+    this.report.messages.push(msg);
+  }
+
+  /** qcow2_inc_refcounts_imrt: one more reference to every cluster [offset, offset+size) touches. */
+  private inc(offset: number, size: number): void {
+    if (size <= 0) return;
+    if (offset + size - this.layout.fileSize >= this.cs) {
+      this.corrupt(`ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset 0x${hex(offset)} size 0x${hex(size)}`);
+      return;
+    }
+    const first = Math.floor(offset / this.cs);
+    const last = Math.floor((offset + size - 1) / this.cs);
+    for (let k = first; k <= last; k++) {
+      if (k >= this.nbClusters) this.grow(k + 1);
+      if (this.refs[k] === this.max) {
+        this.corrupt(`ERROR: overflow cluster offset=0x${hex(k * this.cs)}`);
+        continue;
+      }
+      this.refs[k]!++;
+    }
+  }
+
+  private grow(n: number): void {
+    if (n > this.refs.length) {
+      const bigger = new Uint32Array(Math.max(n, this.refs.length * 2));
+      bigger.set(this.refs);
+      this.refs = bigger;
+    }
+    this.nbClusters = n;
+  }
+
+  async run(): Promise<CheckReport> {
+    const { header: h, layout } = { header: this.layout.header, layout: this.layout };
+    this.inc(0, this.cs);
+    await this.checkL1(h.l1TableOffset, h.l1Size, true);
+    if (this.external && layout.snapshots.length) this.corrupt(`ERROR ${layout.snapshots.length} snapshots in image with data file`);
+    for (const sn of layout.snapshots) {
+      if (sn.l1TableOffset % this.cs) {
+        this.corrupt(`ERROR snapshot ${sn.id} (${sn.name}) l1_offset=0x${hex(sn.l1TableOffset)}: L1 table is not cluster aligned; snapshot table entry corrupted`);
+        continue;
+      }
+      if (sn.l1Size > MAX_L1_BYTES / 8) {
+        this.corrupt(`ERROR snapshot ${sn.id} (${sn.name}) l1_size=0x${hex(sn.l1Size)}: L1 table is too large; snapshot table entry corrupted`);
+        continue;
+      }
+      await this.checkL1(sn.l1TableOffset, sn.l1Size, false);
+    }
+    this.inc(h.snapshotsOffset, layout.snapshotTableSize);
+    this.inc(h.refcountTableOffset, h.refcountTableClusters * this.cs);
+    if (layout.crypto) this.inc(layout.crypto.offset, layout.crypto.length);
+    if (layout.bitmaps) await this.checkBitmaps();
+    await this.checkRefblocks();
+    const highest = await this.compare();
+    await this.checkCopied();
+    this.report.imageEndOffset = (highest + 1) * this.cs;
+    return this.report;
+  }
+
+  private async checkL1(offset: number, size: number, active: boolean): Promise<void> {
+    if (!size) return;
+    this.inc(offset, size * 8);
+    const l1 = await readAt(this.layout.dev, offset, size * 8);
+    const dv = new DataView(l1.buffer);
+    for (let i = 0; i < size; i++) {
+      const hi = dv.getUint32(i * 8);
+      const lo = dv.getUint32(i * 8 + 4);
+      if (!hi && !lo) continue;
+      if (hi & 0x7f000000 || lo & 0x1ff) this.corrupt(`ERROR found L1 entry with reserved bits set: ${hex64(hi, lo)}`);
+      const l2 = (hi & 0x00ffffff) * TWO32 + ((lo & 0xfffffe00) >>> 0);
+      this.inc(l2, this.cs);
+      if (l2 % this.cs) this.corrupt(`ERROR l2_offset=${hex(l2)}: Table is not cluster aligned; L1 entry corrupted`);
+      await this.checkL2(l2, active);
+    }
+  }
+
+  private async checkL2(l2Offset: number, active: boolean): Promise<void> {
+    const { l2Entries, l2EntryBytes, extendedL2, clusterBits } = this.layout;
+    const dv = new DataView((await readAt(this.layout.dev, l2Offset, this.cs)).buffer);
+    const shiftHi = csizeShift(clusterBits) - 32;
+    this.nextContiguous = 0;
+    for (let i = 0; i < l2Entries; i++) {
+      const at = i * l2EntryBytes;
+      let hi = dv.getUint32(at);
+      const lo = dv.getUint32(at + 4);
+      const bmZero = extendedL2 ? dv.getUint32(at + 8) : 0;
+      const bmAlloc = extendedL2 ? dv.getUint32(at + 12) : 0;
+      const type = this.clusterType(hi, lo);
+      if (type !== 'compressed' && (hi & 0x3f000000 || lo & 0x1fe)) this.corrupt(`ERROR found l2 entry with reserved bits set: ${hex64(hi, lo)}`);
+      switch (type) {
+        case 'compressed': {
+          const coffset = (hi & ((1 << shiftHi) - 1)) * TWO32 + (lo >>> 0);
+          if (hi & 0x80000000) {
+            this.corrupt(`ERROR: coffset=0x${hex(coffset)}: copied flag must never be set for compressed clusters`);
+            hi &= 0x7fffffff;
+          }
+          if (this.external) {
+            this.corrupt(`ERROR compressed cluster ${i} with data file, entry=0x${hex64(hi, lo)}`);
+            break;
+          }
+          if (bmZero || bmAlloc) {
+            this.corrupt(`ERROR compressed cluster ${i} with non-zero subcluster allocation bitmap, entry=0x${hex64(hi, lo)}`);
+            break;
+          }
+          const sectors = ((hi >>> shiftHi) & ((1 << (clusterBits - 8)) - 1)) + 1;
+          this.inc(coffset, sectors * 512 - (coffset % 512));
+          if (active) {
+            this.report.allocatedClusters!++;
+            this.report.compressedClusters!++;
+            this.report.fragmentedClusters!++;
+          }
+          break;
+        }
+        case 'zeroAlloc':
+        case 'normal': {
+          const offset = (hi & 0x00ffffff) * TWO32 + ((lo & 0xfffffe00) >>> 0);
+          if (bmZero & bmAlloc) this.corrupt(`ERROR offset=${hex(offset)}: Allocated cluster has corrupted subcluster allocation bitmap`);
+          if (offset % this.cs) {
+            const containsData = extendedL2 ? bmAlloc !== 0 : !(lo & 1);
+            this.corrupt(`ERROR offset=${hex(offset)}: ${containsData ? 'Data' : 'Preallocated'} cluster is not properly aligned; L2 entry corrupted.`);
+          }
+          if (active) {
+            this.report.allocatedClusters!++;
+            if (this.nextContiguous && offset !== this.nextContiguous) this.report.fragmentedClusters!++;
+            this.nextContiguous = offset + this.cs;
+          }
+          if (!this.external) this.inc(offset, this.cs);
+          break;
+        }
+        case 'zero':
+          break;
+        case 'unallocated':
+          if (bmAlloc) this.corrupt('ERROR: Unallocated cluster has non-zero subcluster allocation bitmap');
+          break;
+      }
+    }
+  }
+
+  /** qcow2_get_cluster_type. */
+  private clusterType(hi: number, lo: number): 'compressed' | 'zero' | 'zeroAlloc' | 'normal' | 'unallocated' {
+    if (hi & 0x40000000) return 'compressed';
+    const hasOffset = (hi & 0x00ffffff) !== 0 || (lo & 0xfffffe00) !== 0;
+    if (lo & 1 && !this.layout.extendedL2) return hasOffset ? 'zeroAlloc' : 'zero';
+    if (!hasOffset) return this.external && hi & 0x80000000 ? 'normal' : 'unallocated';
+    return 'normal';
+  }
+
+  private async checkBitmaps(): Promise<void> {
+    const b = this.layout.bitmaps!;
+    this.inc(b.directoryOffset, b.directorySize);
+    let dir;
+    try {
+      dir = decodeBitmapDirectory(await readAt(this.layout.dev, b.directoryOffset, b.directorySize), b.nbBitmaps);
+      for (const e of dir) {
+        const p = dirEntryProblem(e, this.cs);
+        if (p) throw new Error(`bitmap ${JSON.stringify(e.name)}: ${p}`);
+      }
+    } catch (e) {
+      this.corrupt(`ERROR bitmap directory: ${(e as Error).message}`);
+      return;
+    }
+    for (const e of dir) {
+      this.inc(e.tableOffset, e.tableSize * 8);
+      if (e.tableSize > BME_MAX_TABLE_SIZE) continue;
+      const dv = new DataView((await readAt(this.layout.dev, e.tableOffset, e.tableSize * 8)).buffer);
+      const entries: number[] = [];
+      let bad: string | null = null;
+      for (let i = 0; i < e.tableSize && !bad; i++) {
+        const hi = dv.getUint32(i * 8);
+        const lo = dv.getUint32(i * 8 + 4);
+        bad = bitmapTableEntryProblem(hi, lo, this.cs);
+        entries.push(bitmapTableEntryOffset(hi, lo));
+      }
+      // bitmap_table_load refuses the whole table when one entry is bad; the check stops there.
+      if (bad) {
+        this.corrupt(`ERROR bitmap ${JSON.stringify(e.name)} table: ${bad}`);
+        return;
+      }
+      for (const off of entries) if (off) this.inc(off, this.cs);
+    }
+  }
+
+  private reftableEntries(): number {
+    return (this.layout.header.refcountTableClusters * this.cs) / 8;
+  }
+
+  private async loadReftable(): Promise<DataView> {
+    if (!this.reftable) {
+      const h = this.layout.header;
+      this.reftable = new DataView((await readAt(this.layout.dev, h.refcountTableOffset, h.refcountTableClusters * this.cs)).buffer);
+    }
+    return this.reftable;
+  }
+
+  private async checkRefblocks(): Promise<void> {
+    const rt = await this.loadReftable();
+    for (let i = 0; i < this.reftableEntries(); i++) {
+      const hi = rt.getUint32(i * 8);
+      const lo = rt.getUint32(i * 8 + 4);
+      const offset = hi * TWO32 + ((lo & 0xfffffe00) >>> 0);
+      const cluster = Math.floor(offset / this.cs);
+      if (lo & 0x1ff) {
+        this.corrupt(`ERROR refcount table entry ${i} has reserved bits set`);
+        continue;
+      }
+      if (offset % this.cs) {
+        this.corrupt(`ERROR refcount block ${i} is not cluster aligned; refcount table entry corrupted`);
+        continue;
+      }
+      if (cluster >= this.nbClusters) {
+        this.corrupt(`ERROR refcount block ${i} is outside image`);
+        continue;
+      }
+      if (offset !== 0) {
+        this.inc(offset, this.cs);
+        if (this.refs[cluster] !== 1) this.corrupt(`ERROR refcount block ${i} refcount=${this.refs[cluster]}`);
+      }
+    }
+  }
+
+  private get perBlock(): number {
+    return (this.cs * 8) / (1 << this.layout.header.refcountOrder);
+  }
+
+  /**
+   * Makes refblock `index` available to storedNow (qcow2_get_refcount's lookup). Blocks covering the
+   * file are kept (their total is the stored refcount array); others share one slot, so a hostile
+   * table pointing far past the file cannot make the check hold one cluster per entry.
+   */
+  private async ensureBlock(index: number): Promise<void> {
+    if (this.blocks.has(index) || this.farBlock?.index === index) return;
+    let block: Uint8Array | null | undefined;
+    if (index < this.reftableEntries()) {
+      const rt = await this.loadReftable();
+      const offset = rt.getUint32(index * 8) * TWO32 + ((rt.getUint32(index * 8 + 4) & 0xfffffe00) >>> 0);
+      if (offset % this.cs) block = null;
+      else if (offset !== 0) block = await readAt(this.layout.dev, offset, this.cs);
+    }
+    if (index <= Math.ceil(this.nbClusters / this.perBlock)) this.blocks.set(index, block);
+    else this.farBlock = { index, block };
+  }
+
+  /** The stored refcount of cluster k, once its block is ensured; null when its refblock offset is unaligned. */
+  private storedNow(k: number): number | null {
+    const index = Math.floor(k / this.perBlock);
+    const block = this.blocks.has(index) ? this.blocks.get(index) : this.farBlock!.block;
+    if (block === undefined) return 0;
+    if (block === null) return null;
+    return getRefcount(block, k % this.perBlock, this.layout.header.refcountOrder);
+  }
+
+  private async stored(k: number): Promise<number | null> {
+    const index = Math.floor(k / this.perBlock);
+    if (!this.blocks.has(index)) await this.ensureBlock(index);
+    return this.storedNow(k);
+  }
+
+  private async compare(): Promise<number> {
+    let highest = 0;
+    for (let i = 0; i < this.nbClusters; i++) {
+      if (i % this.perBlock === 0) await this.ensureBlock(i / this.perBlock);
+      const stored = this.storedNow(i);
+      if (stored === null) {
+        this.report.checkErrors++;
+        this.report.messages.push(`Can't get refcount for cluster ${i}: Input/output error`);
+        continue;
+      }
+      const counted = this.refs[i]!;
+      if (stored > 0 || counted > 0) highest = i;
+      if (stored === counted) continue;
+      if (stored < counted) {
+        this.corrupt(`ERROR cluster ${i} refcount=${stored} reference=${counted}`);
+      } else {
+        this.report.leaks++;
+        this.report.messages.push(`Leaked cluster ${i} refcount=${stored} reference=${counted}`);
+      }
+    }
+    return highest;
+  }
+
+  /** check_oflag_copied: COPIED must say whether the refcount is exactly 1 (active tables only). */
+  private async checkCopied(): Promise<void> {
+    const { header: h, l2Entries, l2EntryBytes } = this.layout;
+    const l1 = new DataView((await readAt(this.layout.dev, h.l1TableOffset, h.l1Size * 8)).buffer);
+    for (let i = 0; i < h.l1Size; i++) {
+      const hi = l1.getUint32(i * 8);
+      const lo = l1.getUint32(i * 8 + 4);
+      const l2 = (hi & 0x00ffffff) * TWO32 + ((lo & 0xfffffe00) >>> 0);
+      if (!l2) continue;
+      const rc = await this.stored(Math.floor(l2 / this.cs));
+      if (rc === null) continue;
+      if ((rc === 1) !== ((hi & 0x80000000) !== 0)) {
+        this.corrupt(`ERROR OFLAG_COPIED L2 cluster: l1_index=${i} l1_entry=${hex64(hi, lo)} refcount=${rc}`);
+      }
+      const dv = new DataView((await readAt(this.layout.dev, l2, this.cs)).buffer);
+      for (let j = 0; j < l2Entries; j++) {
+        const ehi = dv.getUint32(j * l2EntryBytes);
+        const elo = dv.getUint32(j * l2EntryBytes + 4);
+        const type = this.clusterType(ehi, elo);
+        if (type !== 'normal' && type !== 'zeroAlloc') continue;
+        const offset = (ehi & 0x00ffffff) * TWO32 + ((elo & 0xfffffe00) >>> 0);
+        const drc = this.external ? 1 : await this.stored(Math.floor(offset / this.cs));
+        if (drc === null) continue;
+        if ((drc === 1) !== ((ehi & 0x80000000) !== 0)) {
+          this.corrupt(`ERROR OFLAG_COPIED data cluster: l2_entry=${hex64(ehi, elo)} refcount=${drc}`);
+        }
+      }
+    }
+  }
+}
+
+export function checkQcow2(layout: Qcow2Layout): Promise<CheckReport> {
+  return new RefcountCheck(layout).run();
+}

@@ -1,0 +1,185 @@
+// >>> PARALLEL HELPERS OF THIS SESSION: before writing any code, read /tmp/HELPERS-READ-FIRST.md (shared rules:
+// >>> touch only drivers/<fmt>/ and test/drivers/<fmt>*, never src/ or this registry; commit only your paths; test style). <<<
+/**
+ * qcow2 (versions 2 and 3): probe, open with every header field validated, the active layer's
+ * guest → host mapping, the host-space map of every structure, and a qemu-img-style refcount check.
+ */
+import { inflateRawSync, constants as zc } from 'node:zlib';
+import { readAt, type BlockDevice } from '../../src/blockdev/types.js';
+import type { CheckReport, FormatDriver, ImageInfo, OpenContext, SourceImage } from '../../src/driver.js';
+import { FormatError, UnsupportedError } from '../../src/errors.js';
+import type { Extent, ExtentMap } from '../../src/extent-map.js';
+import type { HostSpace } from '../../src/host-space.js';
+import { checkQcow2 } from './check.js';
+import {
+  AUTOCLEAR_BITMAPS,
+  AUTOCLEAR_DATA_FILE_RAW,
+  COMPAT_LAZY_REFCOUNTS,
+  COMPRESSION_ZSTD,
+  CRYPT_NONE,
+  FORMAT,
+  INCOMPAT_CORRUPT,
+  INCOMPAT_DIRTY,
+  QCOW2_MAGIC,
+} from './header.js';
+import { buildHostSpace } from './hostspace.js';
+import { openDataFile, readLayout, type Qcow2Layout } from './open.js';
+import { activeMapping, l1EntryL2Offset } from './tables.js';
+
+export { FORMAT as QCOW2_FORMAT } from './header.js';
+
+class Qcow2Image implements SourceImage {
+  readonly format = FORMAT;
+  readonly dataFile?: string;
+  private map: ExtentMap | undefined;
+
+  constructor(
+    readonly dev: BlockDevice,
+    readonly dataDev: BlockDevice,
+    readonly info: ImageInfo,
+    private readonly layout: Qcow2Layout,
+  ) {
+    if (layout.dataFileName !== undefined) this.dataFile = layout.dataFileName;
+  }
+
+  private get encrypted(): boolean {
+    return this.layout.header.cryptMethod !== CRYPT_NONE;
+  }
+
+  async mapping(): Promise<ExtentMap> {
+    if (this.encrypted) {
+      // Data clusters hold ciphertext (LUKS IVs even depend on the host offset): no usable mapping.
+      throw new UnsupportedError(FORMAT, 'encryption', `crypt_method ${this.layout.header.cryptMethod}: guest data is encrypted`);
+    }
+    this.map ??= await activeMapping(this.layout);
+    return this.map;
+  }
+
+  hostSpace(): Promise<HostSpace> {
+    return buildHostSpace(this.layout);
+  }
+
+  check(): Promise<CheckReport> {
+    return checkQcow2(this.layout);
+  }
+
+  /** One compressed cluster, inflated as QEMU does (raw deflate, exactly one cluster of output). */
+  async readCompressed(extent: Extent): Promise<Uint8Array> {
+    const cs = this.layout.clusterSize;
+    if (this.layout.header.compressionType === COMPRESSION_ZSTD) {
+      throw new UnsupportedError(FORMAT, 'zstd compression', 'Node has no zstd decoder; convert with qemu-img to zlib first');
+    }
+    const payload = await readAt(this.dev, extent.host!, extent.hostLength!);
+    let out: Buffer;
+    try {
+      // The payload is rounded up to whole sectors, so it may end mid-stream or carry trailing bytes:
+      // QEMU accepts any stream that yields a full cluster (qcow2_zlib_decompress).
+      out = inflateRawSync(payload, { maxOutputLength: cs, finishFlush: zc.Z_SYNC_FLUSH });
+    } catch (e) {
+      throw new FormatError(FORMAT, 'compressed cluster', extent.host, `does not inflate to one ${cs}-byte cluster: ${(e as Error).message}`);
+    }
+    if (out.length !== cs) {
+      throw new FormatError(FORMAT, 'compressed cluster', extent.host, `inflates to ${out.length} bytes, not one ${cs}-byte cluster`);
+    }
+    return new Uint8Array(out.buffer, out.byteOffset, out.length);
+  }
+
+  async close(): Promise<void> {
+    if (this.dataDev !== this.dev) await this.dataDev.close();
+  }
+}
+
+/**
+ * Whether the active tables use zero or compressed clusters, for info's feature list. A lenient
+ * scan: malformed entries are left for mapping() and check() to report.
+ */
+async function scanClusterKinds(layout: Qcow2Layout): Promise<{ zero: boolean; compressed: boolean }> {
+  const found = { zero: false, compressed: false };
+  const { l1Size, l1TableOffset } = layout.header;
+  const l1Bytes = await readAt(layout.dev, l1TableOffset, l1Size * 8);
+  const l1 = new DataView(l1Bytes.buffer);
+  for (let i = 0; i < l1Size && !(found.zero && found.compressed); i++) {
+    let l2Offset: number;
+    try {
+      l2Offset = l1EntryL2Offset(layout, l1, i, 'L1');
+    } catch {
+      continue;
+    }
+    if (!l2Offset) continue;
+    const dv = new DataView((await readAt(layout.dev, l2Offset, layout.clusterSize)).buffer);
+    for (let j = 0; j < layout.l2Entries; j++) {
+      const at = j * layout.l2EntryBytes;
+      const hi = dv.getUint32(at);
+      if (hi & 0x40000000) found.compressed = true;
+      else if (layout.extendedL2 ? dv.getUint32(at + 8) !== 0 : dv.getUint32(at + 4) & 1) found.zero = true;
+    }
+  }
+  return found;
+}
+
+async function describe(layout: Qcow2Layout): Promise<ImageInfo> {
+  const h = layout.header;
+  const lazy = (h.compatibleFeatures & COMPAT_LAZY_REFCOUNTS) !== 0n;
+  const dataFileRaw = (h.autoclearFeatures & AUTOCLEAR_DATA_FILE_RAW) !== 0n;
+  const kinds = await scanClusterKinds(layout);
+  const features: string[] = [];
+  if (kinds.zero) features.push('zero clusters');
+  if (kinds.compressed) features.push('compressed clusters');
+  if (layout.snapshots.length) features.push(`${layout.snapshots.length} internal snapshot${layout.snapshots.length === 1 ? '' : 's'}`);
+  if (layout.bitmaps) features.push(`${layout.bitmaps.nbBitmaps} bitmap${layout.bitmaps.nbBitmaps === 1 ? '' : 's'}`);
+  if (layout.staleBitmaps) features.push('inconsistent bitmaps (ignored)');
+  if (lazy) features.push('lazy refcounts');
+  if (layout.extendedL2) features.push('extended L2');
+  if (layout.dataFileName !== undefined) features.push(dataFileRaw ? 'external data file (raw)' : 'external data file');
+  if (h.cryptMethod !== CRYPT_NONE) features.push(`encryption (${h.cryptMethod === 1 ? 'aes' : 'luks'})`);
+  const details: ImageInfo['details'] = {
+    compat: h.version >= 3 ? '1.1' : '0.10',
+    'compression-type': h.compressionType === COMPRESSION_ZSTD ? 'zstd' : 'zlib',
+    'lazy-refcounts': lazy,
+    'refcount-bits': 1 << h.refcountOrder,
+    corrupt: (h.incompatibleFeatures & INCOMPAT_CORRUPT) !== 0n,
+    'extended-l2': layout.extendedL2,
+    'data-file': layout.dataFileName ?? null,
+    'data-file-raw': dataFileRaw,
+    'cluster-size': layout.clusterSize,
+    'header-length': h.headerLength,
+    'l1-size': h.l1Size,
+    'refcount-table-clusters': h.refcountTableClusters,
+    snapshots: layout.snapshots.length,
+    bitmaps: layout.bitmaps?.nbBitmaps ?? 0,
+    'bitmaps-consistent': (h.autoclearFeatures & AUTOCLEAR_BITMAPS) !== 0n,
+    encrypt: h.cryptMethod === CRYPT_NONE ? null : h.cryptMethod === 1 ? 'aes' : 'luks',
+  };
+  const info: ImageInfo = {
+    format: FORMAT,
+    subformat: h.version >= 3 ? 'v3' : 'v2',
+    virtualSize: layout.virtualSize,
+    clusterSize: layout.clusterSize,
+    dirty: (h.incompatibleFeatures & INCOMPAT_DIRTY) !== 0n,
+    corrupt: (h.incompatibleFeatures & INCOMPAT_CORRUPT) !== 0n,
+    features,
+    details,
+  };
+  if (layout.backingFile !== undefined) {
+    info.backing = { filename: layout.backingFile, ...(layout.backingFormat !== undefined ? { format: layout.backingFormat } : {}) };
+  }
+  return info;
+}
+
+export const qcow2Driver: FormatDriver = {
+  name: FORMAT,
+  description: 'QEMU copy-on-write v2/v3 (qcow2)',
+  probe({ head }) {
+    if (head.length < 8) return 0;
+    const dv = new DataView(head.buffer, head.byteOffset, head.byteLength);
+    if (dv.getUint32(0) !== QCOW2_MAGIC) return 0;
+    const version = dv.getUint32(4);
+    return version === 2 || version === 3 ? 100 : 0;
+  },
+  async open(dev: BlockDevice, ctx: OpenContext): Promise<SourceImage> {
+    const layout = await readLayout(dev);
+    const info = await describe(layout);
+    const dataDev = (await openDataFile(layout, ctx)) ?? dev;
+    return new Qcow2Image(dev, dataDev, info, layout);
+  },
+};

@@ -1,0 +1,168 @@
+/**
+ * Strict reading of the L1/L2 tables: every entry is validated the way QEMU validates it on the
+ * read path (block/qcow2-cluster.c qcow2_get_host_offset, which marks the image corrupt) plus the
+ * reserved-bit and bounds rules qemu-img check applies. Any violation is a FormatError naming the
+ * entry; the lenient counting variant is check.ts.
+ */
+import { readAt } from '../../src/blockdev/types.js';
+import { ExtentMap } from '../../src/extent-map.js';
+import { FormatError } from '../../src/errors.js';
+import {
+  compressedLength,
+  decodeL1Entry,
+  decodeL2Entry,
+  decodeSubclusterBitmap,
+} from './entries.js';
+import { FORMAT, MAX_L1_BYTES, validateTable } from './header.js';
+import type { Qcow2Layout } from './open.js';
+
+export const SUBCLUSTERS = 32;
+
+const hex = (n: number) => `0x${n.toString(16)}`;
+
+/** One L2 entry, classified (QEMU's cluster types; extended L2 keeps its bitmap for per-subcluster states). */
+export type ClusterState =
+  | { type: 'unallocated' }
+  | { type: 'zero' }
+  | { type: 'zeroAlloc'; host: number }
+  | { type: 'normal'; host: number }
+  | { type: 'compressed'; host: number; length: number }
+  /** Extended L2: per-subcluster bits; `host` when the cluster has one. */
+  | { type: 'subclusters'; host?: number; alloc: number; zero: number };
+
+export async function readL1(layout: Qcow2Layout, offset: number, entries: number, field: string): Promise<DataView> {
+  validateTable(field, offset, entries, 8, MAX_L1_BYTES, layout.clusterSize, layout.fileSize);
+  const bytes = await readAt(layout.dev, offset, entries * 8);
+  return new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+}
+
+export async function readL2(layout: Qcow2Layout, offset: number): Promise<DataView> {
+  const bytes = await readAt(layout.dev, offset, layout.clusterSize);
+  return new DataView(bytes.buffer);
+}
+
+/** A host cluster some entry points at: aligned and starting inside the file (qemu-img check allows a partial last cluster). */
+export function requireHostCluster(layout: Qcow2Layout, field: string, offset: number, where: string): void {
+  if (offset % layout.clusterSize !== 0) {
+    throw new FormatError(FORMAT, field, offset, `not aligned to the cluster size ${layout.clusterSize} (${where}); QEMU marks such an image corrupt`);
+  }
+  if (offset >= layout.fileSize) throw new FormatError(FORMAT, field, offset, `past the end of the file (${layout.fileSize} bytes) (${where})`);
+  if (offset === 0) throw new FormatError(FORMAT, field, 0, `points at the header cluster (${where})`);
+}
+
+/** The L2 table offset of L1 entry `index`, or 0 when unallocated. */
+export function l1EntryL2Offset(layout: Qcow2Layout, dv: DataView, index: number, table: string): number {
+  const e = decodeL1Entry(dv.getUint32(index * 8), dv.getUint32(index * 8 + 4));
+  if (e.reserved !== 0n) {
+    throw new FormatError(FORMAT, 'L1 entry', `${table}[${index}]`, `reserved bits set (0x${e.reserved.toString(16)})`);
+  }
+  if (e.l2Offset !== 0) requireHostCluster(layout, 'L2 table offset', e.l2Offset, `${table}[${index}]`);
+  return e.l2Offset;
+}
+
+/**
+ * Entry `index` of an L2 table mapping guest cluster `guest`. With an external data file every
+ * allocated cluster must sit at its guest offset, and offset 0 with COPIED is guest cluster 0.
+ */
+export function classifyL2(layout: Qcow2Layout, dv: DataView, index: number, guest: number, l2Offset: number): ClusterState {
+  const at = index * layout.l2EntryBytes;
+  const hi = dv.getUint32(at);
+  const lo = dv.getUint32(at + 4);
+  const where = `L2 table ${hex(l2Offset)} entry ${index}`;
+  let bitmap = { alloc: 0, zero: 0 };
+  if (layout.extendedL2) bitmap = decodeSubclusterBitmap(dv.getUint32(at + 8), dv.getUint32(at + 12));
+  if (hi === 0 && lo === 0 && bitmap.alloc === 0 && bitmap.zero === 0) return { type: 'unallocated' };
+  const e = decodeL2Entry(hi, lo, layout.clusterBits);
+  const dataFile = layout.dataFileName !== undefined;
+  if (e.compressed) {
+    if (e.copied) throw new FormatError(FORMAT, 'L2 entry', where, 'COPIED set on a compressed cluster');
+    if (dataFile) throw new FormatError(FORMAT, 'L2 entry', where, 'compressed cluster in an image with an external data file');
+    if (bitmap.alloc || bitmap.zero) throw new FormatError(FORMAT, 'subcluster bitmap', where, 'non-zero bitmap on a compressed cluster');
+    const length = compressedLength(e);
+    if (e.hostOffset < layout.clusterSize || e.hostOffset >= layout.fileSize || e.hostOffset + length - layout.fileSize >= layout.clusterSize) {
+      throw new FormatError(FORMAT, 'compressed cluster offset', e.hostOffset, `${length} bytes from there are not inside the file (${where})`);
+    }
+    return { type: 'compressed', host: e.hostOffset, length };
+  }
+  if (e.reserved !== 0n) throw new FormatError(FORMAT, 'L2 entry', where, `reserved bits set (0x${e.reserved.toString(16)})`);
+  const hasHost = e.offset !== 0 || (dataFile && e.copied);
+  if (hasHost) {
+    if (dataFile) {
+      if (e.offset !== guest) {
+        throw new FormatError(FORMAT, 'data cluster offset', e.offset, `must equal the guest offset ${guest} in an external data file (${where})`);
+      }
+    } else {
+      requireHostCluster(layout, 'data cluster offset', e.offset, where);
+    }
+  }
+  if (layout.extendedL2) {
+    // Bit 0 carries no meaning with extended L2 (QEMU ignores it); the bitmap decides.
+    if (hasHost && bitmap.alloc & bitmap.zero) {
+      throw new FormatError(FORMAT, 'subcluster bitmap', where, `subclusters both allocated and zero (0x${bitmap.zero.toString(16)}/0x${bitmap.alloc.toString(16)})`);
+    }
+    if (!hasHost && bitmap.alloc) throw new FormatError(FORMAT, 'subcluster bitmap', where, 'allocated subclusters in a cluster without a host offset');
+    return hasHost ? { type: 'subclusters', host: e.offset, alloc: bitmap.alloc, zero: bitmap.zero } : { type: 'subclusters', alloc: 0, zero: bitmap.zero };
+  }
+  if (e.zero) {
+    if (layout.header.version < 3) throw new FormatError(FORMAT, 'L2 entry', where, 'zero flag in a version 2 image (QEMU marks it corrupt)');
+    // QEMU tests the zero flag first: offset 0 is ZERO_PLAIN even with COPIED in a data-file image.
+    return e.offset !== 0 ? { type: 'zeroAlloc', host: e.offset } : { type: 'zero' };
+  }
+  return hasHost ? { type: 'normal', host: e.offset } : { type: 'unallocated' };
+}
+
+/** Pushes one guest cluster [guest, guest+len) of the given state. */
+function pushCluster(map: ExtentMap, layout: Qcow2Layout, s: ClusterState, guest: number, len: number): void {
+  switch (s.type) {
+    case 'unallocated':
+      map.push({ guest, length: len, kind: 'unallocated' });
+      return;
+    case 'zero':
+      map.push({ guest, length: len, kind: 'zero' });
+      return;
+    case 'zeroAlloc':
+      map.push({ guest, length: len, kind: 'zero', host: s.host });
+      return;
+    case 'normal':
+      map.push({ guest, length: len, kind: 'data', host: s.host });
+      return;
+    case 'compressed':
+      map.push({ guest, length: len, kind: 'compressed', host: s.host, hostLength: s.length });
+      return;
+    case 'subclusters': {
+      const sc = layout.clusterSize / SUBCLUSTERS;
+      for (let i = 0; i < SUBCLUSTERS && i * sc < len; i++) {
+        const bit = 1 << i;
+        const g = guest + i * sc;
+        const l = Math.min(sc, len - i * sc);
+        if (s.zero & bit) map.push({ guest: g, length: l, kind: 'zero', ...(s.host !== undefined ? { host: s.host + i * sc } : {}) });
+        else if (s.alloc & bit) map.push({ guest: g, length: l, kind: 'data', host: s.host! + i * sc });
+        else map.push({ guest: g, length: l, kind: 'unallocated' });
+      }
+    }
+  }
+}
+
+/** The guest → host mapping of the active layer. */
+export async function activeMapping(layout: Qcow2Layout): Promise<ExtentMap> {
+  const { virtualSize: vs, clusterSize: cs, l2Entries } = layout;
+  const map = new ExtentMap(vs);
+  const coverage = cs * l2Entries;
+  const needed = Math.ceil(vs / coverage);
+  const l1 = await readL1(layout, layout.header.l1TableOffset, layout.header.l1Size, 'l1_size');
+  for (let i = 0; i < needed; i++) {
+    const base = i * coverage;
+    const l2Offset = l1EntryL2Offset(layout, l1, i, 'L1');
+    if (l2Offset === 0) {
+      map.push({ guest: base, length: Math.min(coverage, vs - base), kind: 'unallocated' });
+      continue;
+    }
+    const l2 = await readL2(layout, l2Offset);
+    for (let j = 0; j < l2Entries; j++) {
+      const guest = base + j * cs;
+      if (guest >= vs) break;
+      pushCluster(map, layout, classifyL2(layout, l2, j, guest, l2Offset), guest, Math.min(cs, vs - guest));
+    }
+  }
+  return map;
+}

@@ -1,0 +1,175 @@
+/**
+ * Helpers for the qcow2 tests: opening through NoWriteDevice, qemu-img map/check/convert
+ * comparisons, and small in-memory images built with qemu-img for hostile-input tests.
+ */
+import { createHash } from 'node:crypto';
+import { readFileSync } from 'node:fs';
+import { FileBlockDevice } from '../../src/blockdev/file.js';
+import { MemoryBlockDevice } from '../../src/blockdev/memory.js';
+import type { CheckReport, OpenContext, SourceImage } from '../../src/driver.js';
+import { GuestReader } from '../../src/guest.js';
+import { openImage, type ImageChain } from '../../src/image.js';
+import { mapChain, type MapEntry } from '../../src/map.js';
+import { qcow2Driver } from '../../drivers/qcow2/index.js';
+import { rawDriver } from '../../drivers/raw/index.js';
+import { NoWriteDevice } from '../support/devices.js';
+import { execFileSync, spawnSync } from 'node:child_process';
+import { dirname } from 'node:path';
+
+/**
+ * qemu-img / qemu-io run in the image's directory: QEMU 7.2 opens an external data file's relative
+ * name relative to its working directory (imgconv, like QEMU for backing files, uses the image's).
+ */
+export function qemuImg(args: string[], cwd?: string): string {
+  return execFileSync('qemu-img', args, { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'], ...(cwd ? { cwd } : {}) });
+}
+
+export function qemuIoIn(file: string, cmds: string[]): void {
+  const args = ['-f', 'qcow2'];
+  for (const c of cmds) args.push('-c', c);
+  execFileSync('qemu-io', [...args, file], { stdio: ['ignore', 'ignore', 'pipe'], cwd: dirname(file) });
+}
+
+export async function openQcow2Chain(path: string): Promise<ImageChain> {
+  return openImage(path, {
+    drivers: [qcow2Driver, rawDriver],
+    opener: async (p, o) => new NoWriteDevice(await FileBlockDevice.open(p, { ...o, write: false })),
+  });
+}
+
+interface Norm {
+  start: number;
+  length: number;
+  depth: number;
+  present: boolean;
+  data: boolean;
+  zero: boolean;
+  offset?: number;
+}
+
+/**
+ * qemu-img map entries normalised for comparison: adjacent runs with equal depth/present/data/zero
+ * and continuing offsets merged; `zero` ignored on data runs (QEMU sets it from file holes); the
+ * offset of a not-present run dropped (QEMU reports one for allocated-but-unused subclusters,
+ * which imgconv models as unallocated); filename and compressed ignored.
+ */
+export function normaliseMap(entries: MapEntry[] | Record<string, unknown>[]): Norm[] {
+  const out: Norm[] = [];
+  for (const raw of entries as Record<string, unknown>[]) {
+    const data = raw.data as boolean;
+    const e: Norm = { start: raw.start as number, length: raw.length as number, depth: raw.depth as number, present: raw.present as boolean, data, zero: data ? false : (raw.zero as boolean) };
+    if (raw.offset !== undefined && e.present) e.offset = raw.offset as number;
+    const p = out[out.length - 1];
+    if (
+      p &&
+      p.start + p.length === e.start &&
+      p.depth === e.depth &&
+      p.present === e.present &&
+      p.data === e.data &&
+      p.zero === e.zero &&
+      ((p.offset === undefined && e.offset === undefined) || (p.offset !== undefined && e.offset !== undefined && p.offset + p.length === e.offset))
+    ) {
+      p.length += e.length;
+    } else {
+      out.push(e);
+    }
+  }
+  return out;
+}
+
+export function qemuMap(path: string): Record<string, unknown>[] {
+  return JSON.parse(qemuImg(['map', '--output=json', path], dirname(path))) as Record<string, unknown>[];
+}
+
+export function qemuInfo(path: string): Record<string, unknown> {
+  return JSON.parse(qemuImg(['info', '--output=json', path], dirname(path))) as Record<string, unknown>;
+}
+
+export interface QemuCheck {
+  corruptions: number;
+  leaks: number;
+  checkErrors: number;
+  imageEndOffset?: number;
+  totalClusters?: number;
+  allocatedClusters: number;
+  fragmentedClusters: number;
+  compressedClusters: number;
+}
+
+/** qemu-img check --output=json (exit 2/3 still print JSON); absent counters are 0. */
+export function qemuCheck(path: string): QemuCheck {
+  const r = spawnSync('qemu-img', ['check', '--output=json', path], { encoding: 'utf8', cwd: dirname(path) });
+  const j = JSON.parse(r.stdout) as Record<string, number>;
+  return {
+    corruptions: j['corruptions'] ?? 0,
+    leaks: j['leaks'] ?? 0,
+    checkErrors: j['check-errors'] ?? 0,
+    imageEndOffset: j['image-end-offset'],
+    totalClusters: j['total-clusters'],
+    allocatedClusters: j['allocated-clusters'] ?? 0,
+    fragmentedClusters: j['fragmented-clusters'] ?? 0,
+    compressedClusters: j['compressed-clusters'] ?? 0,
+  };
+}
+
+export function ourCheckShape(r: CheckReport): QemuCheck {
+  return {
+    corruptions: r.corruptions,
+    leaks: r.leaks,
+    checkErrors: r.checkErrors,
+    imageEndOffset: r.imageEndOffset,
+    totalClusters: r.totalClusters,
+    allocatedClusters: r.allocatedClusters ?? 0,
+    fragmentedClusters: r.fragmentedClusters ?? 0,
+    compressedClusters: r.compressedClusters ?? 0,
+  };
+}
+
+export function qemuRawSha(path: string, tmp: string): string {
+  qemuImg(['convert', '-O', 'raw', path, tmp], dirname(path));
+  return createHash('sha256').update(readFileSync(tmp)).digest('hex');
+}
+
+export async function ourMap(chain: ImageChain): Promise<MapEntry[]> {
+  return mapChain(chain);
+}
+
+export async function ourSha(chain: ImageChain): Promise<string> {
+  return (await GuestReader.create(chain)).sha256();
+}
+
+/** An in-memory, write-refusing device over a copy of `bytes`. */
+export function memDevice(bytes: Uint8Array, path = '/mem/image.qcow2'): NoWriteDevice {
+  return new NoWriteDevice(MemoryBlockDevice.from(bytes.slice(), path));
+}
+
+export const noRelated: OpenContext = {
+  path: '/mem/image.qcow2',
+  openRelated: async (name) => {
+    throw new Error(`no related files here (${name})`);
+  },
+};
+
+export function openBytes(bytes: Uint8Array, ctx: OpenContext = noRelated): Promise<SourceImage> {
+  return qcow2Driver.open(memDevice(bytes), ctx);
+}
+
+export function fileBytes(path: string): Uint8Array {
+  return new Uint8Array(readFileSync(path));
+}
+
+export function setU32(b: Uint8Array, off: number, v: number): void {
+  new DataView(b.buffer, b.byteOffset).setUint32(off, v >>> 0);
+}
+
+export function setU64(b: Uint8Array, off: number, v: bigint | number): void {
+  new DataView(b.buffer, b.byteOffset).setBigUint64(off, BigInt(v));
+}
+
+export function getU64(b: Uint8Array, off: number): bigint {
+  return new DataView(b.buffer, b.byteOffset).getBigUint64(off);
+}
+
+export function getU32(b: Uint8Array, off: number): number {
+  return new DataView(b.buffer, b.byteOffset).getUint32(off);
+}
