@@ -7,5 +7,7 @@
 import type { FormatDriver } from '../src/driver.js';
 import { qedDriver } from './qed/index.js';
 import { rawDriver } from './raw/index.js';
+import { vhdDriver } from './vhd/index.js';
+import { vmdkDriver } from './vmdk/index.js';
 
-export const allDrivers: readonly FormatDriver[] = [qedDriver, rawDriver];
+export const allDrivers: readonly FormatDriver[] = [qedDriver, vmdkDriver, vhdDriver, rawDriver];

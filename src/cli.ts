@@ -9,11 +9,52 @@ import { ImgconvError, FormatError } from './errors.js';
 import { openImage, type ImageChain } from './image.js';
 import { formatMapHuman, formatMapJson, mapChain } from './map.js';
 import { VERSION } from './version.js';
+import { convertInPlace, planConversion, ConversionFailedError, type ConversionPlan } from './engine/convert.js';
+import { recover } from './engine/recover.js';
+import { journalPath } from './engine/journal.js';
+import { fileStorage } from './blockdev/storage.js';
+import type { TargetOptions } from './driver.js';
+import { UsageError } from './errors.js';
+
+/** Parses qemu-img style `-o key=value,key=value` (repeatable). */
+export function parseTargetOptions(values: string[] | undefined): TargetOptions {
+  const out: TargetOptions = {};
+  for (const v of values ?? []) {
+    for (const part of v.split(',')) {
+      if (!part) continue;
+      const eq = part.indexOf('=');
+      if (eq <= 0) throw new UsageError(`-o ${part}: expected key=value`);
+      out[part.slice(0, eq)] = part.slice(eq + 1);
+    }
+  }
+  return out;
+}
+
+function planHuman(p: ConversionPlan): string {
+  const params = Object.entries(p.target.parameters).map(([k, v]) => `${k}=${v}`).join(', ');
+  const lines = [
+    `image: ${p.image}`,
+    `conversion: ${p.source.format} → ${p.target.format} (${params})`,
+    `virtual size: ${humanSize(p.source.virtualSize)} (${p.source.virtualSize} bytes)`,
+    `metadata to write: ${humanSize(p.metadataBytes)} (${p.metadataBytes} bytes)`,
+    `data to move: ${humanSize(p.dataMoveBytes)} (${p.dataMoveBytes} bytes)`,
+  ];
+  const reasons = new Map<string, number>();
+  for (const m of p.moves) reasons.set(m.reason, (reasons.get(m.reason) ?? 0) + m.length);
+  for (const [r, n] of reasons) lines.push(`  ${humanSize(n)}: ${r}`);
+  lines.push(`peak extra disk space: ${humanSize(p.peakExtraBytes)} (${p.peakExtraBytes} bytes)`);
+  lines.push(`file size: ${p.source.fileLength} → at most ${p.finalLength} bytes before reclaim`);
+  if (p.dropped.length) lines.push(`not carried over: ${p.dropped.join(', ')}`);
+  return lines.join('\n');
+}
 
 const outputOption = () => new Option('--output <fmt>', 'output format').choices(['human', 'json']).default('human');
 const formatOption = () => new Option('-f, --format <fmt>', 'image format (skips probing)');
 
 async function withImage<T>(path: string, format: string | undefined, fn: (chain: ImageChain) => Promise<T>): Promise<T> {
+  if (await fileStorage.exists(journalPath(path))) {
+    process.stderr.write(`imgconv: warning: ${path} has an interrupted conversion (${journalPath(path)}); run: imgconv recover ${path}\n`);
+  }
   const chain = await openImage(path, { drivers: allDrivers, format });
   try {
     return await fn(chain);
@@ -160,6 +201,87 @@ export function buildProgram(): Command {
         } else throw e;
       }
       process.exitCode = code;
+    });
+
+  program
+    .command('plan')
+    .description('show what an in-place conversion would do, without writing anything')
+    .argument('<image>')
+    .requiredOption('--to <fmt>', 'target format')
+    .option('-o, --options <opts...>', 'target options key=value[,key=value] (qemu-img names)')
+    .addOption(formatOption())
+    .addOption(outputOption())
+    .action(async (image: string, o: { to: string; options?: string[]; format?: string; output: string }) => {
+      const p = await planConversion(image, { to: o.to, options: parseTargetOptions(o.options), format: o.format, drivers: allDrivers });
+      process.stdout.write((o.output === 'json' ? JSON.stringify(p, null, 2) : planHuman(p)) + '\n');
+    });
+
+  program
+    .command('inplace')
+    .description('convert an image to another format in place (metadata only; data stays where it is)')
+    .argument('<image>')
+    .requiredOption('--to <fmt>', 'target format')
+    .option('-o, --options <opts...>', 'target options key=value[,key=value] (qemu-img names)')
+    .option('--dry-run', 'only print the plan')
+    .addOption(formatOption())
+    .addOption(outputOption())
+    .action(async (image: string, o: { to: string; options?: string[]; format?: string; output: string; dryRun?: boolean }) => {
+      const base = { to: o.to, options: parseTargetOptions(o.options), format: o.format, drivers: allDrivers };
+      if (o.dryRun) {
+        const p = await planConversion(image, base);
+        process.stdout.write((o.output === 'json' ? JSON.stringify(p, null, 2) : planHuman(p)) + '\n');
+        return;
+      }
+      const ac = new AbortController();
+      const onSignal = () => {
+        process.stderr.write('imgconv: stopping safely (finishing or rolling back to a consistent point)...\n');
+        ac.abort();
+      };
+      process.on('SIGINT', onSignal);
+      process.on('SIGTERM', onSignal);
+      try {
+        const r = await convertInPlace(image, { ...base, signal: ac.signal });
+        if (o.output === 'json') process.stdout.write(JSON.stringify(r, null, 2) + '\n');
+        else {
+          process.stdout.write(
+            [
+              `${image}: converted ${r.source.format} → ${r.target.format} in place`,
+              `metadata written: ${humanSize(r.written.metadataBytes)} (${r.written.metadataBytes} bytes)`,
+              `data moved: ${humanSize(r.written.dataBytes)} (${r.written.dataBytes} bytes)`,
+              `old metadata reclaimed: ${humanSize(r.reclaimedBytes)}`,
+              `file size: ${r.source.fileLength} → ${r.finalLength} bytes`,
+              `verified: ${r.verified.join(', ')}`,
+              ...(r.dropped.length ? [`not carried over: ${r.dropped.join(', ')}`] : []),
+            ].join('\n') + '\n',
+          );
+        }
+      } catch (e) {
+        if (e instanceof ConversionFailedError) {
+          const state = {
+            untouched: 'the image was left untouched',
+            'rolled-back': 'the image was restored to its original format',
+            converted: 'the image is already converted',
+            'needs-recover': `the image needs: imgconv recover ${image}`,
+          }[e.imageState];
+          process.stderr.write(`imgconv: ${e.message}\nimgconv: ${state}\n`);
+          process.exitCode = e.imageState === 'needs-recover' ? 4 : 1;
+          return;
+        }
+        throw e;
+      } finally {
+        process.off('SIGINT', onSignal);
+        process.off('SIGTERM', onSignal);
+      }
+    });
+
+  program
+    .command('recover')
+    .description('finish or undo an interrupted conversion')
+    .argument('<image>')
+    .addOption(outputOption())
+    .action(async (image: string, o: { output: string }) => {
+      const r = await recover(image, { drivers: allDrivers });
+      process.stdout.write((o.output === 'json' ? JSON.stringify(r, null, 2) : `${image}: ${r.detail}${r.format ? ` (now ${r.format})` : ''}`) + '\n');
     });
 
   return program;

@@ -52,6 +52,12 @@ export interface ImageInfo {
   features: string[];
   /** Format-specific fields, for `info --output json`. */
   details: Record<string, string | number | boolean | null>;
+  /**
+   * Features whose content lives outside the guest mapping, so converting to another format cannot
+   * carry them: 'refuse' when dropping them would lose user data (internal snapshots, encryption),
+   * 'drop' when losing them is harmless and is only reported (dirty bitmaps, feature-name tables).
+   */
+  notCarried?: { feature: string; action: 'refuse' | 'drop'; detail: string }[];
 }
 
 /** The result of a structural check, shaped like `qemu-img check --output=json`. */

@@ -23,6 +23,7 @@ import {
   type QedGeometry,
 } from './header.js';
 import { scanLayout, type QedLayout } from './layout.js';
+import { qedTarget } from './target.js';
 
 class QedImage implements SourceImage {
   readonly format = QED;
@@ -123,6 +124,7 @@ function describe(g: QedGeometry, layout: QedLayout, backingName: string | undef
 
 export const qedDriver: FormatDriver = {
   name: QED,
+  target: qedTarget,
   description: 'QED (QEMU Enhanced Disk): header, L1/L2 tables, little-endian',
 
   /** bdrv_qed_probe: a whole header with the magic. */

@@ -93,6 +93,9 @@ async function prepare(path: string, dev: BlockDevice, opts: ConvertOptions): Pr
     if (info.format === opts.to) throw new UsageError(`${path} is already ${opts.to}; nothing to do`);
     if (info.corrupt) throw new UnsupportedError(info.format, 'corrupt image', 'the image is marked corrupt; repair it first (qemu-img check -r all)');
     if (info.dirty) throw new UnsupportedError(info.format, 'dirty image', 'the image was not closed cleanly; run qemu-img check -r all on it first');
+    for (const f of info.notCarried ?? []) {
+      if (f.action === 'refuse') throw new UnsupportedError(info.format, f.feature, `${f.detail}; a conversion cannot carry it`);
+    }
     if (source.dataDev !== source.dev) throw new UnsupportedError(info.format, 'external data file', 'converting an image whose data lives in another file is not supported yet');
     const fileLength = await dev.size();
     const mapping = await source.mapping();
@@ -127,7 +130,7 @@ async function prepare(path: string, dev: BlockDevice, opts: ConvertOptions): Pr
       dataMoveBytes,
       peakExtraBytes: Math.max(0, finalLength - fileLength),
       finalLength,
-      dropped: targetPlan.dropped,
+      dropped: [...(info.notCarried ?? []).filter((f) => f.action === 'drop').map((f) => f.feature), ...targetPlan.dropped],
     };
     return { chain, source, target: targetDriver.target, targetPlan, input, moves, movedMapping, writes: build.writes, fixed: build.fixed, finalLength, plan, undo: [] };
   } catch (e) {
