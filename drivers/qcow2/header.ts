@@ -178,6 +178,7 @@ function bitList(mask: bigint): number[] {
  */
 export function validateTable(
   field: string,
+  offsetField: string,
   offset: number,
   entries: number,
   entryBytes: number,
@@ -188,9 +189,9 @@ export function validateTable(
   if (entries * entryBytes > maxBytes) {
     throw new FormatError(FORMAT, field, entries, `${entries * entryBytes} bytes exceeds QEMU's limit of ${maxBytes}`);
   }
-  if (offset % clusterSize !== 0) throw new FormatError(FORMAT, field, offset, `offset not aligned to the cluster size ${clusterSize}`);
+  if (offset % clusterSize !== 0) throw new FormatError(FORMAT, offsetField, offset, `not aligned to the cluster size ${clusterSize}`);
   if (entries > 0 && offset + entries * entryBytes > fileSize) {
-    throw new FormatError(FORMAT, field, offset, `${entries * entryBytes} bytes from there run past the end of the file (${fileSize} bytes)`);
+    throw new FormatError(FORMAT, offsetField, offset, `${entries * entryBytes} bytes from there run past the end of the file (${fileSize} bytes)`);
   }
 }
 
@@ -239,10 +240,10 @@ export function validateHeader(h: Qcow2Header, fileSize: number, featureNames: M
   if (h.refcountOrder > 6) throw new FormatError(FORMAT, 'refcount_order', h.refcountOrder, 'refcounts wider than 64 bits');
   if (h.cryptMethod > CRYPT_LUKS) throw new FormatError(FORMAT, 'crypt_method', h.cryptMethod, 'unknown encryption method (0 none, 1 AES, 2 LUKS)');
   if (h.refcountTableClusters === 0) throw new FormatError(FORMAT, 'refcount_table_clusters', 0, 'the image has no refcount table');
-  validateTable('refcount_table_clusters', h.refcountTableOffset, h.refcountTableClusters, cs, MAX_REFTABLE_BYTES, cs, fileSize);
+  validateTable('refcount_table_clusters', 'refcount_table_offset', h.refcountTableOffset, h.refcountTableClusters, cs, MAX_REFTABLE_BYTES, cs, fileSize);
   if (h.nbSnapshots > MAX_SNAPSHOTS) throw new FormatError(FORMAT, 'nb_snapshots', h.nbSnapshots, `more than QEMU's ${MAX_SNAPSHOTS}`);
-  validateTable('snapshots_offset', h.snapshotsOffset, h.nbSnapshots, SNAPSHOT_HEADER_BYTES, SNAPSHOT_HEADER_BYTES * MAX_SNAPSHOTS, cs, fileSize);
-  validateTable('l1_size', h.l1TableOffset, h.l1Size, 8, MAX_L1_BYTES, cs, fileSize);
+  validateTable('nb_snapshots', 'snapshots_offset', h.snapshotsOffset, h.nbSnapshots, SNAPSHOT_HEADER_BYTES, SNAPSHOT_HEADER_BYTES * MAX_SNAPSHOTS, cs, fileSize);
+  validateTable('l1_size', 'l1_table_offset', h.l1TableOffset, h.l1Size, 8, MAX_L1_BYTES, cs, fileSize);
   const needed = Math.ceil(virtualSizeOf(h) / l1Coverage(h));
   if (needed > 0x7fffffff) throw new FormatError(FORMAT, 'size', h.size, 'image too big (L1 index beyond INT_MAX)');
   if (h.l1Size < needed) throw new FormatError(FORMAT, 'l1_size', h.l1Size, `too small for the virtual size ${h.size} (needs ${needed} entries)`);

@@ -74,13 +74,14 @@ export async function buildHostSpace(layout: Qcow2Layout): Promise<HostSpace> {
   }
   const marks = layout.snapshots.length > 0 ? new LayerMarks(Math.ceil(layout.fileSize / cs), cs) : undefined;
   if (h.l1Size > 0) hs.add(h.l1TableOffset, whole(h.l1Size * 8), 'metadata', 'L1 table');
-  await addLayer(layout, hs, h.l1TableOffset, h.l1Size, 'L1', 'l1_size', marks);
-  for (const [n, s] of layout.snapshots.entries()) {
+  await addLayer(layout, hs, h.l1TableOffset, h.l1Size, 'L1', ['l1_size', 'l1_table_offset'], marks);
+  for (const s of layout.snapshots) {
     const name = `snapshot ${JSON.stringify(s.id)} L1`;
     if (s.l1Size === 0) continue;
     hs.add(s.l1TableOffset, whole(s.l1Size * 8), 'metadata', 'snapshot L1 table');
-    await addLayer(layout, hs, s.l1TableOffset, s.l1Size, name, `snapshot ${n} l1_size`, marks);
+    await addLayer(layout, hs, s.l1TableOffset, s.l1Size, name, ['snapshot l1_size', 'snapshot l1_table_offset'], marks);
   }
+  hs.finish(); // overlaps surface here, as a FormatError from hostSpace()
   return hs;
 }
 
@@ -90,12 +91,12 @@ async function addLayer(
   l1Offset: number,
   l1Size: number,
   table: string,
-  field: string,
+  fields: [string, string],
   marks: LayerMarks | undefined,
 ): Promise<void> {
   const cs = layout.clusterSize;
   const coverage = cs * layout.l2Entries;
-  const l1 = await readL1(layout, l1Offset, l1Size, field);
+  const l1 = await readL1(layout, l1Offset, l1Size, ...fields);
   const external = layout.dataFileName !== undefined;
   for (let i = 0; i < l1Size; i++) {
     const l2Offset = l1EntryL2Offset(layout, l1, i, table);
@@ -124,7 +125,7 @@ async function addBitmaps(layout: Qcow2Layout, hs: HostSpace): Promise<void> {
   for (const e of dir) {
     const problem = dirEntryProblem(e, cs);
     if (problem) throw new FormatError(FORMAT, 'bitmap directory entry', e.name, problem);
-    validateTable('bitmap table', e.tableOffset, e.tableSize, 8, BME_MAX_TABLE_SIZE * 8, cs, layout.fileSize);
+    validateTable('bitmap_table_size', 'bitmap_table_offset', e.tableOffset, e.tableSize, 8, BME_MAX_TABLE_SIZE * 8, cs, layout.fileSize);
     hs.add(e.tableOffset, alignUp(e.tableSize * 8, cs), 'metadata', 'bitmap table');
     const table = await readAt(layout.dev, e.tableOffset, e.tableSize * 8);
     const dv = new DataView(table.buffer);

@@ -30,8 +30,8 @@ export type ClusterState =
   /** Extended L2: per-subcluster bits; `host` when the cluster has one. */
   | { type: 'subclusters'; host?: number; alloc: number; zero: number };
 
-export async function readL1(layout: Qcow2Layout, offset: number, entries: number, field: string): Promise<DataView> {
-  validateTable(field, offset, entries, 8, MAX_L1_BYTES, layout.clusterSize, layout.fileSize);
+export async function readL1(layout: Qcow2Layout, offset: number, entries: number, field: string, offsetField: string): Promise<DataView> {
+  validateTable(field, offsetField, offset, entries, 8, MAX_L1_BYTES, layout.clusterSize, layout.fileSize);
   const bytes = await readAt(layout.dev, offset, entries * 8);
   return new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
 }
@@ -149,7 +149,7 @@ export async function activeMapping(layout: Qcow2Layout): Promise<ExtentMap> {
   const map = new ExtentMap(vs);
   const coverage = cs * l2Entries;
   const needed = Math.ceil(vs / coverage);
-  const l1 = await readL1(layout, layout.header.l1TableOffset, layout.header.l1Size, 'l1_size');
+  const l1 = await readL1(layout, layout.header.l1TableOffset, layout.header.l1Size, 'l1_size', 'l1_table_offset');
   for (let i = 0; i < needed; i++) {
     const base = i * coverage;
     const l2Offset = l1EntryL2Offset(layout, l1, i, 'L1');

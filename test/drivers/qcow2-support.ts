@@ -3,6 +3,10 @@
  * comparisons, and small in-memory images built with qemu-img for hostile-input tests.
  */
 import { createHash } from 'node:crypto';
+import { deflateRawSync } from 'node:zlib';
+import { encodeL1Entry, encodeL2Entry, encodeReftableEntry, setRefcount } from '../../drivers/qcow2/entries.js';
+import { EXT_FEATURE_TABLE, encodeExtensions, encodeFeatureTable } from '../../drivers/qcow2/extensions.js';
+import { encodeHeader, type Qcow2Header } from '../../drivers/qcow2/header.js';
 import { readFileSync } from 'node:fs';
 import { FileBlockDevice } from '../../src/blockdev/file.js';
 import { MemoryBlockDevice } from '../../src/blockdev/memory.js';
@@ -172,4 +176,52 @@ export function getU64(b: Uint8Array, off: number): bigint {
 
 export function getU32(b: Uint8Array, off: number): number {
   return new DataView(b.buffer, b.byteOffset).getUint32(off);
+}
+
+/**
+ * A small valid v3 image built with the driver's own encoders: 4 KiB clusters, 1 MiB disk.
+ * Clusters: 0 header (+ a feature-name table extension), 1 reftable, 2 refblock, 3 L1, 4 L2,
+ * 5 data (guest cluster 0, 0x11), 6 data (guest cluster 2, 0x22), 7 compressed (guest cluster 4,
+ * 0x77), 8 preallocated zero (guest cluster 5); guest cluster 3 is a plain zero cluster.
+ */
+export const BUILT = { cs: 4096, size: 1 << 20, reftable: 4096, refblock: 8192, l1: 12288, l2: 16384, clusters: 9 } as const;
+
+export function buildImage(): Uint8Array {
+  const { cs, size } = BUILT;
+  const b = new Uint8Array(BUILT.clusters * cs);
+  const header: Qcow2Header = {
+    version: 3, backingFileOffset: 0, backingFileSize: 0, clusterBits: 12, size, cryptMethod: 0,
+    l1Size: 1, l1TableOffset: BUILT.l1, refcountTableOffset: BUILT.reftable, refcountTableClusters: 1,
+    nbSnapshots: 0, snapshotsOffset: 0, incompatibleFeatures: 0n, compatibleFeatures: 0n, autoclearFeatures: 0n,
+    refcountOrder: 4, headerLength: 112, compressionType: 0,
+  };
+  b.set(encodeHeader(header), 0);
+  b.set(encodeExtensions([{ type: EXT_FEATURE_TABLE, data: encodeFeatureTable([{ type: 0, bit: 0, name: 'dirty bit' }]) }]), 112);
+  const put = (off: number, [hi, lo]: [number, number]) => {
+    setU32(b, off, hi);
+    setU32(b, off + 4, lo);
+  };
+  put(BUILT.reftable, encodeReftableEntry({ offset: BUILT.refblock, reserved: 0 }));
+  for (let k = 0; k < BUILT.clusters; k++) setRefcount(b.subarray(BUILT.refblock, BUILT.refblock + cs), k, 4, 1);
+  put(BUILT.l1, encodeL1Entry({ l2Offset: BUILT.l2, copied: true, reserved: 0n }));
+  const std = (offset: number, zero = false) => encodeL2Entry({ compressed: false, copied: offset !== 0, offset, zero, reserved: 0n }, 12);
+  put(BUILT.l2 + 0 * 8, std(5 * cs));
+  b.fill(0x11, 5 * cs, 6 * cs);
+  put(BUILT.l2 + 2 * 8, std(6 * cs));
+  b.fill(0x22, 6 * cs, 7 * cs);
+  put(BUILT.l2 + 3 * 8, std(0, true));
+  const payload = deflateRawSync(Buffer.alloc(cs, 0x77));
+  b.set(payload, 7 * cs);
+  put(BUILT.l2 + 4 * 8, encodeL2Entry({ compressed: true, copied: false, hostOffset: 7 * cs, extraSectors: Math.ceil(payload.length / 512) - 1 }, 12));
+  put(BUILT.l2 + 5 * 8, std(8 * cs, true));
+  return b;
+}
+
+/** The guest content of buildImage(). */
+export function builtGuest(): Uint8Array {
+  const g = new Uint8Array(BUILT.size);
+  g.fill(0x11, 0, 4096);
+  g.fill(0x22, 8192, 12288);
+  g.fill(0x77, 16384, 20480);
+  return g;
 }
