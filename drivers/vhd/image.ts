@@ -152,13 +152,17 @@ export class VhdImage implements SourceImage {
       if (layout.order.length) end = Math.max(end, d.bat[layout.order[layout.order.length - 1]!]! * VHD_SECTOR + span);
       report.imageEndOffset = end;
       const blocks = Math.ceil(this.virtualSize / d.blockSize);
+      // As qemu-img check counts for qcow2: an allocated block not right after the previous
+      // allocated block (in guest order) is fragmented.
       let allocated = 0;
       let fragmented = 0;
+      let expected = -1;
       for (let k = 0; k < blocks; k++) {
         const e = d.bat[k]!;
         if (e === BAT_UNUSED) continue;
         allocated++;
-        if (k > 0 && d.bat[k - 1] !== BAT_UNUSED && d.bat[k - 1]! * VHD_SECTOR + span !== e * VHD_SECTOR) fragmented++;
+        if (expected >= 0 && e * VHD_SECTOR !== expected) fragmented++;
+        expected = e * VHD_SECTOR + span;
       }
       report.totalClusters = blocks;
       report.allocatedClusters = allocated;

@@ -118,6 +118,8 @@ export interface BuildOpts {
   uuid?: Uint8Array;
   /** Leave out the footer at the end of the file. */
   noEofFooter?: boolean;
+  /** Block indices in the order their blocks are placed in the file (default: index order). */
+  hostOrder?: number[];
 }
 
 export interface Built {
@@ -155,7 +157,7 @@ export function buildDynamic(o: BuildOpts): Built {
   pos += Math.ceil((entries * 4) / 512) * 512;
   const bat: number[] = new Array(entries).fill(0xffffffff);
   const blockAt = new Map<number, number>();
-  for (const k of [...(o.blocks?.keys() ?? [])].sort((a, b) => a - b)) {
+  for (const k of o.hostOrder ?? [...(o.blocks?.keys() ?? [])].sort((a, b) => a - b)) {
     bat[k] = pos / 512;
     blockAt.set(k, pos);
     pos += bitmapSize + blockSize;
