@@ -216,7 +216,7 @@ export class VhdImage implements SourceImage {
   }
 }
 
-export function buildInfo(lf: LocatedFooter, subformat: Subformat, virtualSize: number, d: DynamicState | undefined, fileSize: number): ImageInfo {
+export function buildInfo(lf: LocatedFooter, subformat: Subformat, virtualSize: number, d: DynamicState | undefined): ImageInfo {
   const f = lf.footer;
   const g = f.geometry;
   const features: string[] = [];
@@ -253,7 +253,6 @@ export function buildInfo(lf: LocatedFooter, subformat: Subformat, virtualSize: 
     'header-checksum-ok': d.headerChecksumOk,
     'allocated-blocks': allocated,
     'eof-footer': !d.eofFooter ? 'missing' : !d.eofFooter.checksumOk ? 'bad checksum' : d.eofFooter.differs.length ? `differs (${d.eofFooter.differs.join(', ')})` : 'matches copy',
-    'file-length': fileSize,
   });
   if (subformat === 'differencing') {
     const h = d.header;

@@ -66,6 +66,6 @@ export const vhdDriver: FormatDriver = {
     } else {
       dyn = await openDynamic(dev, ctx, lf, fileSize, virtualSize, subformat);
     }
-    return new VhdImage(dev, buildInfo(lf, subformat, virtualSize, dyn, fileSize), fileSize, subformat, lf, dyn);
+    return new VhdImage(dev, buildInfo(lf, subformat, virtualSize, dyn), fileSize, subformat, lf, dyn);
   },
 };
