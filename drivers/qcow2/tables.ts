@@ -47,7 +47,6 @@ export function requireHostCluster(layout: Qcow2Layout, field: string, offset: n
     throw new FormatError(FORMAT, field, offset, `not aligned to the cluster size ${layout.clusterSize} (${where}); QEMU marks such an image corrupt`);
   }
   if (offset >= layout.fileSize) throw new FormatError(FORMAT, field, offset, `past the end of the file (${layout.fileSize} bytes) (${where})`);
-  if (offset === 0) throw new FormatError(FORMAT, field, 0, `points at the header cluster (${where})`);
 }
 
 /** The L2 table offset of L1 entry `index`, or 0 when unallocated. */
