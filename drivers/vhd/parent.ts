@@ -77,14 +77,11 @@ async function readLocator(dev: BlockDevice, l: ParentLocator, index: number, fi
   if (l.dataLength > MAX_LOCATOR_BYTES) return { ...info, error: `data length ${l.dataLength} is longer than any path (${MAX_LOCATOR_BYTES} bytes)` };
   if (l.dataLength > spaceBytes) return { ...info, error: `data length ${l.dataLength} exceeds its data space of ${spaceBytes} bytes` };
   info.offset = offset;
-  info.space = spaceBytes;
-  if (offset + Math.max(spaceBytes, l.dataLength) > fileSize) {
-    // The reserved space may legitimately be cut by nothing; the data itself must be in the file.
-    if (offset + l.dataLength > fileSize) {
-      return { index, code: l.code, error: `data at ${offset} (+${l.dataLength}) runs past the end of the file (${fileSize} bytes)` };
-    }
-    info.space = fileSize - offset;
+  if (offset + l.dataLength > fileSize) {
+    return { index, code: l.code, error: `data at ${offset} (+${l.dataLength}) runs past the end of the file (${fileSize} bytes)` };
   }
+  // The data is in the file; the space reserved after it only counts up to the end of the file.
+  info.space = Math.min(spaceBytes, fileSize - offset);
   const bytes = await readAt(dev, offset, l.dataLength);
   switch (l.code) {
     case 'W2ru':
