@@ -61,16 +61,26 @@ export const qedTarget: TargetDriver = {
     if (forcedCs !== undefined && (!isPowerOfTwo(forcedCs) || forcedCs < QED_MIN_CLUSTER_SIZE || forcedCs > QED_MAX_CLUSTER_SIZE)) {
       throw new UsageError(`-o cluster_size=${input.options.cluster_size}: QED needs a power of two from 4 KiB to 64 MiB`);
     }
-    const candidates = (forcedCs ? [forcedCs] : powersOfTwo(QED_MIN_CLUSTER_SIZE, QED_MAX_CLUSTER_SIZE)).map((cs) => {
+    const forcedTs = input.options.table_size !== undefined ? Number(input.options.table_size) : undefined;
+    const sizes = forcedCs ? [forcedCs] : powersOfTwo(QED_MIN_CLUSTER_SIZE, QED_MAX_CLUSTER_SIZE);
+    const candidates = sizes.flatMap((cs) => {
+      let ts: number;
+      try {
+        ts = chooseTableSize(cs, input.info.virtualSize, forcedTs);
+      } catch (e) {
+        if (forcedCs) throw e;
+        return []; // this cluster size cannot address the disk
+      }
       const headerBytes = headerClusters(cs, backing?.filename) * cs;
-      return { cs, headerBytes, ...clusterize(input.mapping, cs, { reserved: [{ start: 0, length: headerBytes }] }) };
+      const c = clusterize(input.mapping, cs, { reserved: [{ start: 0, length: headerBytes }], hasBacking: backing !== undefined });
+      const tableBytes = ts * cs;
+      const metadataBytes = headerBytes + tableBytes * (1 + countL2(c.runs, (tableBytes / 8) * cs));
+      return [{ ...c, cs, ts, headerBytes, metadataBytes }];
     });
+    if (candidates.length === 0) throw new UnsupportedError(QED, 'virtual size', `${input.info.virtualSize} bytes is more than QED can address`);
     const cs = cheapestClusterSize(candidates, DEFAULT_CLUSTER);
     const chosen = candidates.find((c) => c.cs === cs)!;
-    const ts = chooseTableSize(cs, input.info.virtualSize, input.options.table_size !== undefined ? Number(input.options.table_size) : undefined);
-    const tableBytes = ts * cs;
-    const l2Span = (tableBytes / 8) * cs;
-    const l2Count = countL2(chosen.runs, l2Span);
+    const ts = chosen.ts;
     return {
       format: QED,
       parameters: { cluster_size: cs, table_size: ts, header_size: chosen.headerBytes / cs },
@@ -78,7 +88,7 @@ export const qedTarget: TargetDriver = {
       mustMove: chosen.mustMove,
       dataAlignment: cs,
       dropped: [],
-      metadataBytes: chosen.headerBytes + tableBytes * (1 + l2Count),
+      metadataBytes: chosen.metadataBytes,
     };
   },
 
@@ -88,7 +98,7 @@ export const qedTarget: TargetDriver = {
     const headerClustersN = plan.parameters.header_size as number;
     const headerBytes = headerClustersN * cs;
     const backing = input.info.backing;
-    const layout = clusterize(input.mapping, cs, { reserved: [{ start: 0, length: headerBytes }] });
+    const layout = clusterize(input.mapping, cs, { reserved: [{ start: 0, length: headerBytes }], hasBacking: backing !== undefined });
     if (layout.mustMove.length) throw new Error(`qed build: ${layout.mustMove.length} ranges still need moving (engine bug)`);
     const tableBytes = ts * cs;
     const entriesPerTable = tableBytes / 8;

@@ -35,6 +35,8 @@ export interface Clusterized {
 export interface ClusterizeOptions {
   /** Host ranges no data may stay in (the target's fixed regions). */
   reserved?: { start: number; length: number }[];
+  /** With a backing file, unallocated reads the backing file and cannot share a cluster with zeros. */
+  hasBacking?: boolean;
 }
 
 export function clusterize(map: ExtentMap, cs: number, opts: ClusterizeOptions = {}): Clusterized {
@@ -74,13 +76,17 @@ export function clusterize(map: ExtentMap, cs: number, opts: ClusterizeOptions =
         if (host % cs !== 0) {
           move(pos, length, `data not aligned to ${cs}-byte clusters`);
         } else if (underReserved(host, Math.ceil(length / cs) * cs)) {
-          // Split: only the clusters that meet a reserved range move.
-          for (let g = pos; g < batchEnd; g += cs) {
-            const len = Math.min(cs, batchEnd - g);
-            const h = host + (g - pos);
-            if (underReserved(h, cs)) move(g, len, 'data lies where the new format keeps its header');
-            else pushRun({ guest: g, length: len, kind: 'data', host: h });
+          // Split arithmetically: only the clusters that meet a reserved range move.
+          let g = pos;
+          for (const r of [...reserved].sort((x, y) => x.start - y.start)) {
+            const a = Math.max(g, pos + Math.max(0, Math.floor((r.start - host) / cs) * cs));
+            const b = Math.min(batchEnd, pos + Math.max(0, Math.ceil((r.start + r.length - host) / cs) * cs));
+            if (a >= b) continue;
+            if (a > g) pushRun({ guest: g, length: a - g, kind: 'data', host: host + (g - pos) });
+            move(a, b - a, 'data lies where the new format keeps its header');
+            g = b;
           }
+          if (g < batchEnd) pushRun({ guest: g, length: batchEnd - g, kind: 'data', host: host + (g - pos) });
         } else {
           pushRun({ guest: pos, length, kind: 'data', host });
         }
@@ -96,19 +102,16 @@ export function clusterize(map: ExtentMap, cs: number, opts: ClusterizeOptions =
       kinds.add(r.kind);
     }
     if (!kinds.has('data') && !kinds.has('compressed')) {
-      // zero and unallocated only: zeros without a backing file; the caller refuses with one
-      pushRun({ guest: pos, length: cEnd - pos, kind: kinds.has('zero') ? 'zero' : 'unallocated' });
-      if (kinds.has('zero') && kinds.has('unallocated')) move(pos, cEnd - pos, 'cluster mixes zeros and backing-file reads');
+      // Zero and unallocated only: both read zeros without a backing file. With one, the cluster
+      // would have to be materialised from the backing file (the engine refuses that).
+      if (opts.hasBacking) move(pos, cEnd - pos, 'cluster mixes zeros and backing-file reads');
+      else pushRun({ guest: pos, length: cEnd - pos, kind: 'zero' });
     } else {
       move(pos, cEnd - pos, kinds.has('compressed') ? 'compressed data is stored decompressed' : `cluster mixes data with other content below ${cs} bytes`);
     }
     pos = cEnd;
   }
-  // The zero/unallocated entries for mixed clusters were pushed as placeholders only when they do not
-  // move; drop runs that a move covers.
-  const moved = mustMove;
-  const finalRuns = moved.length === 0 ? runs : runs.filter((r) => !moved.some((m) => m.guest <= r.guest && r.guest + r.length <= m.guest + m.length));
-  return { clusterSize: cs, runs: finalRuns, mustMove, moveBytes: mustMove.reduce((s, m) => s + m.length, 0) };
+  return { clusterSize: cs, runs, mustMove, moveBytes: mustMove.reduce((s, m) => s + m.length, 0) };
 }
 
 /** Power-of-two cluster sizes from `min` to `max`. */
@@ -119,10 +122,11 @@ export function powersOfTwo(min: number, max: number): number[] {
 }
 
 /**
- * The candidate that moves the fewest bytes; among equals, the one closest to `preferred` (the
- * format's default, what qemu-img would make), then the smaller.
+ * The candidate that costs the least I/O: moved bytes count twice (read and write), new metadata once.
+ * Among equals, the one closest to `preferred` (the format's default, what qemu-img would make).
  */
-export function cheapestClusterSize(candidates: { cs: number; moveBytes: number }[], preferred: number): number {
+export function cheapestClusterSize(candidates: { cs: number; moveBytes: number; metadataBytes: number }[], preferred: number): number {
   const dist = (cs: number) => Math.abs(Math.log2(cs) - Math.log2(preferred));
-  return candidates.slice().sort((a, b) => a.moveBytes - b.moveBytes || dist(a.cs) - dist(b.cs) || a.cs - b.cs)[0]!.cs;
+  const cost = (c: { moveBytes: number; metadataBytes: number }) => 2 * c.moveBytes + c.metadataBytes;
+  return candidates.slice().sort((a, b) => cost(a) - cost(b) || dist(a.cs) - dist(b.cs) || a.cs - b.cs)[0]!.cs;
 }

@@ -14,6 +14,7 @@ import { checkImage } from '../check.js';
 import { GapAllocator } from './allocator.js';
 import { encodeRecord, journalPath, regionsDigest, type Region } from './journal.js';
 import { guestEquivalent, readTopLayer } from './mapping.js';
+import { holesAsData, scanHoles } from './holes.js';
 
 export type Phase = 'analyse' | 'plan' | 'move' | 'write' | 'commit' | 'verify' | 'reclaim';
 export const PHASES: readonly Phase[] = ['analyse', 'plan', 'move', 'write', 'commit', 'verify', 'reclaim'];
@@ -98,7 +99,7 @@ async function prepare(path: string, dev: BlockDevice, opts: ConvertOptions): Pr
     }
     if (source.dataDev !== source.dev) throw new UnsupportedError(info.format, 'external data file', 'converting an image whose data lives in another file is not supported yet');
     const fileLength = await dev.size();
-    const mapping = await source.mapping();
+    const mapping = holesAsData(await source.mapping(), await scanHoles(dev));
     const hostSpace = await source.hostSpace();
     const input: PlanInput = { info, mapping, hostSpace, fileSize: fileLength, options: opts.options ?? {} };
     const targetPlan = targetDriver.target.plan(input);

@@ -10,6 +10,7 @@ import type { FormatDriver } from '../driver.js';
 import { ImgconvError } from '../errors.js';
 import { openImage } from '../image.js';
 import { applyRedo, finishCommitted, overlayMoves, reclaim, rollBack, type DataMove, type ProgressEvent } from './convert.js';
+import { holesAsData, scanHoles } from './holes.js';
 import { decodeJournal, journalPath, journalState, type JournalState, type Region } from './journal.js';
 
 export interface RecoverOptions {
@@ -168,7 +169,7 @@ async function sourceMappingFromUndo(
   const view = new OverlayDevice(dev, undo, originalLength);
   const chain = await openImage(path, { drivers, format, topDevice: view, backing: false });
   try {
-    return overlayMoves(await chain.layers[0]!.mapping(), moves);
+    return overlayMoves(holesAsData(await chain.layers[0]!.mapping(), await scanHoles(dev)), moves);
   } finally {
     await chain.close();
   }
