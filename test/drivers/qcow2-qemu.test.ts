@@ -7,6 +7,7 @@
 import { readFileSync, writeFileSync } from 'node:fs';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { UnsupportedError } from '../../src/errors.js';
+import { GuestReader } from '../../src/guest.js';
 import type { ImageChain } from '../../src/image.js';
 import { qemuAvailable, qemuIo as qemuIoRaw, withTmpDir } from '../support/qemu.js';
 import {
@@ -21,6 +22,7 @@ import {
   qemuImg,
   qemuIoIn,
   qemuRawSha,
+  storedRefcounts,
 } from './qcow2-support.js';
 
 const qemuIo = (file: string, format: string, cmds: string[]) => {
@@ -106,7 +108,10 @@ const variants: [string, () => string][] = [
     return top;
   }],
   ['odd virtual size 1000448', () => { const p = create('odd.qcow2', 1000448); qemuIo(p, 'qcow2', ['write -P 0x61 0 64k', 'write -P 0x62 983040 17408']); return p; }],
-  ['1 GiB + 512', () => { const p = create('g512.qcow2', 2 ** 30 + 512); qemuIo(p, 'qcow2', ['write -P 0x63 1G 512', 'write -P 0x64 0 4k']); return p; }],
+  // 1 GiB + 512 with 64 KiB clusters has a last L2 table covering only 512 bytes; the same shape at
+  // 4 KiB clusters (2 MiB per L2 table) keeps the content comparison fast.
+  ['32 MiB + 512, 4k clusters (last L2 maps 512 bytes)', () => { const p = create('g512.qcow2', 2 ** 25 + 512, ['cluster_size=4k']); qemuIo(p, 'qcow2', ['write -P 0x63 32M 512', 'write -P 0x64 0 4k']); return p; }],
+  ['1 GiB + 512 (map and check)', () => { const p = create('g1g.qcow2', 2 ** 30 + 512); qemuIo(p, 'qcow2', ['write -P 0x65 1G 512', 'write -P 0x66 0 4k']); return p; }],
   ['internal snapshot', () => {
     const p = create('snap.qcow2', 16 << 20);
     qemuIo(p, 'qcow2', ['write -P 0x71 0 256k', 'write -P 0x72 8M 64k']);
@@ -159,20 +164,35 @@ describe.skipIf(!haveQemu)('qcow2 against qemu-img', () => {
       mapTest('map equals qemu-img map', async () => {
         expect(normaliseMap(await ourMap(chain))).toEqual(normaliseMap(qemuMap(built.get(name)!)));
       });
-      test('guest content equals qemu-img convert', async () => {
-        expect(await ourSha(chain)).toBe(qemuRawSha(built.get(name)!, tmp.path(`${name.replace(/\W/g, '_')}.raw-out`)));
-      });
+      if (name.startsWith('1 GiB')) {
+        // Hashing 1 GiB takes seconds (the 32 MiB + 512 variant compares whole contents): read the written parts.
+        test('guest content at the written places', async () => {
+          const r = await GuestReader.create(chain);
+          expect(await r.read(0, 4096)).toEqual(new Uint8Array(4096).fill(0x66));
+          expect(await r.read(2 ** 30 - 512, 1024)).toEqual(Uint8Array.from({ length: 1024 }, (_, i) => (i < 512 ? 0 : 0x65)));
+        });
+      } else {
+        test('guest content equals qemu-img convert', async () => {
+          expect(await ourSha(chain)).toBe(qemuRawSha(built.get(name)!, tmp.path(`${name.replace(/\W/g, '_')}.raw-out`)));
+        });
+      }
       test('check equals qemu-img check (clean)', async () => {
         const ours = ourCheckShape(await chain.layers[0]!.check());
         const theirs = qemuCheck(built.get(name)!);
         expect(ours).toEqual(theirs);
         expect(ours.corruptions + ours.leaks).toBe(0);
       });
-      test('host space has no overlaps and covers the data', async () => {
+      test('host space covers exactly the clusters with a refcount', async () => {
         const hs = await chain.layers[0]!.hostSpace();
-        const t = hs.totals();
-        expect(t.header).toBeGreaterThan(0);
-        expect(t.metadata).toBeGreaterThan(0);
+        const bytes = new Uint8Array(readFileSync(built.get(name)!));
+        const cs = chain.layers[0]!.info.clusterSize!;
+        const covered = new Set<number>();
+        for (const r of hs.ranges()) {
+          for (let k = Math.floor(r.start / cs); k * cs < r.start + r.length; k++) covered.add(k);
+        }
+        const refcounted = storedRefcounts(bytes).flatMap((rc, k) => (rc > 0 ? [k] : []));
+        expect([...covered].filter((k) => k * cs < bytes.length).sort((a, b) => a - b)).toEqual(refcounted);
+        expect(hs.totals().header).toBe(cs);
       });
     });
   }

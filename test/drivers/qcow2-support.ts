@@ -4,7 +4,7 @@
  */
 import { createHash } from 'node:crypto';
 import { deflateRawSync } from 'node:zlib';
-import { encodeL1Entry, encodeL2Entry, encodeReftableEntry, setRefcount } from '../../drivers/qcow2/entries.js';
+import { encodeL1Entry, encodeL2Entry, encodeReftableEntry, getRefcount, setRefcount } from '../../drivers/qcow2/entries.js';
 import { EXT_FEATURE_TABLE, encodeExtensions, encodeFeatureTable } from '../../drivers/qcow2/extensions.js';
 import { encodeHeader, type Qcow2Header } from '../../drivers/qcow2/header.js';
 import { readFileSync } from 'node:fs';
@@ -224,4 +224,19 @@ export function builtGuest(): Uint8Array {
   g.fill(0x22, 8192, 12288);
   g.fill(0x77, 16384, 20480);
   return g;
+}
+
+/** Stored refcount of every cluster below the file end, read straight from the refcount structures. */
+export function storedRefcounts(b: Uint8Array): number[] {
+  const cs = 2 ** getU32(b, 20);
+  const order = getU32(b, 4) >= 3 ? getU32(b, 96) : 4;
+  const perBlock = (cs * 8) / (1 << order);
+  const reftable = Number(getU64(b, 48));
+  const clusters = Math.ceil(b.length / cs);
+  const out: number[] = [];
+  for (let k = 0; k < clusters; k++) {
+    const block = Number(getU64(b, reftable + 8 * Math.floor(k / perBlock)) & ~0x1ffn);
+    out.push(block ? getRefcount(b.subarray(block, block + cs), k % perBlock, order) : 0);
+  }
+  return out;
 }
