@@ -5,9 +5,10 @@
  */
 import { readFileSync, writeFileSync } from 'node:fs';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
-import { FormatError } from '../../src/errors.js';
+import { spawnSync } from 'node:child_process';
+import { FormatError, UnsupportedError } from '../../src/errors.js';
 import { qemuAvailable, withTmpDir } from '../support/qemu.js';
-import { getU32, getU64, openQcow2Chain, ourCheckShape, qemuCheck, qemuImg, qemuIoIn, setU64 } from './qcow2-support.js';
+import { getU32, getU64, openQcow2Chain, ourCheckShape, qemuCheck, qemuCheckFull, qemuImg, qemuIoIn, setU64 } from './qcow2-support.js';
 
 const haveQemu = qemuAvailable();
 
@@ -64,12 +65,14 @@ describe.skipIf(!haveQemu)('crafted damage: imgconv check equals qemu-img check'
       const bytes = damage(clean.slice(), locate(clean));
       const p = t.path(`damaged-${i}.qcow2`);
       writeFileSync(p, bytes);
-      const theirs = qemuCheck(p);
+      const theirs = qemuCheckFull(p);
       const chain = await openQcow2Chain(p);
       try {
         const img = chain.layers[0]!;
-        const ours = ourCheckShape(await img.check());
-        expect(ours).toEqual(theirs);
+        const report = await img.check();
+        const ours = ourCheckShape(report);
+        expect(ours).toEqual(theirs.counts);
+        expect(report.messages).toEqual(theirs.lines);
         if (expectation.expectLeaks) expect(ours.leaks).toBeGreaterThan(0);
         if (expectation.expectCorruptions) expect(ours.corruptions).toBeGreaterThan(0);
         if (expectation.mappingRefuses) {
@@ -108,6 +111,56 @@ describe.skipIf(!haveQemu)('crafted damage: imgconv check equals qemu-img check'
     writeFileSync(p, b);
     const chain = await openQcow2Chain(p);
     expect(ourCheckShape(await chain.layers[0]!.check())).toEqual(qemuCheck(p));
+    await chain.close();
+  });
+
+  const compareWithQemu = async (p: string) => {
+    const theirs = qemuCheckFull(p);
+    const chain = await openQcow2Chain(p);
+    try {
+      const report = await chain.layers[0]!.check();
+      expect(ourCheckShape(report)).toEqual(theirs.counts);
+      expect(report.messages).toEqual(theirs.lines);
+      return { report, img: chain.layers[0]! };
+    } finally {
+      await chain.close();
+    }
+  };
+
+  test('lazy refcounts, writer killed: dirty bit and stale refcounts', async () => {
+    const p = t.path('lazy-abort.qcow2');
+    qemuImg(['create', '-q', '-f', 'qcow2', '-o', 'lazy_refcounts=on,cluster_size=4k', p, '1M']);
+    spawnSync('qemu-io', ['-f', 'qcow2', '-c', 'write -P 1 0 16k', '-c', 'abort', p], { stdio: 'ignore' });
+    const { report, img } = await compareWithQemu(p);
+    expect(img.info.dirty).toBe(true);
+    expect(report.corruptions).toBeGreaterThan(0);
+  });
+
+  test('bitmaps left inconsistent (autoclear bit cleared): their clusters leak, as in QEMU', async () => {
+    const p = t.path('stale-bitmap.qcow2');
+    qemuImg(['create', '-q', '-f', 'qcow2', '-o', 'cluster_size=4k', p, '1M']);
+    qemuImg(['bitmap', '--add', p, 'b0']);
+    const b = new Uint8Array(readFileSync(p));
+    setU64(b, 88, getU64(b, 88) & ~1n);
+    writeFileSync(p, b);
+    const { report, img } = await compareWithQemu(p);
+    expect(report.leaks).toBeGreaterThan(0);
+    expect(img.info.features).toContain('inconsistent bitmaps (ignored)');
+  });
+
+  test('zstd-compressed image: mapping and check as qemu; decompression refused', async () => {
+    const raw = t.path('z.raw');
+    qemuImg(['create', '-q', '-f', 'raw', raw, '1M']);
+    spawnSync('qemu-io', ['-f', 'raw', '-c', 'write -P 7 0 64k', raw], { stdio: 'ignore' });
+    const p = t.path('z.qcow2');
+    qemuImg(['convert', '-q', '-c', '-O', 'qcow2', '-o', 'compression_type=zstd,cluster_size=4k', raw, p]);
+    await compareWithQemu(p);
+    const chain = await openQcow2Chain(p);
+    const img = chain.layers[0]!;
+    expect(img.info.details['compression-type']).toBe('zstd');
+    const m = await img.mapping();
+    expect(m.at(0).kind).toBe('compressed');
+    await expect(img.readCompressed!(m.at(0))).rejects.toBeInstanceOf(UnsupportedError);
     await chain.close();
   });
 });

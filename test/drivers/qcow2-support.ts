@@ -102,9 +102,16 @@ export interface QemuCheck {
 
 /** qemu-img check --output=json (exit 2/3 still print JSON); absent counters are 0. */
 export function qemuCheck(path: string): QemuCheck {
+  return qemuCheckFull(path).counts;
+}
+
+/** The counters and the problem lines qemu-img check prints (ERROR ..., Leaked cluster ...). */
+export function qemuCheckFull(path: string): { counts: QemuCheck; lines: string[] } {
   const r = spawnSync('qemu-img', ['check', '--output=json', path], { encoding: 'utf8', cwd: dirname(path) });
   const j = JSON.parse(r.stdout) as Record<string, number>;
-  return {
+  // QEMU's bitmap warning ends without a newline, so a problem line may follow text on the same line.
+  const lines = r.stderr.match(/(ERROR|Leaked cluster|Can't get refcount)[^\n]*/g) ?? [];
+  return { lines, counts: {
     corruptions: j['corruptions'] ?? 0,
     leaks: j['leaks'] ?? 0,
     checkErrors: j['check-errors'] ?? 0,
@@ -113,7 +120,7 @@ export function qemuCheck(path: string): QemuCheck {
     allocatedClusters: j['allocated-clusters'] ?? 0,
     fragmentedClusters: j['fragmented-clusters'] ?? 0,
     compressedClusters: j['compressed-clusters'] ?? 0,
-  };
+  } };
 }
 
 export function ourCheckShape(r: CheckReport): QemuCheck {
