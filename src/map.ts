@@ -67,8 +67,9 @@ export async function mapChain(chain: ImageChain): Promise<MapEntry[]> {
       }
     }
     if (inside < length) {
-      // Beyond a backing file's end: reads as zeros.
-      emit({ start: start + inside, length: length - inside, depth, present: false, zero: true, data: false, compressed: false });
+      // Beyond a shorter backing file's end: zeros, reported (as qemu-img does) at the depth of the
+      // layer above, whose unallocated range it is.
+      emit({ start: start + inside, length: length - inside, depth: Math.max(0, depth - 1), present: false, zero: true, data: false, compressed: false });
     }
   };
   await walk(0, 0, maps[0]!.virtualSize);

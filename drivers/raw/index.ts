@@ -1,3 +1,5 @@
+// >>> PARALLEL HELPERS OF THIS SESSION: before writing any code, read /tmp/HELPERS-READ-FIRST.md (shared rules:
+// >>> touch only drivers/<fmt>/ and test/drivers/<fmt>*, never src/ or this registry; commit only your paths; test style). <<<
 /**
  * raw: guest byte x is file byte x. The mapping comes from SEEK_DATA/SEEK_HOLE, never from reading
  * the file: holes are zero runs (with their host offset, as qemu-img map reports them), the rest data.
@@ -37,7 +39,7 @@ class RawImage implements SourceImage {
       pos = hole;
     }
     // The partial last sector QEMU rounds up to reads as zeros.
-    if (map.end < this.info.virtualSize) map.push({ guest: map.end, length: this.info.virtualSize - map.end, kind: 'zero' });
+    if (map.end < this.info.virtualSize) map.push({ guest: map.end, length: this.info.virtualSize - map.end, kind: 'zero', host: map.end });
     return (this.map = map);
   }
 

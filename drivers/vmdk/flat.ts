@@ -38,19 +38,10 @@ export class FlatImage implements SourceImage {
     const size = this.info.virtualSize;
     const fileSize = await this.dataDev.size();
     const map = new ExtentMap(size);
-    // Guest bytes the extent file holds; beyond its end, reads give zeros (QEMU's file layer).
+    // The extent is one data run, as QEMU reports it (src/map.ts marks its file holes zero:true);
+    // beyond the extent file's end, reads give zeros (QEMU's file layer).
     const inFile = Math.max(0, Math.min(size, fileSize - this.base));
-    let pos = 0;
-    while (pos < inFile) {
-      const next = await this.dataDev.nextData(this.base + pos);
-      const dataAt = next === null ? inFile : Math.min(inFile, Math.max(pos, next - this.base));
-      if (dataAt > pos) map.push({ guest: pos, length: dataAt - pos, kind: 'zero', host: this.base + pos });
-      if (dataAt >= inFile) break;
-      const hole = Math.min(inFile, (await this.dataDev.nextHole(this.base + dataAt)) - this.base);
-      const end = hole > dataAt ? hole : inFile; // a device that answers nonsense: trust it as data
-      map.push({ guest: dataAt, length: end - dataAt, kind: 'data', host: this.base + dataAt });
-      pos = end;
-    }
+    if (inFile > 0) map.push({ guest: 0, length: inFile, kind: 'data', host: this.base });
     map.fillTo(size, 'zero');
     return (this.map = map);
   }
