@@ -9,6 +9,7 @@ import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { allDrivers } from '../../drivers/index.js';
 import { openFileDevice } from '../../src/blockdev/file.js';
+import type { ImageInfo } from '../../src/driver.js';
 import { checkExitCode, checkImage } from '../../src/check.js';
 import { GuestReader } from '../../src/guest.js';
 import { openImage, type ImageChain } from '../../src/image.js';
@@ -68,6 +69,25 @@ export interface QemuAnswer {
   map: RawMapEntry[];
   /** Digest of the guest disk (see DigestKind), of the kind digestKindFor(virtualSize) picks. */
   digest: Promise<string>;
+  /** `qemu-img info --output=json`, for the fields both print (cluster size, backing, dirty flag). */
+  info?: Record<string, unknown>;
+}
+
+/** qemu-img info fields that imgconv's ImageInfo also carries, compared when qemu prints them. */
+function infoProblems(qinfo: Record<string, unknown>, info: ImageInfo): string[] {
+  const mine: Record<string, unknown> = {
+    'cluster-size': info.clusterSize,
+    'backing-filename': info.backing?.filename,
+    'backing-filename-format': info.backing?.format,
+    'dirty-flag': info.dirty,
+  };
+  const out: string[] = [];
+  for (const [k, v] of Object.entries(mine)) {
+    const q = qinfo[k];
+    if (q === undefined && k !== 'backing-filename') continue; // qemu omits it: nothing to compare
+    if (q !== v) out.push(`info ${k}: qemu ${JSON.stringify(q)}, imgconv ${JSON.stringify(v)}`);
+  }
+  return out;
 }
 
 /** Disks above this size are compared with the chunked digest (hashing 10 GiB twice takes ~30 s). */
@@ -110,6 +130,7 @@ export async function compareFixture(row: MatrixRow, file: string, qemu: QemuAns
     const top = chain.layers[0]!;
     if (top.format !== row.imgconvFormat) problems.push(`format: expected ${row.imgconvFormat}, got ${top.format}`);
     if (top.info.virtualSize !== qemu.virtualSize) problems.push(`virtual size: qemu ${qemu.virtualSize}, imgconv ${top.info.virtualSize}`);
+    if (qemu.info) problems.push(...infoProblems(qemu.info, top.info));
     try {
       const d = diffMaps(qemu.map, await mapChain(chain));
       if (d) problems.push(d);

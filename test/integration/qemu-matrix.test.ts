@@ -1,8 +1,9 @@
 /**
  * The fixture matrix against the real qemu-img: every image fixtures/generate.sh builds is opened
  * by imgconv (probing, with every registered driver) and must agree with QEMU on format, virtual
- * size, normalised map, guest content (SHA-256 of `qemu-img convert -O raw`; a chunked digest above
- * 1 GiB) and a clean check.
+ * size, the info fields both print (cluster size, backing file and format, dirty flag), normalised
+ * map, guest content (SHA-256 of `qemu-img convert -O raw`; a chunked digest above 1 GiB) and a
+ * clean check.
  * Fixtures of formats whose driver is not registered yet fail here, by design.
  */
 import { spawnSync } from 'node:child_process';
@@ -42,6 +43,7 @@ describe.skipIf(!haveQemu)('qemu-img fixture matrix', () => {
       const problems = await compareFixture(row, file, {
         virtualSize: info['virtual-size'] as number,
         map: parseMapJson(qemuMapText(file, row.qemuFormat)),
+        info,
         digest: qemuGuestDigest(file, row.qemuFormat, digestKindFor(info['virtual-size'] as number)),
       });
       // One line per disagreement, so a failure shows all of them at once.

@@ -46,6 +46,7 @@ describe('committed small fixtures against recorded qemu-img answers', () => {
       const problems = await compareFixture(row, join(tmp.dir, row.path), {
         virtualSize: info['virtual-size'] as number,
         map: parseMapJson(expected(row.name, 'map.json')),
+        info,
         digest: Promise.resolve(expected(row.name, 'sha256').trim()),
       });
       if (problems.length) expect.fail(`${row.name} (${row.notes}):\n${problems.join('\n')}`);
