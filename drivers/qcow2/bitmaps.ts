@@ -5,6 +5,7 @@
  */
 import { FieldReader, FieldWriter } from '../../src/binary.js';
 import { FormatError } from '../../src/errors.js';
+import { entryOffset } from './entries.js';
 import { FORMAT } from './header.js';
 
 export const BITMAP_DIR_ENTRY_BYTES = 24;
@@ -103,5 +104,5 @@ export function bitmapTableEntryProblem(hi: number, lo: number, clusterSize: num
 }
 
 export function bitmapTableEntryOffset(hi: number, lo: number): number {
-  return (hi & 0x00ffffff) * 2 ** 32 + ((lo & 0xfffffe00) >>> 0);
+  return entryOffset(hi, lo);
 }

@@ -10,11 +10,22 @@
 import { readAt } from '../../src/blockdev/types.js';
 import type { CheckReport } from '../../src/driver.js';
 import { BME_MAX_TABLE_SIZE, bitmapTableEntryOffset, bitmapTableEntryProblem, decodeBitmapDirectory, dirEntryProblem } from './bitmaps.js';
-import { csizeShift, getRefcount, refcountMax } from './entries.js';
+import {
+  compressedFields,
+  compressedLength,
+  decodeReftableEntry,
+  entryOffset,
+  getRefcount,
+  isCompressedEntry,
+  isCopied,
+  isZeroFlag,
+  l1ReservedBits,
+  l2ReservedBits,
+  refcountMax,
+} from './entries.js';
 import { FORMAT, MAX_L1_BYTES } from './header.js';
 import type { Qcow2Layout } from './open.js';
 
-const TWO32 = 2 ** 32;
 const hex = (n: number) => n.toString(16);
 const hex64 = (hi: number, lo: number) => (hi ? hi.toString(16) + (lo >>> 0).toString(16).padStart(8, '0') : (lo >>> 0).toString(16));
 
@@ -84,7 +95,8 @@ class RefcountCheck {
   }
 
   async run(): Promise<CheckReport> {
-    const { header: h, layout } = { header: this.layout.header, layout: this.layout };
+    const layout = this.layout;
+    const h = layout.header;
     this.inc(0, this.cs);
     await this.checkL1(h.l1TableOffset, h.l1Size, true);
     if (this.external && layout.snapshots.length) this.corrupt(`ERROR ${layout.snapshots.length} snapshots in image with data file`);
@@ -119,8 +131,8 @@ class RefcountCheck {
       const hi = dv.getUint32(i * 8);
       const lo = dv.getUint32(i * 8 + 4);
       if (!hi && !lo) continue;
-      if (hi & 0x7f000000 || lo & 0x1ff) this.corrupt(`ERROR found L1 entry with reserved bits set: ${hex64(hi, lo)}`);
-      const l2 = (hi & 0x00ffffff) * TWO32 + ((lo & 0xfffffe00) >>> 0);
+      if (l1ReservedBits(hi, lo)) this.corrupt(`ERROR found L1 entry with reserved bits set: ${hex64(hi, lo)}`);
+      const l2 = entryOffset(hi, lo);
       this.inc(l2, this.cs);
       if (l2 % this.cs) this.corrupt(`ERROR l2_offset=${hex(l2)}: Table is not cluster aligned; L1 entry corrupted`);
       await this.checkL2(l2, active);
@@ -130,7 +142,6 @@ class RefcountCheck {
   private async checkL2(l2Offset: number, active: boolean): Promise<void> {
     const { l2Entries, l2EntryBytes, extendedL2, clusterBits } = this.layout;
     const dv = new DataView((await readAt(this.layout.dev, l2Offset, this.cs)).buffer);
-    const shiftHi = csizeShift(clusterBits) - 32;
     this.nextContiguous = 0;
     for (let i = 0; i < l2Entries; i++) {
       const at = i * l2EntryBytes;
@@ -139,11 +150,12 @@ class RefcountCheck {
       const bmZero = extendedL2 ? dv.getUint32(at + 8) : 0;
       const bmAlloc = extendedL2 ? dv.getUint32(at + 12) : 0;
       const type = this.clusterType(hi, lo);
-      if (type !== 'compressed' && (hi & 0x3f000000 || lo & 0x1fe)) this.corrupt(`ERROR found l2 entry with reserved bits set: ${hex64(hi, lo)}`);
+      if (type !== 'compressed' && l2ReservedBits(hi, lo)) this.corrupt(`ERROR found l2 entry with reserved bits set: ${hex64(hi, lo)}`);
       switch (type) {
         case 'compressed': {
-          const coffset = (hi & ((1 << shiftHi) - 1)) * TWO32 + (lo >>> 0);
-          if (hi & 0x80000000) {
+          const c = compressedFields(hi, lo, clusterBits);
+          const coffset = c.hostOffset;
+          if (isCopied(hi)) {
             this.corrupt(`ERROR: coffset=0x${hex(coffset)}: copied flag must never be set for compressed clusters`);
             hi &= 0x7fffffff;
           }
@@ -155,8 +167,7 @@ class RefcountCheck {
             this.corrupt(`ERROR compressed cluster ${i} with non-zero subcluster allocation bitmap, entry=0x${hex64(hi, lo)}`);
             break;
           }
-          const sectors = ((hi >>> shiftHi) & ((1 << (clusterBits - 8)) - 1)) + 1;
-          this.inc(coffset, sectors * 512 - (coffset % 512));
+          this.inc(coffset, compressedLength(c));
           if (active) {
             this.report.allocatedClusters!++;
             this.report.compressedClusters!++;
@@ -166,10 +177,10 @@ class RefcountCheck {
         }
         case 'zeroAlloc':
         case 'normal': {
-          const offset = (hi & 0x00ffffff) * TWO32 + ((lo & 0xfffffe00) >>> 0);
+          const offset = entryOffset(hi, lo);
           if (bmZero & bmAlloc) this.corrupt(`ERROR offset=${hex(offset)}: Allocated cluster has corrupted subcluster allocation bitmap`);
           if (offset % this.cs) {
-            const containsData = extendedL2 ? bmAlloc !== 0 : !(lo & 1);
+            const containsData = extendedL2 ? bmAlloc !== 0 : !isZeroFlag(lo);
             this.corrupt(`ERROR offset=${hex(offset)}: ${containsData ? 'Data' : 'Preallocated'} cluster is not properly aligned; L2 entry corrupted.`);
           }
           if (active) {
@@ -191,10 +202,10 @@ class RefcountCheck {
 
   /** qcow2_get_cluster_type. */
   private clusterType(hi: number, lo: number): 'compressed' | 'zero' | 'zeroAlloc' | 'normal' | 'unallocated' {
-    if (hi & 0x40000000) return 'compressed';
-    const hasOffset = (hi & 0x00ffffff) !== 0 || (lo & 0xfffffe00) !== 0;
-    if (lo & 1 && !this.layout.extendedL2) return hasOffset ? 'zeroAlloc' : 'zero';
-    if (!hasOffset) return this.external && hi & 0x80000000 ? 'normal' : 'unallocated';
+    if (isCompressedEntry(hi)) return 'compressed';
+    const hasOffset = entryOffset(hi, lo) !== 0;
+    if (isZeroFlag(lo) && !this.layout.extendedL2) return hasOffset ? 'zeroAlloc' : 'zero';
+    if (!hasOffset) return this.external && isCopied(hi) ? 'normal' : 'unallocated';
     return 'normal';
   }
 
@@ -248,11 +259,9 @@ class RefcountCheck {
   private async checkRefblocks(): Promise<void> {
     const rt = await this.loadReftable();
     for (let i = 0; i < this.reftableEntries(); i++) {
-      const hi = rt.getUint32(i * 8);
-      const lo = rt.getUint32(i * 8 + 4);
-      const offset = hi * TWO32 + ((lo & 0xfffffe00) >>> 0);
+      const { offset, reserved } = decodeReftableEntry(rt.getUint32(i * 8), rt.getUint32(i * 8 + 4));
       const cluster = Math.floor(offset / this.cs);
-      if (lo & 0x1ff) {
+      if (reserved) {
         this.corrupt(`ERROR refcount table entry ${i} has reserved bits set`);
         continue;
       }
@@ -285,7 +294,7 @@ class RefcountCheck {
     let block: Uint8Array | null | undefined;
     if (index < this.reftableEntries()) {
       const rt = await this.loadReftable();
-      const offset = rt.getUint32(index * 8) * TWO32 + ((rt.getUint32(index * 8 + 4) & 0xfffffe00) >>> 0);
+      const { offset } = decodeReftableEntry(rt.getUint32(index * 8), rt.getUint32(index * 8 + 4));
       if (offset % this.cs) block = null;
       else if (offset !== 0) block = await readAt(this.layout.dev, offset, this.cs);
     }
@@ -338,11 +347,11 @@ class RefcountCheck {
     for (let i = 0; i < h.l1Size; i++) {
       const hi = l1.getUint32(i * 8);
       const lo = l1.getUint32(i * 8 + 4);
-      const l2 = (hi & 0x00ffffff) * TWO32 + ((lo & 0xfffffe00) >>> 0);
+      const l2 = entryOffset(hi, lo);
       if (!l2) continue;
       const rc = await this.stored(Math.floor(l2 / this.cs));
       if (rc === null) continue;
-      if ((rc === 1) !== ((hi & 0x80000000) !== 0)) {
+      if ((rc === 1) !== isCopied(hi)) {
         this.corrupt(`ERROR OFLAG_COPIED L2 cluster: l1_index=${i} l1_entry=${hex64(hi, lo)} refcount=${rc}`);
       }
       const dv = new DataView((await readAt(this.layout.dev, l2, this.cs)).buffer);
@@ -351,10 +360,10 @@ class RefcountCheck {
         const elo = dv.getUint32(j * l2EntryBytes + 4);
         const type = this.clusterType(ehi, elo);
         if (type !== 'normal' && type !== 'zeroAlloc') continue;
-        const offset = (ehi & 0x00ffffff) * TWO32 + ((elo & 0xfffffe00) >>> 0);
+        const offset = entryOffset(ehi, elo);
         const drc = this.external ? 1 : await this.stored(Math.floor(offset / this.cs));
         if (drc === null) continue;
-        if ((drc === 1) !== ((ehi & 0x80000000) !== 0)) {
+        if ((drc === 1) !== isCopied(ehi)) {
           this.corrupt(`ERROR OFLAG_COPIED data cluster: l2_entry=${hex64(ehi, elo)} refcount=${drc}`);
         }
       }

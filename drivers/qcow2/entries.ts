@@ -18,6 +18,27 @@ const COPIED_HI = 0x80000000;
 const COMPRESSED_HI = 0x40000000;
 const ZERO_LO = 1;
 
+/** Bits 9..55: the host offset of an L1 entry, a standard L2 entry or a bitmap table entry. */
+export function entryOffset(hi: number, lo: number): number {
+  return (hi & OFFSET_MASK_HI) * TWO32 + ((lo & OFFSET_MASK_LO) >>> 0);
+}
+
+export function isCopied(hi: number): boolean {
+  return (hi & COPIED_HI) !== 0;
+}
+
+export function l1ReservedBits(hi: number, lo: number): boolean {
+  return (hi & L1_RESERVED_HI) !== 0 || (lo & L1_RESERVED_LO) !== 0;
+}
+
+export function l2ReservedBits(hi: number, lo: number): boolean {
+  return (hi & L2_STD_RESERVED_HI) !== 0 || (lo & L2_STD_RESERVED_LO) !== 0;
+}
+
+export function isZeroFlag(lo: number): boolean {
+  return (lo & ZERO_LO) !== 0;
+}
+
 export interface L1Entry {
   l2Offset: number;
   copied: boolean;
@@ -27,8 +48,8 @@ export interface L1Entry {
 
 export function decodeL1Entry(hi: number, lo: number): L1Entry {
   return {
-    l2Offset: (hi & OFFSET_MASK_HI) * TWO32 + ((lo & OFFSET_MASK_LO) >>> 0),
-    copied: (hi & COPIED_HI) !== 0,
+    l2Offset: entryOffset(hi, lo),
+    copied: isCopied(hi),
     reserved: (BigInt(hi & L1_RESERVED_HI) << 32n) | BigInt(lo & L1_RESERVED_LO),
   };
 }
@@ -69,23 +90,23 @@ export function isCompressedEntry(hi: number): boolean {
   return (hi & COMPRESSED_HI) !== 0;
 }
 
+/** The compressed descriptor's payload offset and extra-sector count (bit x = 62 - (cluster_bits - 8) splits them). */
+export function compressedFields(hi: number, lo: number, clusterBits: number): { hostOffset: number; extraSectors: number } {
+  const shiftHi = csizeShift(clusterBits) - 32;
+  return {
+    hostOffset: (hi & ((1 << shiftHi) - 1)) * TWO32 + (lo >>> 0),
+    extraSectors: (hi >>> shiftHi) & ((1 << (clusterBits - 8)) - 1),
+  };
+}
+
 export function decodeL2Entry(hi: number, lo: number, clusterBits: number): L2Entry {
-  const copied = (hi & COPIED_HI) !== 0;
-  if (hi & COMPRESSED_HI) {
-    const shiftHi = csizeShift(clusterBits) - 32;
-    const offsetHi = hi & ((1 << shiftHi) - 1);
-    return {
-      compressed: true,
-      copied,
-      hostOffset: offsetHi * TWO32 + (lo >>> 0),
-      extraSectors: (hi >>> shiftHi) & ((1 << (clusterBits - 8)) - 1),
-    };
-  }
+  const copied = isCopied(hi);
+  if (isCompressedEntry(hi)) return { compressed: true, copied, ...compressedFields(hi, lo, clusterBits) };
   return {
     compressed: false,
     copied,
-    offset: (hi & OFFSET_MASK_HI) * TWO32 + ((lo & OFFSET_MASK_LO) >>> 0),
-    zero: (lo & ZERO_LO) !== 0,
+    offset: entryOffset(hi, lo),
+    zero: isZeroFlag(lo),
     reserved: (BigInt(hi & L2_STD_RESERVED_HI) << 32n) | BigInt(lo & L2_STD_RESERVED_LO),
   };
 }
@@ -106,7 +127,7 @@ export function encodeL2Entry(e: L2Entry, clusterBits: number): [number, number]
  * Bytes QEMU reads for a compressed cluster (qcow2_parse_compressed_l2_entry): the sectors the
  * descriptor names, less the payload's offset into its first sector.
  */
-export function compressedLength(e: CompressedL2Entry): number {
+export function compressedLength(e: { hostOffset: number; extraSectors: number }): number {
   return (e.extraSectors + 1) * 512 - (e.hostOffset % 512);
 }
 

@@ -61,7 +61,7 @@ export async function buildHostSpace(layout: Qcow2Layout): Promise<HostSpace> {
     const e = decodeReftableEntry(rdv.getUint32(i * 8), rdv.getUint32(i * 8 + 4));
     if (e.reserved) throw new FormatError(FORMAT, 'refcount table entry', i, `reserved bits set (0x${e.reserved.toString(16)})`);
     if (e.offset === 0) continue;
-    requireHostCluster(layout, 'refcount block offset', e.offset, `refcount table entry ${i}`);
+    requireHostCluster(layout, 'refcount block offset', e.offset, () => `refcount table entry ${i}`);
     hs.add(e.offset, cs, 'metadata', 'refcount block');
   }
 
@@ -136,7 +136,7 @@ async function addBitmaps(layout: Qcow2Layout, hs: HostSpace): Promise<void> {
       if (p) throw new FormatError(FORMAT, 'bitmap table entry', `${e.name}[${i}]`, p);
       const off = bitmapTableEntryOffset(hi, lo);
       if (off === 0) continue;
-      requireHostCluster(layout, 'bitmap data offset', off, `bitmap ${JSON.stringify(e.name)} entry ${i}`);
+      requireHostCluster(layout, 'bitmap data offset', off, () => `bitmap ${JSON.stringify(e.name)} entry ${i}`);
       hs.add(off, cs, 'metadata', 'bitmap data');
     }
   }

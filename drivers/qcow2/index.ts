@@ -22,6 +22,7 @@ import {
   INCOMPAT_DIRTY,
   QCOW2_MAGIC,
 } from './header.js';
+import { isCompressedEntry, isZeroFlag } from './entries.js';
 import { buildHostSpace } from './hostspace.js';
 import { openDataFile, readLayout, type Qcow2Layout } from './open.js';
 import { activeMapping, l1EntryL2Offset } from './tables.js';
@@ -109,9 +110,8 @@ async function scanClusterKinds(layout: Qcow2Layout): Promise<{ zero: boolean; c
     const dv = new DataView((await readAt(layout.dev, l2Offset, layout.clusterSize)).buffer);
     for (let j = 0; j < layout.l2Entries; j++) {
       const at = j * layout.l2EntryBytes;
-      const hi = dv.getUint32(at);
-      if (hi & 0x40000000) found.compressed = true;
-      else if (layout.extendedL2 ? dv.getUint32(at + 8) !== 0 : dv.getUint32(at + 4) & 1) found.zero = true;
+      if (isCompressedEntry(dv.getUint32(at))) found.compressed = true;
+      else if (layout.extendedL2 ? dv.getUint32(at + 8) !== 0 : isZeroFlag(dv.getUint32(at + 4))) found.zero = true;
     }
   }
   return found;

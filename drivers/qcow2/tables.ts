@@ -8,10 +8,17 @@ import { readAt } from '../../src/blockdev/types.js';
 import { ExtentMap } from '../../src/extent-map.js';
 import { FormatError } from '../../src/errors.js';
 import {
+  compressedFields,
   compressedLength,
   decodeL1Entry,
   decodeL2Entry,
-  decodeSubclusterBitmap,
+  entryOffset,
+  isCompressedEntry,
+  isCopied,
+  isZeroFlag,
+  l1ReservedBits,
+  l2ReservedBits,
+  type StandardL2Entry,
 } from './entries.js';
 import { FORMAT, MAX_L1_BYTES, validateTable } from './header.js';
 import type { Qcow2Layout } from './open.js';
@@ -42,72 +49,78 @@ export async function readL2(layout: Qcow2Layout, offset: number): Promise<DataV
 }
 
 /** A host cluster some entry points at: aligned and starting inside the file (qemu-img check allows a partial last cluster). */
-export function requireHostCluster(layout: Qcow2Layout, field: string, offset: number, where: string): void {
+export function requireHostCluster(layout: Qcow2Layout, field: string, offset: number, where: () => string): void {
   if (offset % layout.clusterSize !== 0) {
-    throw new FormatError(FORMAT, field, offset, `not aligned to the cluster size ${layout.clusterSize} (${where}); QEMU marks such an image corrupt`);
+    throw new FormatError(FORMAT, field, offset, `not aligned to the cluster size ${layout.clusterSize} (${where()}); QEMU marks such an image corrupt`);
   }
-  if (offset >= layout.fileSize) throw new FormatError(FORMAT, field, offset, `past the end of the file (${layout.fileSize} bytes) (${where})`);
+  if (offset >= layout.fileSize) throw new FormatError(FORMAT, field, offset, `past the end of the file (${layout.fileSize} bytes) (${where()})`);
 }
 
 /** The L2 table offset of L1 entry `index`, or 0 when unallocated. */
 export function l1EntryL2Offset(layout: Qcow2Layout, dv: DataView, index: number, table: string): number {
-  const e = decodeL1Entry(dv.getUint32(index * 8), dv.getUint32(index * 8 + 4));
-  if (e.reserved !== 0n) {
-    throw new FormatError(FORMAT, 'L1 entry', `${table}[${index}]`, `reserved bits set (0x${e.reserved.toString(16)})`);
+  const hi = dv.getUint32(index * 8);
+  const lo = dv.getUint32(index * 8 + 4);
+  if (l1ReservedBits(hi, lo)) {
+    throw new FormatError(FORMAT, 'L1 entry', `${table}[${index}]`, `reserved bits set (0x${decodeL1Entry(hi, lo).reserved.toString(16)})`);
   }
-  if (e.l2Offset !== 0) requireHostCluster(layout, 'L2 table offset', e.l2Offset, `${table}[${index}]`);
-  return e.l2Offset;
+  const l2Offset = entryOffset(hi, lo);
+  if (l2Offset !== 0) requireHostCluster(layout, 'L2 table offset', l2Offset, () => `${table}[${index}]`);
+  return l2Offset;
 }
 
 /**
- * Entry `index` of an L2 table mapping guest cluster `guest`. With an external data file every
- * allocated cluster must sit at its guest offset, and offset 0 with COPIED is guest cluster 0.
+ * Entry `index` of an L2 table mapping guest cluster `guest` (QEMU qcow2_get_cluster_type and
+ * qcow2_get_subcluster_type). With an external data file every allocated cluster must sit at its
+ * guest offset, and offset 0 with COPIED is guest cluster 0.
  */
 export function classifyL2(layout: Qcow2Layout, dv: DataView, index: number, guest: number, l2Offset: number): ClusterState {
   const at = index * layout.l2EntryBytes;
   const hi = dv.getUint32(at);
   const lo = dv.getUint32(at + 4);
-  const where = `L2 table ${hex(l2Offset)} entry ${index}`;
-  let bitmap = { alloc: 0, zero: 0 };
-  if (layout.extendedL2) bitmap = decodeSubclusterBitmap(dv.getUint32(at + 8), dv.getUint32(at + 12));
-  if (hi === 0 && lo === 0 && bitmap.alloc === 0 && bitmap.zero === 0) return { type: 'unallocated' };
-  const e = decodeL2Entry(hi, lo, layout.clusterBits);
-  const dataFile = layout.dataFileName !== undefined;
-  if (e.compressed) {
-    if (e.copied) throw new FormatError(FORMAT, 'L2 entry', where, 'COPIED set on a compressed cluster');
-    if (dataFile) throw new FormatError(FORMAT, 'L2 entry', where, 'compressed cluster in an image with an external data file');
-    if (bitmap.alloc || bitmap.zero) throw new FormatError(FORMAT, 'subcluster bitmap', where, 'non-zero bitmap on a compressed cluster');
-    const length = compressedLength(e);
-    if (e.hostOffset < layout.clusterSize || e.hostOffset >= layout.fileSize || e.hostOffset + length - layout.fileSize >= layout.clusterSize) {
-      throw new FormatError(FORMAT, 'compressed cluster offset', e.hostOffset, `${length} bytes from there are not inside the file (${where})`);
+  const zeroBits = layout.extendedL2 ? dv.getUint32(at + 8) : 0;
+  const allocBits = layout.extendedL2 ? dv.getUint32(at + 12) : 0;
+  if (hi === 0 && lo === 0 && zeroBits === 0 && allocBits === 0) return { type: 'unallocated' };
+  const where = () => `L2 table ${hex(l2Offset)} entry ${index}`;
+  const external = layout.dataFileName !== undefined;
+  if (isCompressedEntry(hi)) {
+    if (isCopied(hi)) throw new FormatError(FORMAT, 'L2 entry', where(), 'COPIED set on a compressed cluster');
+    if (external) throw new FormatError(FORMAT, 'L2 entry', where(), 'compressed cluster in an image with an external data file');
+    if (zeroBits || allocBits) throw new FormatError(FORMAT, 'subcluster bitmap', where(), 'non-zero bitmap on a compressed cluster');
+    const c = compressedFields(hi, lo, layout.clusterBits);
+    const length = compressedLength(c);
+    if (c.hostOffset < layout.clusterSize || c.hostOffset >= layout.fileSize || c.hostOffset + length - layout.fileSize >= layout.clusterSize) {
+      throw new FormatError(FORMAT, 'compressed cluster offset', c.hostOffset, `${length} bytes from there are not inside the file (${where()})`);
     }
-    return { type: 'compressed', host: e.hostOffset, length };
+    return { type: 'compressed', host: c.hostOffset, length };
   }
-  if (e.reserved !== 0n) throw new FormatError(FORMAT, 'L2 entry', where, `reserved bits set (0x${e.reserved.toString(16)})`);
-  const hasHost = e.offset !== 0 || (dataFile && e.copied);
+  if (l2ReservedBits(hi, lo)) {
+    throw new FormatError(FORMAT, 'L2 entry', where(), `reserved bits set (0x${(decodeL2Entry(hi, lo, layout.clusterBits) as StandardL2Entry).reserved.toString(16)})`);
+  }
+  const offset = entryOffset(hi, lo);
+  const hasHost = offset !== 0 || (external && isCopied(hi));
   if (hasHost) {
-    if (dataFile) {
-      if (e.offset !== guest) {
-        throw new FormatError(FORMAT, 'data cluster offset', e.offset, `must equal the guest offset ${guest} in an external data file (${where})`);
+    if (external) {
+      if (offset !== guest) {
+        throw new FormatError(FORMAT, 'data cluster offset', offset, `must equal the guest offset ${guest} in an external data file (${where()})`);
       }
     } else {
-      requireHostCluster(layout, 'data cluster offset', e.offset, where);
+      requireHostCluster(layout, 'data cluster offset', offset, where);
     }
   }
   if (layout.extendedL2) {
     // Bit 0 carries no meaning with extended L2 (QEMU ignores it); the bitmap decides.
-    if (hasHost && bitmap.alloc & bitmap.zero) {
-      throw new FormatError(FORMAT, 'subcluster bitmap', where, `subclusters both allocated and zero (0x${bitmap.zero.toString(16)}/0x${bitmap.alloc.toString(16)})`);
+    if (hasHost && zeroBits & allocBits) {
+      throw new FormatError(FORMAT, 'subcluster bitmap', where(), `subclusters both allocated and zero (0x${zeroBits.toString(16)}/0x${allocBits.toString(16)})`);
     }
-    if (!hasHost && bitmap.alloc) throw new FormatError(FORMAT, 'subcluster bitmap', where, 'allocated subclusters in a cluster without a host offset');
-    return hasHost ? { type: 'subclusters', host: e.offset, alloc: bitmap.alloc, zero: bitmap.zero } : { type: 'subclusters', alloc: 0, zero: bitmap.zero };
+    if (!hasHost && allocBits) throw new FormatError(FORMAT, 'subcluster bitmap', where(), 'allocated subclusters in a cluster without a host offset');
+    return hasHost ? { type: 'subclusters', host: offset, alloc: allocBits, zero: zeroBits } : { type: 'subclusters', alloc: 0, zero: zeroBits };
   }
-  if (e.zero) {
-    if (layout.header.version < 3) throw new FormatError(FORMAT, 'L2 entry', where, 'zero flag in a version 2 image (QEMU marks it corrupt)');
+  if (isZeroFlag(lo)) {
+    if (layout.header.version < 3) throw new FormatError(FORMAT, 'L2 entry', where(), 'zero flag in a version 2 image (QEMU marks it corrupt)');
     // QEMU tests the zero flag first: offset 0 is ZERO_PLAIN even with COPIED in a data-file image.
-    return e.offset !== 0 ? { type: 'zeroAlloc', host: e.offset } : { type: 'zero' };
+    return offset !== 0 ? { type: 'zeroAlloc', host: offset } : { type: 'zero' };
   }
-  return hasHost ? { type: 'normal', host: e.offset } : { type: 'unallocated' };
+  return hasHost ? { type: 'normal', host: offset } : { type: 'unallocated' };
 }
 
 /** Pushes one guest cluster [guest, guest+len) of the given state. */
