@@ -248,6 +248,7 @@ export function buildProgram(): Command {
               `${image}: converted ${r.source.format} → ${r.target.format} in place`,
               `metadata written: ${humanSize(r.written.metadataBytes)} (${r.written.metadataBytes} bytes)`,
               `data moved: ${humanSize(r.written.dataBytes)} (${r.written.dataBytes} bytes)`,
+              ...(r.written.compactionBytes ? [`moved to compact the file: ${humanSize(r.written.compactionBytes)} (${r.written.compactionBytes} bytes)`] : []),
               `old metadata reclaimed: ${humanSize(r.reclaimedBytes)}`,
               `file size: ${r.source.fileLength} → ${r.finalLength} bytes`,
               `verified: ${r.verified.join(', ')}`,

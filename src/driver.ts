@@ -92,8 +92,23 @@ export interface SourceImage {
   check(): Promise<CheckReport>;
   /** The decompressed bytes of one compressed extent (its whole cluster/grain). */
   readCompressed?(extent: Extent): Promise<Uint8Array>;
+  /**
+   * The structures that can be moved, with where the one pointer to each lives: for compaction after
+   * a conversion (and relocation before one). `level` 0 is data, higher levels are tables whose
+   * pointers live in the level above (QED: data ← L2 entry, L2 ← L1 entry, L1 ← header field).
+   * Only structures of `level` that end above `minHost` are listed.
+   */
+  relocatable?(level: number, minHost: number): Promise<Relocatable[]>;
   /** Releases related devices this image opened (not `dev`). */
   close(): Promise<void>;
+}
+
+export interface Relocatable {
+  host: number;
+  length: number;
+  level: number;
+  /** Where the pointer to this structure is stored, and its bytes when the structure is at `newHost`. */
+  pointer: { offset: number; encode(newHost: number): Uint8Array };
 }
 
 export interface FormatDriver {
@@ -167,6 +182,11 @@ export interface TargetBuild {
 }
 
 export interface TargetDriver {
+  /**
+   * True when the format's checker counts every unreferenced cluster inside the file as leaked (QED
+   * has no refcounts): then reclaim compacts the file instead of only punching holes.
+   */
+  readonly unreferencedIsLeak?: boolean;
   /** Chooses parameters for this mapping; throws UnsupportedError/UsageError to refuse. Pure. */
   plan(input: PlanInput): TargetPlan;
   /** Lays out and encodes the new metadata for `mapping` (where data now lies). Pure but for `alloc`. */

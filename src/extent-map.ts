@@ -1,3 +1,5 @@
+// >>> PARALLEL HELPERS OF THIS SESSION: before writing any code, read /tmp/HELPERS-READ-FIRST.md (shared rules:
+// >>> touch only drivers/<fmt>/ and test/drivers/<fmt>*, never src/ or this registry; commit only your paths; test style). <<<
 /**
  * ExtentMap: the guest → host mapping of one image layer, as runs in guest order covering
  * [0, virtualSize) without gaps. Adjacent runs of the same kind whose host offsets continue are

@@ -24,6 +24,7 @@ import {
 } from './header.js';
 import { scanLayout, type QedLayout } from './layout.js';
 import { qedTarget } from './target.js';
+import type { Relocatable } from '../../src/driver.js';
 
 class QedImage implements SourceImage {
   readonly format = QED;
@@ -74,6 +75,42 @@ class QedImage implements SourceImage {
     return checkQed(this.dev, this.geometry);
   }
 
+  /** Data clusters (pointer: an L2 entry), L2 tables (an L1 entry), the L1 table (the header field). */
+  async relocatable(level: number, minHost: number): Promise<Relocatable[]> {
+    this.refuseInvalid();
+    const g = this.geometry;
+    const u64 = (v: number) => {
+      const b = new Uint8Array(8);
+      new DataView(b.buffer).setBigUint64(0, BigInt(v), true);
+      return b;
+    };
+    const ends = (host: number, length: number) => host + length > minHost;
+    if (level === 2) {
+      return ends(g.l1TableOffset, g.tableBytes) ? [{ host: g.l1TableOffset, length: g.tableBytes, level, pointer: { offset: QED_L1_OFFSET_FIELD, encode: u64 } }] : [];
+    }
+    if (level === 1) {
+      return this.layout.l2Tables
+        .filter((t) => ends(t.offset, g.tableBytes))
+        .map((t) => ({ host: t.offset, length: g.tableBytes, level, pointer: { offset: g.l1TableOffset + t.l1Index * 8, encode: u64 } }));
+    }
+    if (level !== 0) return [];
+    const l2At = new Map(this.layout.l2Tables.map((t) => [t.l1Index, t.offset]));
+    const out: Relocatable[] = [];
+    const cs = g.clusterSize;
+    for (const e of this.layout.map) {
+      if (e.kind !== 'data' || e.host! + e.length + cs <= minHost) continue;
+      for (let off = 0; off < e.length; off += cs) {
+        const host = e.host! + off;
+        if (!ends(host, cs)) continue;
+        const guest = e.guest + off;
+        const l2 = l2At.get(Math.floor(guest / g.l2Span))!;
+        const index = Math.floor((guest % g.l2Span) / cs);
+        out.push({ host, length: cs, level: 0, pointer: { offset: l2 + index * 8, encode: u64 } });
+      }
+    }
+    return out;
+  }
+
   async close(): Promise<void> {}
 }
 
@@ -121,6 +158,9 @@ function describe(g: QedGeometry, layout: QedLayout, backingName: string | undef
     },
   };
 }
+
+/** Byte offset of l1_table_offset in the header (qed.h QEDHeader). */
+const QED_L1_OFFSET_FIELD = 40;
 
 export const qedDriver: FormatDriver = {
   name: QED,

@@ -51,6 +51,9 @@ function chooseTableSize(cs: number, virtualSize: number, forced: number | undef
 }
 
 export const qedTarget: TargetDriver = {
+  // No refcounts: qed-check counts every unreferenced cluster below the file end as leaked.
+  unreferencedIsLeak: true,
+
   plan(input: PlanInput): TargetPlan {
     for (const k of Object.keys(input.options)) if (!KNOWN_OPTIONS.has(k)) throw new UsageError(`qed has no option "${k}" (known: ${[...KNOWN_OPTIONS].join(', ')})`);
     const backing = input.info.backing;

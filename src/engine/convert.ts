@@ -15,6 +15,7 @@ import { GapAllocator } from './allocator.js';
 import { encodeRecord, journalPath, regionsDigest, type Region } from './journal.js';
 import { guestEquivalent, readTopLayer } from './mapping.js';
 import { holesAsData, scanHoles } from './holes.js';
+import { compact } from './compact.js';
 
 export type Phase = 'analyse' | 'plan' | 'move' | 'write' | 'commit' | 'verify' | 'reclaim';
 export const PHASES: readonly Phase[] = ['analyse', 'plan', 'move', 'write', 'commit', 'verify', 'reclaim'];
@@ -62,7 +63,8 @@ export interface ConversionPlan {
 }
 
 export interface ConversionReport extends ConversionPlan {
-  written: { metadataBytes: number; dataBytes: number };
+  /** dataBytes: moved before the commit; compactionBytes: moved after it to leave no leaked space. */
+  written: { metadataBytes: number; dataBytes: number; compactionBytes: number };
   reclaimedBytes: number;
   verified: string[];
 }
@@ -334,7 +336,7 @@ export async function convertInPlace(path: string, opts: ConvertOptions): Promis
 
   // 6. Verify, then reclaim (shared with recovery).
   try {
-    const { verified, reclaimedBytes } = await finishCommitted({
+    const { verified, reclaimedBytes, compactMovedBytes } = await finishCommitted({
       path,
       dev,
       storage,
@@ -353,7 +355,13 @@ export async function convertInPlace(path: string, opts: ConvertOptions): Promis
     await storage.syncDir(jpath);
     const finalLength = await dev.size();
     await dev.close();
-    return { ...plan, finalLength, written: { metadataBytes: plan.metadataBytes, dataBytes: plan.dataMoveBytes }, reclaimedBytes, verified };
+    return {
+      ...plan,
+      finalLength,
+      written: { metadataBytes: plan.metadataBytes, dataBytes: plan.dataMoveBytes, compactionBytes: compactMovedBytes },
+      reclaimedBytes,
+      verified,
+    };
   } catch (e) {
     await dev.close().catch(() => {});
     await journal?.close().catch(() => {});
@@ -386,7 +394,7 @@ export interface FinishArgs {
  * (the source's structures are all still in place until reclaim). Once verified, a DONE record is made
  * durable before reclaim starts, because reclaim destroys the source's tables and with them the way back.
  */
-export async function finishCommitted(a: FinishArgs): Promise<{ verified: string[]; reclaimedBytes: number }> {
+export async function finishCommitted(a: FinishArgs): Promise<{ verified: string[]; reclaimedBytes: number; compactMovedBytes: number }> {
   a.onProgress?.({ phase: 'verify', bytesDone: 0, bytesTotal: 1 });
   let verified: string[];
   try {
@@ -400,9 +408,9 @@ export async function finishCommitted(a: FinishArgs): Promise<{ verified: string
   a.onProgress?.({ phase: 'verify', bytesDone: 1, bytesTotal: 1 });
   await a.append(encodeRecord({ type: 'done' }));
   a.onProgress?.({ phase: 'reclaim', bytesDone: 0, bytesTotal: 1 });
-  const reclaimedBytes = await reclaim(a.path, a.dev, a.drivers, a.to);
+  const { reclaimedBytes, compactMovedBytes } = await reclaim(a.path, a.dev, a.drivers, a.to);
   a.onProgress?.({ phase: 'reclaim', bytesDone: 1, bytesTotal: 1 });
-  return { verified, reclaimedBytes };
+  return { verified, reclaimedBytes, compactMovedBytes };
 }
 
 function isAbort(e: unknown): boolean {
@@ -468,20 +476,25 @@ export async function verifyTarget(
 }
 
 /**
- * The final fsck: space the new image does not reference (the old format's tables) is punched out and a
- * free tail truncated. Returns the bytes deallocated.
+ * The final fsck: where the target counts unreferenced space as leaked (QED), compact the file;
+ * then punch out space the new image does not reference (the old format's tables) and report.
  */
-export async function reclaim(path: string, dev: BlockDevice, drivers: readonly FormatDriver[], to: string): Promise<number> {
+export async function reclaim(path: string, dev: BlockDevice, drivers: readonly FormatDriver[], to: string): Promise<{ reclaimedBytes: number; compactMovedBytes: number }> {
+  let compactMovedBytes = 0;
+  if (findDriver(drivers, to).target?.unreferencedIsLeak) {
+    const c = await compact(path, dev, drivers, to);
+    compactMovedBytes = c.dataMovedBytes + c.tablesMovedBytes;
+  }
   const chain = await openImage(path, { drivers, format: to, topDevice: dev, backing: false });
   try {
     const hs = await chain.layers[0]!.hostSpace();
-    let reclaimed = 0;
+    let reclaimedBytes = 0;
     for (const f of hs.free()) {
       await dev.punchHole(f.start, f.length);
-      reclaimed += f.length;
+      reclaimedBytes += f.length;
     }
     await dev.flush();
-    return reclaimed;
+    return { reclaimedBytes, compactMovedBytes };
   } finally {
     await chain.close();
   }

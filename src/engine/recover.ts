@@ -107,8 +107,9 @@ export async function recover(path: string, opts: RecoverOptions): Promise<Recov
       };
     }
     if (st.state === 'done') {
-      // Verified already; only reclaim may be unfinished.
-      await applyRedo(dev, st.commit.redo, st.commit.finalLength);
+      // Verified already; only reclaim may be unfinished. The fixed regions were written and flushed
+      // before DONE, and compaction may since have changed them (a moved table's pointer in the
+      // header): they must not be rewritten from the journal now.
       await reclaim(path, dev, opts.drivers, prepare.targetFormat);
       await removeJournal();
       return { image: path, action: 'rolled-forward', format: prepare.targetFormat, detail: `the conversion to ${prepare.targetFormat} was complete; finished reclaiming space` };

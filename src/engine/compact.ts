@@ -1,0 +1,173 @@
+/**
+ * Compaction, the last part of reclaim for formats whose checker counts every unreferenced cluster
+ * as leaked (QED). After a conversion the old format's tables leave holes inside the file; the new
+ * tables sit at its end. The compacted file is exactly as long as what it holds, E0 = used bytes:
+ * a window [E0 − T, E0) is kept for the T bytes of tables that lie above it. Tables reaching into the
+ * window first go to scratch space past the end, data in the window or past E0 moves down into the
+ * holes, then the tables move into the window, level by level, and the tail is cut off.
+ *
+ * Every move is MirageOS qcow's state machine: copy into space nothing references → flush → write the
+ * one pointer (an aligned 8-byte entry, inside one sector) → flush; only then is the old place free,
+ * and it is reused only in a later round, after the image is re-read. A crash at any instant leaves a
+ * valid image whose only defect can be a leak, and running reclaim again continues.
+ */
+import type { BlockDevice } from '../blockdev/types.js';
+import type { FormatDriver, Relocatable, SourceImage } from '../driver.js';
+import type { FreeRange } from '../host-space.js';
+import { alignUp } from '../binary.js';
+import { openImage } from '../image.js';
+
+export interface CompactResult {
+  dataMovedBytes: number;
+  tablesMovedBytes: number;
+  lengthBefore: number;
+  lengthAfter: number;
+}
+
+/** Table levels, highest first; data is level 0. Pointers of level n live in level n+1. */
+const TABLE_LEVELS = [1, 2];
+const COPY_CHUNK = 4 << 20;
+
+export async function compact(path: string, dev: BlockDevice, drivers: readonly FormatDriver[], to: string): Promise<CompactResult> {
+  const withImage = async <T>(fn: (img: SourceImage) => Promise<T>): Promise<T> => {
+    const chain = await openImage(path, { drivers, format: to, topDevice: dev, backing: false });
+    try {
+      return await fn(chain.layers[0]!);
+    } finally {
+      await chain.close();
+    }
+  };
+  const lengthBefore = await dev.size();
+  const result: CompactResult = { dataMovedBytes: 0, tablesMovedBytes: 0, lengthBefore, lengthAfter: lengthBefore };
+
+  const layout = await withImage(async (img) => {
+    if (!img.relocatable || !img.info.clusterSize) return null;
+    const cs = img.info.clusterSize;
+    const hs = await img.hostSpace();
+    const used = hs.ranges().reduce((s, r) => s + alignUp(r.length, cs), 0);
+    const E0 = alignUp(used, cs);
+    if (E0 >= lengthBefore) return null; // nothing to reclaim
+    // T: bytes of tables that must end up in the window below E0 (a fixed point: the window's start
+    // decides which tables count as above it).
+    let T = 0;
+    for (;;) {
+      let next = 0;
+      for (const level of TABLE_LEVELS) for (const t of await img.relocatable(level, E0 - T)) next += t.length;
+      if (next <= T) break;
+      T = next;
+    }
+    return { cs, E0, T };
+  });
+  if (!layout) return result;
+  const { cs, E0, T } = layout;
+
+  // Round A: tables in or above the window cannot slide into it safely (a move overlapping the live
+  // table would overwrite it before its pointer flips), so they first go to scratch space past the end.
+  let scratch = alignUp(Math.max(await dev.size(), lengthBefore), cs);
+  for (const level of TABLE_LEVELS) {
+    await withImage(async (img) => {
+      // All of them, even those already inside the window: left where they are, they would split it
+      // into pieces too small for the others.
+      const tables = await img.relocatable!(level, E0 - T);
+      const moves = tables.map((r) => {
+        const to = scratch;
+        scratch += alignUp(r.length, cs);
+        return { r, to };
+      });
+      result.tablesMovedBytes += await applyMoves(dev, moves);
+    });
+  }
+
+  // Round B: data in the window or beyond E0 moves into holes below the window.
+  await withImage(async (img) => {
+    const data = (await img.relocatable!(0, E0 - T)).sort((a, b) => b.host - a.host);
+    const slots = clusterSlots(freeBelow((await img.hostSpace()).free(), E0 - T), cs);
+    const moves: { r: Relocatable; to: number }[] = [];
+    for (const r of data) {
+      const slot = slots.shift();
+      if (slot === undefined || slot >= r.host) break;
+      moves.push({ r, to: slot });
+    }
+    result.dataMovedBytes += await applyMoves(dev, moves);
+  });
+
+  // Round C: tables above E0, lowest level first (their pointers live in the level above, which is
+  // re-read before it moves in turn), first fit into the free window below E0.
+  for (const level of TABLE_LEVELS) {
+    await withImage(async (img) => {
+      const tables = (await img.relocatable!(level, E0)).sort((a, b) => a.host - b.host);
+      const free = freeBelow((await img.hostSpace()).free(), E0).map((f) => ({ ...f }));
+      const moves: { r: Relocatable; to: number }[] = [];
+      for (const r of tables) {
+        const at = firstFit(free, r.length, cs);
+        if (at === undefined || at >= r.host) continue;
+        moves.push({ r, to: at });
+      }
+      result.tablesMovedBytes += await applyMoves(dev, moves);
+    });
+  }
+
+  // Cut the tail nothing references any more.
+  const end = await withImage(async (img) => alignUp((await img.hostSpace()).usedEnd(), cs));
+  if (end < (await dev.size())) {
+    await dev.truncate(end);
+    await dev.flush();
+  }
+  result.lengthAfter = await dev.size();
+  return result;
+}
+
+/** Copies, flushes, repoints, flushes. Returns the bytes moved. */
+async function applyMoves(dev: BlockDevice, moves: { r: Relocatable; to: number }[]): Promise<number> {
+  if (moves.length === 0) return 0;
+  let bytes = 0;
+  const buf = new Uint8Array(COPY_CHUNK);
+  for (const { r, to } of moves) {
+    for (let off = 0; off < r.length; off += COPY_CHUNK) {
+      const len = Math.min(COPY_CHUNK, r.length - off);
+      const piece = buf.subarray(0, len);
+      let got = 0;
+      while (got < len) {
+        const n = await dev.read(piece.subarray(got), r.host + off + got);
+        if (n === 0) break;
+        got += n;
+      }
+      piece.fill(0, got);
+      await dev.write(piece, to + off);
+    }
+    bytes += r.length;
+  }
+  await dev.flush();
+  for (const { r, to } of moves) await dev.write(r.pointer.encode(to), r.pointer.offset);
+  await dev.flush();
+  return bytes;
+}
+
+function freeBelow(free: FreeRange[], limit: number): FreeRange[] {
+  return free.filter((f) => f.start < limit).map((f) => ({ start: f.start, length: Math.min(f.length, limit - f.start) }));
+}
+
+/** Cluster-aligned slots inside the free ranges, ascending. */
+function clusterSlots(free: FreeRange[], cs: number): number[] {
+  const out: number[] = [];
+  for (const f of free) {
+    for (let s = alignUp(f.start, cs); s + cs <= f.start + f.length; s += cs) out.push(s);
+  }
+  return out;
+}
+
+/** First aligned place for `length` bytes; takes it out of `free`. */
+function firstFit(free: FreeRange[], length: number, align: number): number | undefined {
+  for (let i = 0; i < free.length; i++) {
+    const f = free[i]!;
+    const s = alignUp(f.start, align);
+    if (s + length <= f.start + f.length) {
+      const rest: FreeRange[] = [];
+      if (s > f.start) rest.push({ start: f.start, length: s - f.start });
+      if (s + length < f.start + f.length) rest.push({ start: s + length, length: f.start + f.length - s - length });
+      free.splice(i, 1, ...rest);
+      return s;
+    }
+  }
+  return undefined;
+}
