@@ -31,11 +31,14 @@ const hex64 = (hi: number, lo: number) => (hi ? hi.toString(16) + (lo >>> 0).toS
 
 class RefcountCheck {
   readonly report: CheckReport;
-  private refs: Uint32Array;
+  /** Counted references per cluster, as wide as the image's refcounts (QEMU sizes its array the same way). */
+  private refs: Uint8Array | Uint16Array | Uint32Array;
   private nbClusters: number;
   private readonly cs: number;
   private readonly max: number;
   private readonly external: boolean;
+  /** Refcounts per refcount block. */
+  private readonly perBlock: number;
   private nextContiguous = 0;
   /** The stored reftable and refblocks (undefined: no block, null: unusable offset). */
   private reftable: DataView | undefined;
@@ -45,9 +48,11 @@ class RefcountCheck {
   constructor(private readonly layout: Qcow2Layout) {
     this.cs = layout.clusterSize;
     this.nbClusters = Math.ceil(layout.fileSize / this.cs);
-    this.refs = new Uint32Array(Math.max(1, this.nbClusters));
-    this.max = Math.min(refcountMax(layout.header.refcountOrder), 0xffffffff);
+    const order = layout.header.refcountOrder;
+    this.refs = this.newRefs(order, Math.max(1, this.nbClusters));
+    this.max = Math.min(refcountMax(order), order <= 3 ? 0xff : order === 4 ? 0xffff : 0xffffffff);
     this.external = layout.dataFileName !== undefined;
+    this.perBlock = (this.cs * 8) / (1 << order);
     this.report = {
       format: FORMAT,
       corruptions: 0,
@@ -87,11 +92,15 @@ class RefcountCheck {
 
   private grow(n: number): void {
     if (n > this.refs.length) {
-      const bigger = new Uint32Array(Math.max(n, this.refs.length * 2));
+      const bigger = this.newRefs(this.layout.header.refcountOrder, Math.max(n, this.refs.length * 2));
       bigger.set(this.refs);
       this.refs = bigger;
     }
     this.nbClusters = n;
+  }
+
+  private newRefs(order: number, n: number): Uint8Array | Uint16Array | Uint32Array {
+    return order <= 3 ? new Uint8Array(n) : order === 4 ? new Uint16Array(n) : new Uint32Array(n);
   }
 
   async run(): Promise<CheckReport> {
@@ -278,10 +287,6 @@ class RefcountCheck {
         if (this.refs[cluster] !== 1) this.corrupt(`ERROR refcount block ${i} refcount=${this.refs[cluster]}`);
       }
     }
-  }
-
-  private get perBlock(): number {
-    return (this.cs * 8) / (1 << this.layout.header.refcountOrder);
   }
 
   /**

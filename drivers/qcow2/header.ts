@@ -39,14 +39,6 @@ export const CRYPT_LUKS = 2;
 export const COMPRESSION_ZLIB = 0;
 export const COMPRESSION_ZSTD = 1;
 
-export const INCOMPAT_NAMES: Record<number, string> = {
-  0: 'dirty bit',
-  1: 'corrupt bit',
-  2: 'external data file',
-  3: 'compression type',
-  4: 'extended L2 entries',
-};
-
 export interface Qcow2Header {
   version: number;
   backingFileOffset: number;

@@ -27,8 +27,6 @@ import { buildHostSpace } from './hostspace.js';
 import { openDataFile, readLayout, type Qcow2Layout } from './open.js';
 import { activeMapping, l1EntryL2Offset } from './tables.js';
 
-export { FORMAT as QCOW2_FORMAT } from './header.js';
-
 class Qcow2Image implements SourceImage {
   readonly format = FORMAT;
   readonly dataFile?: string;

@@ -53,6 +53,23 @@ const variants: [string, () => string][] = [
   ['cluster 64k', () => { const p = create('c64k.qcow2', 64 << 20); qemuIo(p, 'qcow2', workload(64 << 20)); return p; }],
   ['cluster 2M', () => { const p = create('c2m.qcow2', 64 << 20, ['cluster_size=2M']); qemuIo(p, 'qcow2', workload(64 << 20)); return p; }],
   ['compat 0.10', () => { const p = create('v2.qcow2', 16 << 20, ['compat=0.10']); qemuIo(p, 'qcow2', workload(16 << 20)); return p; }],
+  ['compat 0.10 with a snapshot', () => {
+    const p = create('v2snap.qcow2', 8 << 20, ['compat=0.10', 'cluster_size=4k']);
+    qemuIo(p, 'qcow2', ['write -P 0x12 0 64k']);
+    qemuImg(['snapshot', '-c', 'old', p]);
+    qemuIo(p, 'qcow2', ['write -P 0x13 16k 8k', 'write -P 0x14 4M 4k']);
+    return p;
+  }],
+  ['compressed with a snapshot and an overwrite', () => {
+    const raw = tmp.path('cs-src.raw');
+    qemuImg(['create', '-q', '-f', 'raw', raw, String(1 << 20)]);
+    qemuIo(raw, 'raw', ['write -P 0x15 0 192k']);
+    const p = tmp.path('csnap.qcow2');
+    qemuImg(['convert', '-q', '-c', '-O', 'qcow2', '-o', 'cluster_size=16k', raw, p]);
+    qemuImg(['snapshot', '-c', 'c', p]);
+    qemuIo(p, 'qcow2', ['write -P 0x16 16k 4k']);
+    return p;
+  }],
   ['refcount_bits 1', () => { const p = create('rc1.qcow2', 16 << 20, ['refcount_bits=1']); qemuIo(p, 'qcow2', workload(16 << 20)); return p; }],
   ['refcount_bits 64', () => { const p = create('rc64.qcow2', 16 << 20, ['refcount_bits=64']); qemuIo(p, 'qcow2', workload(16 << 20)); return p; }],
   ['lazy refcounts', () => { const p = create('lazy.qcow2', 16 << 20, ['lazy_refcounts=on']); qemuIo(p, 'qcow2', workload(16 << 20)); return p; }],
