@@ -145,7 +145,8 @@ async function describe(layout: Qcow2Layout): Promise<ImageInfo> {
     'refcount-table-clusters': h.refcountTableClusters,
     snapshots: layout.snapshots.length,
     bitmaps: layout.bitmaps?.nbBitmaps ?? 0,
-    'bitmaps-consistent': (h.autoclearFeatures & AUTOCLEAR_BITMAPS) !== 0n,
+    // Only meaningful with a bitmaps extension: QEMU ignores the bitmaps when autoclear bit 0 is clear.
+    'bitmaps-consistent': layout.bitmaps || layout.staleBitmaps ? (h.autoclearFeatures & AUTOCLEAR_BITMAPS) !== 0n : null,
     encrypt: h.cryptMethod === CRYPT_NONE ? null : h.cryptMethod === 1 ? 'aes' : 'luks',
   };
   const info: ImageInfo = {
