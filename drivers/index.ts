@@ -1,5 +1,3 @@
-// >>> PARALLEL HELPERS OF THIS SESSION: before writing any code, read /tmp/HELPERS-READ-FIRST.md (shared rules:
-// >>> touch only drivers/<fmt>/ and test/drivers/<fmt>*, never src/ or this registry; commit only your paths; test style). <<<
 /**
  * The registry: the one place that lists the format drivers. The core receives this list and never
  * names a format itself. Order matters only for ties in probing (raw is last and scores 1).

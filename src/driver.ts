@@ -1,5 +1,3 @@
-// >>> PARALLEL HELPERS OF THIS SESSION: before writing any code, read /tmp/HELPERS-READ-FIRST.md (shared rules:
-// >>> touch only drivers/<fmt>/ and test/drivers/<fmt>*, never src/ or this registry; commit only your paths; test style). <<<
 /**
  * The driver interface. One format per folder under drivers/, each implementing FormatDriver; the
  * core only ever sees this interface (the registry in drivers/index.ts is the one place that lists

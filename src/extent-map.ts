@@ -1,5 +1,3 @@
-// >>> PARALLEL HELPERS OF THIS SESSION: before writing any code, read /tmp/HELPERS-READ-FIRST.md (shared rules:
-// >>> touch only drivers/<fmt>/ and test/drivers/<fmt>*, never src/ or this registry; commit only your paths; test style). <<<
 /**
  * ExtentMap: the guest → host mapping of one image layer, as runs in guest order covering
  * [0, virtualSize) without gaps. Adjacent runs of the same kind whose host offsets continue are
@@ -19,7 +17,8 @@ export interface Extent {
   /**
    * data: the bytes are at `host` in the layer's data file.
    * zero: reads as zeros without consulting the backing file (`host` set when space is preallocated).
-   * unallocated: not present in this layer; reads from the backing file, zeros when there is none.
+   * unallocated: not present in this layer; reads from the backing file, zeros when there is none
+   *   (`host` set when space is already reserved for it, as for qcow2 extended-L2 subclusters).
    * compressed: one compressed cluster; `host` is the byte offset of its payload, `hostLength` its size.
    */
   kind: ExtentKind;

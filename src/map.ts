@@ -62,7 +62,8 @@ export async function mapChain(chain: ImageChain): Promise<MapEntry[]> {
           break;
         case 'unallocated':
           if (depth + 1 < maps.length) await walk(depth + 1, e.guest, e.length);
-          else emit({ start: e.guest, length: e.length, depth, present: false, zero: true, data: false, compressed: false });
+          // An unallocated run may still have a place reserved for it (qcow2 extended L2 subclusters).
+          else emit({ start: e.guest, length: e.length, depth, present: false, zero: true, data: false, compressed: false, ...(e.host !== undefined ? { offset: e.host } : {}) });
           break;
       }
     }

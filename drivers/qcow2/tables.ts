@@ -149,7 +149,8 @@ function pushCluster(map: ExtentMap, layout: Qcow2Layout, s: ClusterState, guest
         const l = Math.min(sc, len - i * sc);
         if (s.zero & bit) map.push({ guest: g, length: l, kind: 'zero', ...(s.host !== undefined ? { host: s.host + i * sc } : {}) });
         else if (s.alloc & bit) map.push({ guest: g, length: l, kind: 'data', host: s.host! + i * sc });
-        else map.push({ guest: g, length: l, kind: 'unallocated' });
+        // Not yet written, so it reads the backing file; qemu-img map still shows where it would be.
+        else map.push({ guest: g, length: l, kind: 'unallocated', ...(s.host !== undefined ? { host: s.host + i * sc } : {}) });
       }
     }
   }

@@ -1,5 +1,3 @@
-// >>> PARALLEL HELPERS OF THIS SESSION: before writing any code, read /tmp/HELPERS-READ-FIRST.md (shared rules:
-// >>> touch only drivers/<fmt>/ and test/drivers/<fmt>*, never src/ or this registry; commit only your paths; test style). <<<
 /**
  * raw: guest byte x is file byte x. The mapping comes from SEEK_DATA/SEEK_HOLE, never from reading
  * the file: holes are zero runs (with their host offset, as qemu-img map reports them), the rest data.

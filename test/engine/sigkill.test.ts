@@ -1,0 +1,78 @@
+/**
+ * The real CLI killed with SIGKILL at many points of a conversion that takes a while, then
+ * `imgconv recover`: the image must always end valid, in the source or the target format, with the
+ * guest content qemu-img sees unchanged (qemu-img compare) and a clean qemu-img check.
+ */
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { spawn, spawnSync } from 'node:child_process';
+import { copyFileSync, existsSync } from 'node:fs';
+import { join } from 'node:path';
+import { qemuAvailable, qemuImg, qemuImgStatus, qemuIo, withTmpDir } from '../support/qemu.js';
+
+const root = join(import.meta.dirname, '..', '..');
+const bin = join(root, 'bin', 'imgconv');
+const tmp = withTmpDir('imgconv-sigkill-');
+afterAll(() => tmp.cleanup());
+
+beforeAll(() => {
+  if (!existsSync(join(root, 'dist', 'src', 'cli.js'))) {
+    const b = spawnSync('npx', ['tsc', '-p', root], { encoding: 'utf8' });
+    if (b.status !== 0) throw new Error(`build failed: ${b.stdout}${b.stderr}`);
+  }
+});
+
+function runToCompletion(args: string[]) {
+  return spawnSync(process.execPath, [bin, ...args], { encoding: 'utf8' });
+}
+
+/** Starts a conversion and kills it after `ms` milliseconds (or lets it finish first). */
+function killAfter(args: string[], ms: number): Promise<number | null> {
+  return new Promise((resolve) => {
+    const p = spawn(process.execPath, [bin, ...args], { stdio: 'ignore' });
+    const t = setTimeout(() => p.kill('SIGKILL'), ms);
+    p.on('exit', (code) => {
+      clearTimeout(t);
+      resolve(code);
+    });
+  });
+}
+
+describe.runIf(qemuAvailable())('SIGKILL during a real conversion, then recover', () => {
+  it('always ends in a valid image with identical guest content', async () => {
+    // 512-byte qcow2 clusters: QED needs ≥ 4 KiB, so every data cluster moves (tens of MiB of I/O).
+    const orig = tmp.path('orig.qcow2');
+    qemuImg(['create', '-q', '-f', 'qcow2', '-o', 'cluster_size=512', orig, '256M']);
+    qemuIo(orig, 'qcow2', ['write -P 0x11 0 24M', 'write -P 0x22 100M 8M', 'write -z 200M 1M', 'write -P 0x33 255M 1M']);
+    // Delays are fractions of an uncut run on this machine, so they straddle the commit point
+    // whatever the machine's speed.
+    const timed = tmp.path('timed.img');
+    copyFileSync(orig, timed);
+    const t0 = Date.now();
+    expect(runToCompletion(['inplace', '--to', 'qed', timed]).status).toBe(0);
+    const full = Date.now() - t0;
+    const outcomes = { source: 0, target: 0 };
+    const delays = [0.05, 0.15, 0.25, 0.35, 0.45, 0.55, 0.65, 0.75, 0.85, 0.92, 0.97, 1.02].map((f) => Math.round(f * full));
+    for (const ms of delays) {
+      const img = tmp.path(`kill-${ms}.img`);
+      copyFileSync(orig, img);
+      await killAfter(['inplace', '--to', 'qed', img], ms);
+      const r = runToCompletion(['recover', img]);
+      expect(r.status, `recover after ${ms} ms: ${r.stderr}`).toBe(0);
+      expect(existsSync(`${img}.imgconv-journal`)).toBe(false);
+      const info = JSON.parse(qemuImg(['info', '--output=json', img])) as { format: string; 'virtual-size': number };
+      expect(['qcow2', 'qed']).toContain(info.format);
+      expect(info['virtual-size']).toBe(256 << 20);
+      outcomes[info.format === 'qcow2' ? 'source' : 'target']++;
+      const cmp = qemuImgStatus(['compare', '-f', 'qcow2', '-F', info.format, orig, img]);
+      expect(cmp.status, `compare after kill at ${ms} ms (${info.format}): ${cmp.stdout}${cmp.stderr}`).toBe(0);
+      const chk = qemuImgStatus(['check', '--output=json', '-f', info.format, img]);
+      const j = JSON.parse(chk.stdout) as { corruptions?: number; 'check-errors'?: number };
+      expect(j.corruptions ?? 0, `check after kill at ${ms} ms`).toBe(0);
+      expect(j['check-errors'] ?? 0).toBe(0);
+    }
+    console.log(`uncut conversion ${full} ms; SIGKILL outcomes over ${delays.length} kills: ${outcomes.source} rolled back to qcow2, ${outcomes.target} converted to qed`);
+    // The delays must straddle the commit point, or the test shows nothing.
+    expect(outcomes.source).toBeGreaterThan(0);
+    expect(outcomes.target).toBeGreaterThan(0);
+  }, 180_000);
+});
