@@ -26,6 +26,7 @@ import { isCompressedEntry, isZeroFlag } from './entries.js';
 import { buildHostSpace } from './hostspace.js';
 import { openDataFile, readLayout, type Qcow2Layout } from './open.js';
 import { activeMapping, l1EntryL2Offset } from './tables.js';
+import { qcow2Target } from './target.js';
 
 class Qcow2Image implements SourceImage {
   readonly format = FORMAT;
@@ -168,6 +169,7 @@ async function describe(layout: Qcow2Layout): Promise<ImageInfo> {
 export const qcow2Driver: FormatDriver = {
   name: FORMAT,
   description: 'QEMU copy-on-write v2/v3 (qcow2)',
+  target: qcow2Target,
   probe({ head }) {
     if (head.length < 8) return 0;
     const dv = new DataView(head.buffer, head.byteOffset, head.byteLength);
