@@ -23,7 +23,7 @@ interface Variant {
   size: number;
   options?: string;
   subformat: 'fixed' | 'dynamic';
-  /** Compare guest content (skipped for the huge sparse one). */
+  /** Compare the whole guest content's hash (the huge sparse one checks the written regions instead). */
   content?: boolean;
 }
 
@@ -81,11 +81,28 @@ describe.runIf(run)('VHD images made by qemu-img', () => {
         }
       });
 
-      it.runIf(v.content ?? false)('reads the guest content qemu-img convert produces', async () => {
+      it(v.content ? 'reads the guest content qemu-img convert produces' : 'reads the written patterns and zeros around them (disk too large to hash whole)', async () => {
         const chain = await openVhd(f);
         try {
           const reader = await GuestReader.create(chain);
-          expect(await reader.sha256()).toBe(qemuRawSha(f, `${f}.raw`));
+          if (v.content) {
+            expect(await reader.sha256()).toBe(qemuRawSha(f, `${f}.raw`));
+            return;
+          }
+          const third = Math.floor(vs / 3 / 512) * 512;
+          const half = Math.floor(vs / 2 / 512) * 512 - 1024;
+          const expectFill = async (off: number, len: number, byte: number) => {
+            const got = await reader.read(off, len);
+            expect(got.every((b) => b === byte), `guest ${off}+${len} should all be 0x${byte.toString(16)}`).toBe(true);
+          };
+          await expectFill(0, 65536, 0xab);
+          await expectFill(65536, 65536, 0);
+          await expectFill(third, 4096, 0xcd);
+          await expectFill(third + 4096, 8192, 0);
+          await expectFill(half - 4096, 4096, 0);
+          await expectFill(half, 3072, 0x5a);
+          await expectFill(vs - 4096, 3584, 0);
+          await expectFill(vs - 512, 512, 0xee);
         } finally {
           await chain.close();
         }
