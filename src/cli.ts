@@ -42,6 +42,7 @@ function planHuman(p: ConversionPlan): string {
   const reasons = new Map<string, number>();
   for (const m of p.moves) reasons.set(m.reason, (reasons.get(m.reason) ?? 0) + m.length);
   for (const [r, n] of reasons) lines.push(`  ${humanSize(n)}: ${r}`);
+  if (p.compactionMoveBytes) lines.push(`to move after the commit, compacting: ${humanSize(p.compactionMoveBytes)} (${p.compactionMoveBytes} bytes; the old tables' space would otherwise count as leaked)`);
   lines.push(`peak extra disk space: ${humanSize(p.peakExtraBytes)} (${p.peakExtraBytes} bytes)`);
   lines.push(`file size: ${p.source.fileLength} → at most ${p.finalLength} bytes before reclaim`);
   if (p.dropped.length) lines.push(`not carried over: ${p.dropped.join(', ')}`);

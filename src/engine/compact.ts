@@ -171,3 +171,26 @@ function firstFit(free: FreeRange[], length: number, align: number): number | un
   }
   return undefined;
 }
+
+/**
+ * What compact() will move, predicted from a planned layout (header ranges, table ranges, data ranges,
+ * each cluster-aligned) by the same rules: the tables reaching above the window go out and back in,
+ * data above the window's start moves into holes below it.
+ */
+export function estimateCompaction(p: { cs: number; header: FreeRange[]; tables: FreeRange[]; data: FreeRange[]; fileLength: number }): { tablesBytes: number; dataBytes: number } {
+  const { cs } = p;
+  const sum = (rs: FreeRange[]) => rs.reduce((s, r) => s + alignUp(r.length, cs), 0);
+  const E0 = alignUp(sum(p.header) + sum(p.tables) + sum(p.data), cs);
+  if (E0 >= alignUp(p.fileLength, cs)) return { tablesBytes: 0, dataBytes: 0 };
+  let T = 0;
+  for (;;) {
+    const next = p.tables.filter((t) => t.start + t.length > E0 - T).reduce((s, t) => s + alignUp(t.length, cs), 0);
+    if (next <= T) break;
+    T = next;
+  }
+  const limit = E0 - T;
+  const above = (rs: FreeRange[]) => rs.reduce((s, r) => s + Math.max(0, alignUp(r.start + r.length, cs) - Math.max(r.start, limit)), 0);
+  const below = (rs: FreeRange[]) => rs.reduce((s, r) => s + Math.max(0, Math.min(alignUp(r.start + r.length, cs), limit) - r.start), 0);
+  const holesBelow = limit - below(p.header) - below(p.tables) - below(p.data);
+  return { tablesBytes: 2 * T, dataBytes: Math.min(above(p.data), Math.max(0, holesBelow)) };
+}

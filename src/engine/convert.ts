@@ -9,13 +9,14 @@ import { fileStorage, type Storage } from '../blockdev/storage.js';
 import type { FormatDriver, HostWrite, PlanInput, SourceImage, TargetDriver, TargetOptions, TargetPlan } from '../driver.js';
 import { ExtentMap, type Extent } from '../extent-map.js';
 import { ImgconvError, UnsupportedError, UsageError } from '../errors.js';
+import { alignUp } from '../binary.js';
 import { findDriver, openImage, probe, type ImageChain } from '../image.js';
 import { checkImage } from '../check.js';
 import { GapAllocator } from './allocator.js';
 import { encodeRecord, journalPath, regionsDigest, type Region } from './journal.js';
 import { guestEquivalent, readTopLayer } from './mapping.js';
 import { holesAsData, scanHoles } from './holes.js';
-import { compact } from './compact.js';
+import { compact, estimateCompaction } from './compact.js';
 
 export type Phase = 'analyse' | 'plan' | 'move' | 'write' | 'commit' | 'verify' | 'reclaim';
 export const PHASES: readonly Phase[] = ['analyse', 'plan', 'move', 'write', 'commit', 'verify', 'reclaim'];
@@ -56,6 +57,11 @@ export interface ConversionPlan {
   metadataBytes: number;
   moves: DataMove[];
   dataMoveBytes: number;
+  /**
+   * Bytes moved after the commit to leave no unreferenced space inside the file, where the target's
+   * checker would count it as leaked (QED): the new tables, twice, and data from the tail into holes.
+   */
+  compactionMoveBytes: number;
   /** Most the file grows beyond its original length during the conversion. */
   peakExtraBytes: number;
   finalLength: number;
@@ -124,6 +130,19 @@ async function prepare(path: string, dev: BlockDevice, opts: ConvertOptions): Pr
     const build = targetDriver.target.build(targetPlan, { ...input, mapping: movedMapping }, alloc);
     const dataMoveBytes = moves.reduce((s, m) => s + m.length, 0);
     const finalLength = Math.max(build.finalLength, fileLength);
+    let compaction = { tablesBytes: 0, dataBytes: 0 };
+    if (targetDriver.target.unreferencedIsLeak) {
+      const cs = targetPlan.dataAlignment;
+      const data: { start: number; length: number }[] = [];
+      for (const e of movedMapping) if (e.kind === 'data') data.push({ start: e.host!, length: alignUp(e.length, cs) });
+      compaction = estimateCompaction({
+        cs,
+        header: targetPlan.fixedRegions,
+        tables: build.writes.map((w) => ({ start: w.offset, length: w.bytes.length })),
+        data,
+        fileLength: finalLength,
+      });
+    }
     const plan: ConversionPlan = {
       image: path,
       source: { format: info.format, virtualSize: info.virtualSize, fileLength, ...(info.backing ? { backing: info.backing.filename } : {}) },
@@ -131,7 +150,8 @@ async function prepare(path: string, dev: BlockDevice, opts: ConvertOptions): Pr
       metadataBytes: build.metadataBytes,
       moves,
       dataMoveBytes,
-      peakExtraBytes: Math.max(0, finalLength - fileLength),
+      compactionMoveBytes: compaction.tablesBytes + compaction.dataBytes,
+      peakExtraBytes: Math.max(0, finalLength - fileLength) + compaction.tablesBytes / 2,
       finalLength,
       dropped: [...(info.notCarried ?? []).filter((f) => f.action === 'drop').map((f) => f.feature), ...targetPlan.dropped],
     };
