@@ -160,6 +160,14 @@ async function describe(layout: Qcow2Layout): Promise<ImageInfo> {
     features,
     details,
   };
+  // What a conversion (which carries only the active guest mapping) would lose.
+  const notCarried: NonNullable<ImageInfo['notCarried']> = [];
+  if (layout.snapshots.length) {
+    notCarried.push({ feature: 'internal snapshots', action: 'refuse', detail: `${layout.snapshots.length} internal snapshot(s) hold guest data outside the active layer; export or delete them first (qemu-img snapshot -l / -d)` });
+  }
+  if (h.cryptMethod !== CRYPT_NONE) notCarried.push({ feature: 'encryption', action: 'refuse', detail: 'the data is encrypted; decrypt with qemu-img convert first' });
+  if (layout.bitmaps) notCarried.push({ feature: 'dirty bitmaps', action: 'drop', detail: `${layout.bitmaps.nbBitmaps} persistent dirty bitmap(s) (incremental-backup state) are not carried` });
+  if (notCarried.length) info.notCarried = notCarried;
   if (layout.backingFile !== undefined) {
     info.backing = { filename: layout.backingFile, ...(layout.backingFormat !== undefined ? { format: layout.backingFormat } : {}) };
   }

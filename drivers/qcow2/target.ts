@@ -258,22 +258,28 @@ export function layOut(p: Qcow2TargetParams, runs: ClusterRun[], virtualSize: nu
   const reftableClustersFor = (windows: number) => Math.ceil((windows * 8) / cs);
   let maxWindow = -1;
   let scanned = 0;
-  const coverWindows = (a: number, b: number) => {
+  const missing = new Set<number>();
+  const findMissing = (a: number, b: number) => {
     for (let w = Math.floor(a / perBlock); w <= Math.floor((b - 1) / perBlock); w++) {
       maxWindow = Math.max(maxWindow, w);
-      if (refblocks.has(w)) continue;
-      const off = alloc.alloc(cs, cs);
-      refblocks.set(w, off);
-      pieces.push([off / cs, off / cs + 1]); // scanned in turn: it may open a window of its own
+      if (!refblocks.has(w)) missing.add(w);
     }
   };
   for (;;) {
     while (scanned < pieces.length) {
       const [a, b] = pieces[scanned++]!;
-      coverWindows(a, b);
+      findMissing(a, b);
     }
-    if (reftable) coverWindows(reftable.offset / cs, reftable.offset / cs + reftable.clusters);
-    if (scanned < pieces.length) continue;
+    if (reftable) findMissing(reftable.offset / cs, reftable.offset / cs + reftable.clusters);
+    if (missing.size > 0) {
+      // One contiguous run for all the missing refblocks: it opens at most a window or two of its
+      // own, where one cluster per refblock could each land in a fresh window of a fragmented file.
+      const run = alloc.alloc(missing.size * cs, cs);
+      [...missing].sort((x, y) => x - y).forEach((w, k) => refblocks.set(w, run + k * cs));
+      pieces.push([run / cs, run / cs + missing.size]);
+      missing.clear();
+      continue;
+    }
     if (reftable && reftable.clusters >= reftableClustersFor(maxWindow + 1)) break;
     // (Re)allocate the reftable with room for the windows that it and its own refblocks may still
     // open past the current end. A table outgrown this way stays unreferenced: refcount 0, free
@@ -336,22 +342,44 @@ interface Candidate {
   runs: ClusterRun[];
   mustMove: MustMove[];
   moveBytes: number;
+  /** Exact after simulate(); until then the lower bound screen() computes. */
   metadataBytes: number;
+}
+
+/** The guest runs as they will be after the moves: moved ranges become data (host unknown yet). */
+function runsAfterMoves(p: Qcow2TargetParams, runs: ClusterRun[], mustMove: MustMove[], hasBacking: boolean, hostOf: (m: MustMove) => number): ClusterRun[] {
+  const moved: ClusterRun[] = mustMove.map((m) => ({ guest: m.guest, length: m.length, kind: 'data', host: hostOf(m) }));
+  return [...runs.filter((r) => !(p.version === 2 && hasBacking && r.kind === 'zero')), ...moved].sort((a, b) => a.guest - b.guest);
+}
+
+/** L2 tables a guest-ordered run list needs. */
+function countL2(p: Qcow2TargetParams, runs: ClusterRun[]): number {
+  const span = l2Span(p.clusterSize);
+  let count = 0;
+  let last = -1;
+  for (const r of runs) {
+    if (!mapsSomething(r, p.version)) continue;
+    const first = Math.max(last + 1, Math.floor(r.guest / span));
+    const end = Math.floor((r.guest + r.length - 1) / span);
+    if (end >= first) count += end - first + 1;
+    last = Math.max(last, end);
+  }
+  return count;
 }
 
 /**
  * Lays the candidate out against an allocator set up as the engine sets up its own (source free
  * space minus cluster 0, then past the end; moved data first), so the metadata size is exact.
  */
-function simulate(p: Qcow2TargetParams, input: PlanInput, runs: ClusterRun[], mustMove: MustMove[]): number {
+function simulate(p: Qcow2TargetParams, input: PlanInput, c: Candidate): number {
   const cs = p.clusterSize;
   const alloc = new GapAllocator(input.hostSpace.free(), [{ start: 0, length: cs }], Math.max(input.fileSize, input.hostSpace.usedEnd()));
-  const moved: ClusterRun[] = mustMove.map((m) => ({ guest: m.guest, length: m.length, kind: 'data', host: alloc.alloc(m.length, cs) }));
-  const all = [...runs.filter((r) => !(p.version === 2 && input.info.backing && r.kind === 'zero')), ...moved].sort((a, b) => a.guest - b.guest);
-  return layOut(p, all, input.info.virtualSize, alloc).metadataBytes;
+  const runs = runsAfterMoves(p, c.runs, c.mustMove, input.info.backing !== undefined, (m) => alloc.alloc(m.length, cs));
+  return layOut(p, runs, input.info.virtualSize, alloc).metadataBytes;
 }
 
-function evaluate(p: Qcow2TargetParams, input: PlanInput): Candidate | string {
+/** What must move at this cluster size and a lower bound of its metadata, or why it cannot be used. */
+function screen(p: Qcow2TargetParams, input: PlanInput): Candidate | string {
   const cs = p.clusterSize;
   const { virtualSize, backing } = input.info;
   if (l1EntriesFor(cs, virtualSize) * 8 > MAX_L1_BYTES) return `${virtualSize} bytes needs an L1 table larger than QEMU's ${MAX_L1_BYTES}-byte limit with ${cs}-byte clusters`;
@@ -359,14 +387,34 @@ function evaluate(p: Qcow2TargetParams, input: PlanInput): Candidate | string {
   const c = clusterize(input.mapping, cs, { reserved: [{ start: 0, length: cs }], hasBacking: backing !== undefined });
   const mustMove = p.version === 2 && backing ? [...c.mustMove, ...zeroRunsToMove(c.runs)].sort((a, b) => a.guest - b.guest) : c.mustMove;
   const moveBytes = mustMove.reduce((s, m) => s + m.length, 0);
-  let metadataBytes: number;
-  try {
-    metadataBytes = simulate(p, input, c.runs, mustMove);
-  } catch (e) {
-    if (e instanceof UnsupportedError) return e.message;
-    throw e;
+  const l1Clusters = Math.ceil((l1EntriesFor(cs, virtualSize) * 8) / cs);
+  const l2Tables = countL2(p, runsAfterMoves(p, c.runs, mustMove, backing !== undefined, () => 0));
+  // Cluster 0, L1, L2s, and at least one reftable cluster and one refblock.
+  const lowerBound = cs * (1 + l1Clusters + l2Tables + 2);
+  return { cs, runs: c.runs, mustMove, moveBytes, metadataBytes: lowerBound };
+}
+
+/**
+ * The candidates worth laying out in full, with exact metadata: in order of their lower-bound cost,
+ * stopping once a lower bound exceeds the best exact cost (such a size can never win). This keeps
+ * 512-byte clusters on a large disk (millions of L2 tables) from being laid out at all.
+ */
+function exactCandidates(opts: Omit<Qcow2TargetParams, 'clusterSize'>, input: PlanInput, screened: Candidate[], refusals: string[]): Candidate[] {
+  const cost = (c: Candidate) => 2 * c.moveBytes + c.metadataBytes;
+  const out: Candidate[] = [];
+  let best = Infinity;
+  for (const c of screened.slice().sort((a, b) => cost(a) - cost(b))) {
+    if (cost(c) > best) break;
+    try {
+      const exact = { ...c, metadataBytes: simulate({ ...opts, clusterSize: c.cs }, input, c) };
+      out.push(exact);
+      best = Math.min(best, cost(exact));
+    } catch (e) {
+      if (!(e instanceof UnsupportedError)) throw e;
+      refusals.push(e.message);
+    }
   }
-  return { cs, runs: c.runs, mustMove, moveBytes, metadataBytes };
+  return out;
 }
 
 function paramsOf(plan: TargetPlan): Qcow2TargetParams {
@@ -388,13 +436,14 @@ export const qcow2Target: TargetDriver = {
       throw new UnsupportedError(FORMAT, 'virtual size', `${virtualSize} bytes is not a multiple of 512 (qcow2 counts the size in sectors)`);
     }
     const sizes = opts.clusterSize !== undefined ? [opts.clusterSize] : powersOfTwo(MIN_CLUSTER, MAX_CLUSTER);
-    const candidates: Candidate[] = [];
+    const screened: Candidate[] = [];
     const refusals: string[] = [];
     for (const cs of sizes) {
-      const c = evaluate({ ...opts, clusterSize: cs }, input);
+      const c = screen({ ...opts, clusterSize: cs }, input);
       if (typeof c === 'string') refusals.push(c);
-      else candidates.push(c);
+      else screened.push(c);
     }
+    const candidates = exactCandidates(opts, input, screened, refusals);
     if (candidates.length === 0) {
       if (opts.clusterSize !== undefined) throw new UsageError(`-o cluster_size=${input.options.cluster_size}: ${refusals[0]}`);
       throw new UnsupportedError(FORMAT, 'image', `no cluster size can hold this image: ${refusals[refusals.length - 1]}`);
