@@ -206,7 +206,7 @@ function l1EntriesFor(cs: number, virtualSize: number): number {
 /** Host clusters [start, end), in cluster units. */
 type ClusterInterval = [number, number];
 
-export interface Qcow2Layout {
+export interface TargetLayout {
   l1Entries: number;
   l1Offset: number;
   l1Clusters: number;
@@ -227,7 +227,7 @@ function mapsSomething(r: ClusterRun, version: 2 | 3): boolean {
   return r.kind === 'data' || (r.kind === 'zero' && version === 3);
 }
 
-export function layOut(p: Qcow2TargetParams, runs: ClusterRun[], virtualSize: number, alloc: Allocator): Qcow2Layout {
+export function layOut(p: Qcow2TargetParams, runs: ClusterRun[], virtualSize: number, alloc: Allocator): TargetLayout {
   const cs = p.clusterSize;
   const span = l2Span(cs);
   const l1Entries = l1EntriesFor(cs, virtualSize);
