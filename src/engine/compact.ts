@@ -44,8 +44,7 @@ export async function compact(path: string, dev: BlockDevice, drivers: readonly 
     if (!img.relocatable || !img.info.clusterSize) return null;
     const cs = img.info.clusterSize;
     const hs = await img.hostSpace();
-    const used = hs.ranges().reduce((s, r) => s + alignUp(r.length, cs), 0);
-    const E0 = alignUp(used, cs);
+    const E0 = clustersCovered(hs.ranges(), cs) * cs;
     if (E0 >= lengthBefore) return null; // nothing to reclaim
     // T: bytes of tables that must end up in the window below E0 (a fixed point: the window's start
     // decides which tables count as above it).
@@ -143,6 +142,26 @@ async function applyMoves(dev: BlockDevice, moves: { r: Relocatable; to: number 
   return bytes;
 }
 
+/**
+ * Whole clusters that the ranges touch, each counted once (a partial last data cluster is recorded as
+ * two ranges — the data and its tail past the virtual size — and must count as one cluster).
+ */
+export function clustersCovered(ranges: FreeRange[], cs: number): number {
+  const sorted = ranges.slice().sort((a, b) => a.start - b.start);
+  let count = 0;
+  let covered = -1; // index of the last cluster counted
+  for (const r of sorted) {
+    if (r.length <= 0) continue;
+    const first = Math.max(Math.floor(r.start / cs), covered + 1);
+    const last = Math.floor((r.start + r.length - 1) / cs);
+    if (last >= first) {
+      count += last - first + 1;
+      covered = last;
+    }
+  }
+  return count;
+}
+
 function freeBelow(free: FreeRange[], limit: number): FreeRange[] {
   return free.filter((f) => f.start < limit).map((f) => ({ start: f.start, length: Math.min(f.length, limit - f.start) }));
 }
@@ -179,8 +198,7 @@ function firstFit(free: FreeRange[], length: number, align: number): number | un
  */
 export function estimateCompaction(p: { cs: number; header: FreeRange[]; tables: FreeRange[]; data: FreeRange[]; fileLength: number }): { tablesBytes: number; dataBytes: number } {
   const { cs } = p;
-  const sum = (rs: FreeRange[]) => rs.reduce((s, r) => s + alignUp(r.length, cs), 0);
-  const E0 = alignUp(sum(p.header) + sum(p.tables) + sum(p.data), cs);
+  const E0 = clustersCovered([...p.header, ...p.tables, ...p.data], cs) * cs;
   if (E0 >= alignUp(p.fileLength, cs)) return { tablesBytes: 0, dataBytes: 0 };
   let T = 0;
   for (;;) {
