@@ -14,7 +14,7 @@
 import { isPowerOfTwo } from '../../src/binary.js';
 import type { Allocator, HostWrite, PlanInput, TargetBuild, TargetDriver, TargetPlan } from '../../src/driver.js';
 import { GapAllocator } from '../../src/engine/allocator.js';
-import { cheapestClusterSize, clusterize, powersOfTwo, type ClusterRun, type MustMove } from '../../src/engine/clusters.js';
+import { cheapestClusterSize, clusterize, costSlack, powersOfTwo, type ClusterRun, type MustMove } from '../../src/engine/clusters.js';
 import { UnsupportedError, UsageError } from '../../src/errors.js';
 import { encodeL1Entry, encodeL2Entry, encodeReftableEntry, setRefcount } from './entries.js';
 import { EXT_BACKING_FORMAT, encodeExtensions, type HeaderExtension } from './extensions.js';
@@ -403,8 +403,9 @@ function exactCandidates(opts: Omit<Qcow2TargetParams, 'clusterSize'>, input: Pl
   const cost = (c: Candidate) => 2 * c.moveBytes + c.metadataBytes;
   const out: Candidate[] = [];
   let best = Infinity;
+  const slack = costSlack(input.info.virtualSize);
   for (const c of screened.slice().sort((a, b) => cost(a) - cost(b))) {
-    if (cost(c) > best) break;
+    if (cost(c) > best + slack) break;
     try {
       const exact = { ...c, metadataBytes: simulate({ ...opts, clusterSize: c.cs }, input, c) };
       out.push(exact);
@@ -448,7 +449,7 @@ export const qcow2Target: TargetDriver = {
       if (opts.clusterSize !== undefined) throw new UsageError(`-o cluster_size=${input.options.cluster_size}: ${refusals[0]}`);
       throw new UnsupportedError(FORMAT, 'image', `no cluster size can hold this image: ${refusals[refusals.length - 1]}`);
     }
-    const cs = cheapestClusterSize(candidates, DEFAULT_CLUSTER);
+    const cs = cheapestClusterSize(candidates, DEFAULT_CLUSTER, virtualSize);
     const chosen = candidates.find((c) => c.cs === cs)!;
     return {
       format: FORMAT,

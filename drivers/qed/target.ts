@@ -81,7 +81,7 @@ export const qedTarget: TargetDriver = {
       return [{ ...c, cs, ts, headerBytes, metadataBytes }];
     });
     if (candidates.length === 0) throw new UnsupportedError(QED, 'virtual size', `${input.info.virtualSize} bytes is more than QED can address`);
-    const cs = cheapestClusterSize(candidates, DEFAULT_CLUSTER);
+    const cs = cheapestClusterSize(candidates, DEFAULT_CLUSTER, input.info.virtualSize);
     const chosen = candidates.find((c) => c.cs === cs)!;
     const ts = chosen.ts;
     return {

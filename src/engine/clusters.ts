@@ -122,11 +122,27 @@ export function powersOfTwo(min: number, max: number): number[] {
 }
 
 /**
- * The candidate that costs the least I/O: moved bytes count twice (read and write), new metadata once.
- * Among equals, the one closest to `preferred` (the format's default, what qemu-img would make).
+ * The candidate that costs the least I/O — moved bytes count twice (read and write), new metadata
+ * once — where costs within a slack of the cheapest count as equal; among those, the one that moves
+ * the least data, then the one closest to `preferred` (the format's default, what qemu-img makes). The slack (1 MiB + 1/4096 of the
+ * virtual size) keeps a small disk from getting 4 KiB clusters to save half a megabyte of tables,
+ * while a raw disk of a terabyte still gets the cluster size that spares it gigabytes of L2 tables.
  */
-export function cheapestClusterSize(candidates: { cs: number; moveBytes: number; metadataBytes: number }[], preferred: number): number {
+export function cheapestClusterSize(
+  candidates: { cs: number; moveBytes: number; metadataBytes: number }[],
+  preferred: number,
+  virtualSize = 0,
+): number {
   const dist = (cs: number) => Math.abs(Math.log2(cs) - Math.log2(preferred));
   const cost = (c: { moveBytes: number; metadataBytes: number }) => 2 * c.moveBytes + c.metadataBytes;
-  return candidates.slice().sort((a, b) => cost(a) - cost(b) || dist(a.cs) - dist(b.cs) || a.cs - b.cs)[0]!.cs;
+  const min = Math.min(...candidates.map(cost));
+  const slack = costSlack(virtualSize);
+  return candidates
+    .filter((c) => cost(c) <= min + slack)
+    .sort((a, b) => a.moveBytes - b.moveBytes || dist(a.cs) - dist(b.cs) || cost(a) - cost(b) || a.cs - b.cs)[0]!.cs;
+}
+
+/** Costs closer than this to the cheapest count as equal (see cheapestClusterSize). */
+export function costSlack(virtualSize: number): number {
+  return (1 << 20) + virtualSize / 4096;
 }

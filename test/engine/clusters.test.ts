@@ -85,5 +85,20 @@ describe('clusterize', () => {
   it('chooses the cheapest cluster size, counting moved bytes twice', () => {
     expect(cheapestClusterSize([{ cs: 4096, moveBytes: 4096, metadataBytes: 1 << 30 }, { cs: 65536, moveBytes: 65536, metadataBytes: 1 << 20 }], 65536)).toBe(65536);
     expect(cheapestClusterSize([{ cs: 4096, moveBytes: 0, metadataBytes: 100 }, { cs: 65536, moveBytes: 0, metadataBytes: 100 }], 65536)).toBe(65536);
+    // moving 8 MiB of data twice costs more than the slack: the small cluster that keeps data in place wins
+    expect(cheapestClusterSize([{ cs: 512, moveBytes: 0, metadataBytes: 1 << 20 }, { cs: 65536, moveBytes: 8 << 20, metadataBytes: 1 << 18 }], 65536, 64 << 20)).toBe(512);
+  });
+
+  it('prefers the default cluster size when the cheaper one saves less than the slack', () => {
+    // a small disk: 4 KiB clusters would save ~480 KiB of QED tables; not worth leaving the default
+    expect(cheapestClusterSize([{ cs: 4096, moveBytes: 0, metadataBytes: 36 << 10 }, { cs: 65536, moveBytes: 0, metadataBytes: 512 << 10 }], 65536, 64 << 20)).toBe(65536);
+    // a 100 GiB raw disk: 4 KiB clusters would cost 200 MiB of tables; 512 KiB is cheapest by far
+    const vs = 100 * 2 ** 30;
+    const c = [
+      { cs: 4096, moveBytes: 4096, metadataBytes: 200 << 20 },
+      { cs: 65536, moveBytes: 65536, metadataBytes: 13 << 20 },
+      { cs: 524288, moveBytes: 524288, metadataBytes: 4 << 20 },
+    ];
+    expect(cheapestClusterSize(c, 65536, vs)).toBe(65536); // 13 MiB vs 5 MiB: within 1 MiB + 25 MiB slack
   });
 });
