@@ -37,34 +37,63 @@ function killAfter(args: string[], ms: number): Promise<number | null> {
   });
 }
 
-describe.runIf(qemuAvailable())('SIGKILL during a real conversion, then recover', () => {
-  it('always ends in a valid image with identical guest content', async () => {
+interface KillCase {
+  name: string;
+  from: string;
+  to: string;
+  make: (path: string) => void;
+}
+
+const killCases: KillCase[] = [
+  {
     // 512-byte qcow2 clusters: QED needs ≥ 4 KiB, so every data cluster moves (tens of MiB of I/O).
-    const orig = tmp.path('orig.qcow2');
-    qemuImg(['create', '-q', '-f', 'qcow2', '-o', 'cluster_size=512', orig, '256M']);
-    qemuIo(orig, 'qcow2', ['write -P 0x11 0 24M', 'write -P 0x22 100M 8M', 'write -z 200M 1M', 'write -P 0x33 255M 1M']);
+    name: 'qcow2 (512 B clusters, all data moves) → qed',
+    from: 'qcow2',
+    to: 'qed',
+    make: (p) => {
+      qemuImg(['create', '-q', '-f', 'qcow2', '-o', 'cluster_size=512', p, '256M']);
+      qemuIo(p, 'qcow2', ['write -P 0x11 0 24M', 'write -P 0x22 100M 8M', 'write -z 200M 1M', 'write -P 0x33 255M 1M']);
+    },
+  },
+  {
+    // Nothing moves: a short conversion of metadata only, over many L2 tables.
+    name: 'qed (4 KiB clusters, sparse 4 GiB) → qcow2',
+    from: 'qed',
+    to: 'qcow2',
+    make: (p) => {
+      qemuImg(['create', '-q', '-f', 'qed', '-o', 'cluster_size=4k', p, '4G']);
+      qemuIo(p, 'qed', ['write -P 0x11 0 8M', 'write -P 0x22 1G 4M', 'write -z 2G 1M', 'write -P 0x33 3G 8M', 'write -P 0x44 4095M 1M']);
+    },
+  },
+];
+
+describe.runIf(qemuAvailable())('SIGKILL during a real conversion, then recover', () => {
+  it.each(killCases)('$name: always ends in a valid image with identical guest content', async ({ name, from, to, make }) => {
+    const orig = tmp.path(`orig-${from}-${to}`);
+    make(orig);
     // Delays are fractions of an uncut run on this machine, so they straddle the commit point
     // whatever the machine's speed.
-    const timed = tmp.path('timed.img');
+    const timed = tmp.path(`timed-${from}-${to}.img`);
     copyFileSync(orig, timed);
     const t0 = Date.now();
-    expect(runToCompletion(['inplace', '--to', 'qed', timed]).status).toBe(0);
+    expect(runToCompletion(['inplace', '--to', to, timed]).status).toBe(0);
     const full = Date.now() - t0;
+    const vsize = (JSON.parse(qemuImg(['info', '--output=json', '-f', from, orig])) as { 'virtual-size': number })['virtual-size'];
     const outcomes = { source: 0, target: 0 };
     const delays = [0.05, 0.15, 0.25, 0.35, 0.45, 0.55, 0.65, 0.75, 0.85, 0.92, 0.97, 1.02].map((f) => Math.round(f * full));
     const killAndCheck = async (ms: number) => {
-      const img = tmp.path(`kill-${ms}.img`);
+      const img = tmp.path(`kill-${from}-${to}-${kills}-${ms}.img`);
       copyFileSync(orig, img);
-      await killAfter(['inplace', '--to', 'qed', img], ms);
+      await killAfter(['inplace', '--to', to, img], ms);
       const r = runToCompletion(['recover', img]);
       expect(r.status, `recover after ${ms} ms: ${r.stderr}`).toBe(0);
       expect(existsSync(`${img}.imgconv-journal`)).toBe(false);
       const info = JSON.parse(qemuImg(['info', '--output=json', img])) as { format: string; 'virtual-size': number };
-      expect(['qcow2', 'qed']).toContain(info.format);
-      expect(info['virtual-size']).toBe(256 << 20);
-      outcomes[info.format === 'qcow2' ? 'source' : 'target']++;
+      expect([from, to]).toContain(info.format);
+      expect(info['virtual-size']).toBe(vsize);
+      outcomes[info.format === from ? 'source' : 'target']++;
       kills++;
-      const cmp = qemuImgStatus(['compare', '-f', 'qcow2', '-F', info.format, orig, img]);
+      const cmp = qemuImgStatus(['compare', '-f', from, '-F', info.format, orig, img]);
       expect(cmp.status, `compare after kill at ${ms} ms (${info.format}): ${cmp.stdout}${cmp.stderr}`).toBe(0);
       const chk = qemuImgStatus(['check', '--output=json', '-f', info.format, img]);
       const j = JSON.parse(chk.stdout) as { corruptions?: number; 'check-errors'?: number };
@@ -78,9 +107,9 @@ describe.runIf(qemuAvailable())('SIGKILL during a real conversion, then recover'
     for (let extra = 1; extra <= 6 && (outcomes.source === 0 || outcomes.target === 0); extra++) {
       await killAndCheck(outcomes.source === 0 ? Math.round(full * 0.03 / extra) : Math.round(full * (1 + 0.5 * extra)));
     }
-    console.log(`uncut conversion ${full} ms; SIGKILL outcomes over ${kills} kills: ${outcomes.source} rolled back to qcow2, ${outcomes.target} converted to qed`);
+    console.log(`${name}: uncut conversion ${full} ms; SIGKILL outcomes over ${kills} kills: ${outcomes.source} rolled back to ${from}, ${outcomes.target} converted to ${to}`);
     // The delays must straddle the commit point, or the test shows nothing.
     expect(outcomes.source).toBeGreaterThan(0);
     expect(outcomes.target).toBeGreaterThan(0);
-  }, 180_000);
+  }, 240_000);
 });
