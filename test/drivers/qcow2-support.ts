@@ -2,6 +2,7 @@
  * Helpers for the qcow2 tests: opening through NoWriteDevice, qemu-img map/check/convert
  * comparisons, and small in-memory images built with qemu-img for hostile-input tests.
  */
+import { normaliseMap as sharedNormalise, type RawMapEntry } from '../support/qemu-map.js';
 import { createHash } from 'node:crypto';
 import { deflateRawSync } from 'node:zlib';
 import { encodeL1Entry, encodeL2Entry, encodeReftableEntry, getRefcount, setRefcount } from '../../drivers/qcow2/entries.js';
@@ -41,44 +42,9 @@ export async function openQcow2Chain(path: string): Promise<ImageChain> {
   });
 }
 
-interface Norm {
-  start: number;
-  length: number;
-  depth: number;
-  present: boolean;
-  data: boolean;
-  zero: boolean;
-  offset?: number;
-}
-
-/**
- * qemu-img map entries normalised for comparison: adjacent runs with equal depth/present/data/zero
- * and continuing offsets merged; `zero` ignored on data runs (QEMU sets it from file holes); the
- * offset of a not-present run dropped (QEMU reports one for allocated-but-unused subclusters,
- * which imgconv models as unallocated); filename and compressed ignored.
- */
-export function normaliseMap(entries: MapEntry[] | Record<string, unknown>[]): Norm[] {
-  const out: Norm[] = [];
-  for (const raw of entries as Record<string, unknown>[]) {
-    const data = raw.data as boolean;
-    const e: Norm = { start: raw.start as number, length: raw.length as number, depth: raw.depth as number, present: raw.present as boolean, data, zero: data ? false : (raw.zero as boolean) };
-    if (raw.offset !== undefined && e.present) e.offset = raw.offset as number;
-    const p = out[out.length - 1];
-    if (
-      p &&
-      p.start + p.length === e.start &&
-      p.depth === e.depth &&
-      p.present === e.present &&
-      p.data === e.data &&
-      p.zero === e.zero &&
-      ((p.offset === undefined && e.offset === undefined) || (p.offset !== undefined && e.offset !== undefined && p.offset + p.length === e.offset))
-    ) {
-      p.length += e.length;
-    } else {
-      out.push(e);
-    }
-  }
-  return out;
+/** The shared normalisation (test/support/qemu-map.ts): what qemu-img map comparisons ignore and merge. */
+export function normaliseMap(entries: readonly MapEntry[] | readonly Record<string, unknown>[]) {
+  return sharedNormalise(entries as unknown as RawMapEntry[]);
 }
 
 export function qemuMap(path: string): Record<string, unknown>[] {

@@ -16,7 +16,6 @@ interface Variant {
   name: string;
   make: (p: (n: string) => string) => string;
   subformat: string;
-  holesAsZero?: boolean;
   layers?: number;
 }
 
@@ -59,7 +58,6 @@ const variants: Variant[] = [
   {
     name: 'monolithicFlat',
     subformat: 'monolithicFlat',
-    holesAsZero: true,
     make: (p) => {
       const f = p('flat.vmdk');
       qemuImg(['create', '-f', 'vmdk', '-o', 'subformat=monolithicFlat', f, '10M']);
@@ -70,7 +68,6 @@ const variants: Variant[] = [
   {
     name: 'twoGbMaxExtentFlat with one extent',
     subformat: 'twoGbMaxExtentFlat',
-    holesAsZero: true,
     make: (p) => {
       const f = p('split-flat.vmdk');
       qemuImg(['create', '-f', 'vmdk', '-o', 'subformat=twoGbMaxExtentFlat', f, '4M']);
@@ -150,7 +147,7 @@ describe.runIf(run)('vmdk against qemu-img', () => {
           expect(top.info.details['create-type']).toBe(qdata['create-type']);
           if (qi['cluster-size'] !== undefined) expect(top.info.clusterSize).toBe(qi['cluster-size']);
 
-          expect(normaliseMap(await ourMap(chain), v.holesAsZero)).toEqual(normaliseMap(qemuMap(f), v.holesAsZero));
+          expect(normaliseMap(await ourMap(chain))).toEqual(normaliseMap(qemuMap(f)));
           expect(await ourSha(chain)).toBe(qemuRawSha(f, tmp.path(`${v.name.replace(/\W+/g, '_')}.raw`)));
 
           for (const layer of chain.layers) {

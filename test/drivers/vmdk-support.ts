@@ -1,6 +1,7 @@
 /**
  * Helpers for the VMDK tests: opening through NoWriteDevice, comparing with qemu-img map/convert.
  */
+import { normaliseMap as sharedNormalise, type RawMapEntry } from '../support/qemu-map.js';
 import { createHash } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import { FileBlockDevice } from '../../src/blockdev/file.js';
@@ -20,46 +21,9 @@ export async function openVmdk(path: string, format?: string): Promise<ImageChai
   });
 }
 
-interface Norm {
-  start: number;
-  length: number;
-  depth: number;
-  present: boolean;
-  data: boolean;
-  zero: boolean;
-  offset?: number;
-}
-
-/**
- * Merges adjacent runs with equal depth/present/data/zero and continuing offsets; drops filename,
- * compressed, and the zero flag of data runs. `holesAsZero` turns data runs over file holes
- * (QEMU's flat extents) into zero runs with their offset, as imgconv reports them.
- */
-export function normaliseMap(entries: MapEntry[] | Record<string, unknown>[], holesAsZero = false): Norm[] {
-  const out: Norm[] = [];
-  for (const raw of entries as Record<string, unknown>[]) {
-    let data = raw.data as boolean;
-    let zero = raw.zero as boolean;
-    if (holesAsZero && data && zero) data = false;
-    if (data) zero = false;
-    const e: Norm = { start: raw.start as number, length: raw.length as number, depth: raw.depth as number, present: raw.present as boolean, data, zero };
-    if (raw.offset !== undefined) e.offset = raw.offset as number;
-    const p = out[out.length - 1];
-    if (
-      p &&
-      p.start + p.length === e.start &&
-      p.depth === e.depth &&
-      p.present === e.present &&
-      p.data === e.data &&
-      p.zero === e.zero &&
-      ((p.offset === undefined && e.offset === undefined) || (p.offset !== undefined && e.offset !== undefined && p.offset + p.length === e.offset))
-    ) {
-      p.length += e.length;
-    } else {
-      out.push(e);
-    }
-  }
-  return out;
+/** The shared normalisation (test/support/qemu-map.ts): what qemu-img map comparisons ignore and merge. */
+export function normaliseMap(entries: readonly MapEntry[] | readonly Record<string, unknown>[]) {
+  return sharedNormalise(entries as unknown as RawMapEntry[]);
 }
 
 export function qemuMap(path: string): Record<string, unknown>[] {
