@@ -12,3 +12,17 @@ export { GuestReader } from './guest.js';
 export { mapChain, type MapEntry } from './map.js';
 export { checkImage, checkExitCode } from './check.js';
 export { allDrivers } from '../drivers/index.js';
+export {
+  planConversion,
+  convertInPlace,
+  ConversionFailedError,
+  InterruptedConversionError,
+  type ConvertOptions,
+  type ConversionPlan,
+  type ConversionReport,
+  type ProgressEvent,
+  type Phase,
+} from './engine/convert.js';
+export { recover, type RecoverOptions, type RecoverReport } from './engine/recover.js';
+export { fileStorage, MemoryStorage, type Storage } from './blockdev/storage.js';
+export type { TargetDriver, TargetPlan, TargetOptions, PlanInput, Allocator, TargetBuild, Relocatable } from './driver.js';
