@@ -1,13 +1,33 @@
 /**
- * RecordingStorage logs every mutating operation across all files in one global order, so a test can
- * rebuild the state of every file after a crash at any point:
- * - process kill (kill -9): every operation before the cut happened; the OS keeps them all.
- * - power loss: per file, only what a flush (fdatasync) made durable, plus any subset of the writes
- *   issued since that file's last flush; creations/removals durable only after a directory sync.
+ * Recording, crashing and faulting storage for the crash-consistency harness (test/crash/).
+ *
+ * RecordingStorage logs every mutating operation across all files — image writes, flushes, truncates,
+ * punched holes, and the journal's create/remove/directory sync — in one global order. From such a log
+ * the generators below rebuild what the files hold after a crash, in the manner of CrashMonkey/B3,
+ * ALICE and SQLite's crash VFS:
+ * - process kill (kill -9): every operation before the cut happened; the OS keeps them all;
+ * - power loss: per file, only what a flush (fdatasync) made durable — creation/removal only after a
+ *   directory sync — plus any subset of the operations issued since, possibly reordered;
+ * - torn write: the write in flight lands sector by sector, each 512-byte sector old or new, or one
+ *   sector holds garbage (a drive that lost power mid-sector).
+ * FaultyStorage throws IoError (EIO, ENOSPC) at a chosen operation, once or from then on.
+ *
+ * Every sampling choice comes from a seeded PRNG, so a failure reproduces from the printed seed.
  */
+import { createHash } from 'node:crypto';
 import { MemoryBlockDevice } from '../../src/blockdev/memory.js';
 import { MemoryStorage, type Storage } from '../../src/blockdev/storage.js';
 import type { BlockDevice, OpenOptions } from '../../src/blockdev/types.js';
+import { IoError } from '../../src/errors.js';
+
+export const SECTOR = 512;
+const PAGE = 65536;
+const ZERO_PAGE = Buffer.alloc(PAGE);
+
+/** All-zero test by memcmp (a per-byte callback costs ~10 ms per MiB). */
+function isZero(b: Uint8Array): boolean {
+  return Buffer.from(b.buffer, b.byteOffset, b.length).equals(ZERO_PAGE.subarray(0, b.length));
+}
 
 export type Op =
   | { kind: 'write'; path: string; offset: number; bytes: Uint8Array }
@@ -18,15 +38,29 @@ export type Op =
   | { kind: 'remove'; path: string }
   | { kind: 'syncDir'; path: string };
 
+export type Files = Map<string, Uint8Array>;
+
+/** A small deterministic PRNG (mulberry32): failures reproduce from the printed seed. */
+export function prng(seed: number): () => number {
+  let s = seed >>> 0;
+  return () => {
+    s = (s + 0x6d2b79f5) >>> 0;
+    let t = s;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 2 ** 32;
+  };
+}
+
 export class RecordingStorage implements Storage {
   readonly log: Op[] = [];
-  readonly initial = new Map<string, Uint8Array>();
+  readonly initial: Files = new Map();
   readonly live = new MemoryStorage();
 
-  constructor(files: Map<string, Uint8Array>) {
+  constructor(files: Files) {
     for (const [p, b] of files) {
       this.initial.set(p, b);
-      this.live.put(p, b.slice());
+      this.live.files.set(p, sparseDevice(b, p));
     }
   }
 
@@ -82,7 +116,33 @@ export class RecordingStorage implements Storage {
   }
 }
 
-async function applyOp(files: Map<string, MemoryBlockDevice>, op: Op): Promise<void> {
+/** The bytes of every file of a storage (for building further states from it). */
+export function filesOf(s: MemoryStorage): Files {
+  const out: Files = new Map();
+  for (const [p, d] of s.files) out.set(p, d.snapshot());
+  return out;
+}
+
+/**
+ * One digest over every file's name, length and bytes: equal digests are the same crash state.
+ * All-zero pages are skipped (the length and the positions of the others pin them down).
+ */
+export function storageDigest(s: MemoryStorage): string {
+  const h = createHash('sha256');
+  const page = new Uint8Array(PAGE);
+  for (const [p, d] of [...s.files].sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0))) {
+    const len = d.sizeSync();
+    h.update(`${p}\0${len}\0`);
+    for (let pos = 0; pos < len; pos += PAGE) {
+      const n = d.readSync(page, pos);
+      const bytes = page.subarray(0, n);
+      if (!isZero(bytes)) h.update(`@${pos}`).update(bytes);
+    }
+  }
+  return h.digest('hex');
+}
+
+function applyOp(files: Map<string, MemoryBlockDevice>, op: Op): void {
   switch (op.kind) {
     case 'create':
       files.set(op.path, new MemoryBlockDevice(op.path));
@@ -96,34 +156,51 @@ async function applyOp(files: Map<string, MemoryBlockDevice>, op: Op): Promise<v
     default: {
       const d = files.get(op.path);
       if (!d) return; // the file's creation was lost
-      if (op.kind === 'write') await d.write(op.bytes, op.offset);
-      else if (op.kind === 'truncate') await d.truncate(op.length);
-      else await d.punchHole(op.offset, op.length);
+      if (op.kind === 'write') d.writeSync(op.bytes, op.offset);
+      // MemoryBlockDevice's truncate and punchHole complete synchronously.
+      else if (op.kind === 'truncate') void d.truncate(op.length);
+      else void d.punchHole(op.offset, op.length);
     }
   }
 }
 
-/** Files as they are after the first `n` operations all happened (process kill). */
-export async function stateAfter(initial: Map<string, Uint8Array>, log: Op[], n: number): Promise<MemoryStorage> {
+
+/**
+ * A memory device holding `bytes` where every all-zero 64 KiB page is a hole, as in a sparse file:
+ * raw images find their holes with SEEK_DATA/SEEK_HOLE, and reclaim punches holes, so a state that
+ * went through bytes must keep them (MemoryBlockDevice allocates pages by 64 KiB).
+ */
+export function sparseDevice(bytes: Uint8Array, path: string): MemoryBlockDevice {
+  const d = new MemoryBlockDevice(path);
+  for (let pos = 0; pos < bytes.length; pos += PAGE) {
+    const page = bytes.subarray(pos, Math.min(bytes.length, pos + PAGE));
+    if (!isZero(page)) d.writeSync(page, pos);
+  }
+  void d.truncate(bytes.length); // synchronous for memory devices: sets the length
+  return d;
+}
+
+function loadFiles(initial: Files): Map<string, MemoryBlockDevice> {
   const files = new Map<string, MemoryBlockDevice>();
-  for (const [p, b] of initial) files.set(p, MemoryBlockDevice.from(b.slice(), p));
-  for (const op of log.slice(0, n)) await applyOp(files, op);
+  for (const [p, b] of initial) files.set(p, sparseDevice(b, p));
+  return files;
+}
+
+function toStorage(files: Map<string, MemoryBlockDevice>): MemoryStorage {
   const s = new MemoryStorage();
   for (const [p, d] of files) s.files.set(p, d);
   return s;
 }
 
-/**
- * Power loss after the first `n` operations: operations are durable up to each file's last flush
- * before the cut (and, for creation/removal, the last directory sync); of the rest, `keep(i)` decides
- * which survive. Surviving writes apply in log order (a subset, with the others dropped).
- */
-export async function powerLossState(
-  initial: Map<string, Uint8Array>,
-  log: Op[],
-  n: number,
-  keep: (index: number) => boolean,
-): Promise<MemoryStorage> {
+/** Files as they are after the first `n` operations all happened (process kill). */
+export function stateAfter(initial: Files, log: Op[], n: number): MemoryStorage {
+  const files = loadFiles(initial);
+  for (let i = 0; i < n; i++) applyOp(files, log[i]!);
+  return toStorage(files);
+}
+
+/** For a cut before operation `n`: which operations a flush or directory sync made durable. */
+export function durability(log: Op[], n: number): { durable: (i: number) => boolean; volatile: number[] } {
   const lastFlush = new Map<string, number>();
   let lastDirSync = -1;
   for (let i = 0; i < n; i++) {
@@ -133,34 +210,262 @@ export async function powerLossState(
   }
   const durable = (i: number): boolean => {
     const op = log[i]!;
+    if (op.kind === 'flush' || op.kind === 'syncDir') return true;
     if (op.kind === 'create' || op.kind === 'remove') return i < lastDirSync;
     return i < (lastFlush.get(op.path) ?? -1);
   };
-  const files = new Map<string, MemoryBlockDevice>();
-  for (const [p, b] of initial) files.set(p, MemoryBlockDevice.from(b.slice(), p));
-  for (let i = 0; i < n; i++) {
-    if (durable(i) || keep(i)) await applyOp(files, log[i]!);
-  }
-  const s = new MemoryStorage();
-  for (const [p, d] of files) s.files.set(p, d);
-  return s;
+  const volatile: number[] = [];
+  for (let i = 0; i < n; i++) if (!durable(i)) volatile.push(i);
+  return { durable, volatile };
+}
+
+/**
+ * Power loss before operation `n`: durable operations apply in log order; of the volatile ones, those
+ * in `kept` apply too, in the order given (a reordering when it differs from log order).
+ */
+export function powerLossState(initial: Files, log: Op[], n: number, kept: number[]): MemoryStorage {
+  const { durable } = durability(log, n);
+  const files = loadFiles(initial);
+  // Durable operations first, in order; then the surviving volatile ones. Volatile operations of a
+  // file all come after its last durable one, so this is a legal order for each file.
+  for (let i = 0; i < n; i++) if (durable(i)) applyOp(files, log[i]!);
+  for (const i of kept) applyOp(files, log[i]!);
+  return toStorage(files);
 }
 
 /** Indices of operations after the last durability point of their file (candidates to lose). */
 export function volatileOps(log: Op[], n: number): number[] {
-  const out: number[] = [];
-  const lastFlush = new Map<string, number>();
-  let lastDirSync = -1;
-  for (let i = 0; i < n; i++) {
-    const op = log[i]!;
-    if (op.kind === 'flush') lastFlush.set(op.path, i);
-    if (op.kind === 'syncDir') lastDirSync = i;
+  return durability(log, n).volatile;
+}
+
+/**
+ * Cuts worth taking for power loss: just before each flush or directory sync, and at the end. A cut
+ * between two such points loses nothing the later cut cannot (its volatile set is a subset of the
+ * later one's and nothing became durable in between).
+ */
+export function powerLossCuts(log: Op[]): number[] {
+  const cuts: number[] = [];
+  for (let i = 0; i < log.length; i++) if (log[i]!.kind === 'flush' || log[i]!.kind === 'syncDir') cuts.push(i);
+  cuts.push(log.length);
+  return cuts;
+}
+
+function overlaps(a: Op, b: Op): boolean {
+  if (a.path !== b.path) return false;
+  if (a.kind !== 'write' || b.kind !== 'write') return true; // truncate/punch/create/remove: order matters
+  return a.offset < b.offset + b.bytes.length && b.offset < a.offset + a.bytes.length;
+}
+
+export interface PowerLossChoice {
+  cut: number;
+  kept: number[];
+  /** The kept writes applied in a shuffled order. */
+  reordered: boolean;
+}
+
+/**
+ * The volatile subsets for a cut: all of them up to `exhaustiveUpTo` volatile operations, `sampled`
+ * random ones beyond (plus none, all, and each one alone or left out). Where kept writes overlap, the
+ * subset is also applied reordered (writes shuffled among themselves; the order of truncates, punches,
+ * creates and removals relative to the rest is kept).
+ */
+export function* powerLossChoices(log: Op[], cut: number, rnd: () => number, exhaustiveUpTo: number, sampled: number): Generator<PowerLossChoice> {
+  const vol = volatileOps(log, cut);
+  const subsets: number[][] = [];
+  if (vol.length <= exhaustiveUpTo) {
+    for (let mask = 0; mask < 1 << vol.length; mask++) subsets.push(vol.filter((_, j) => mask & (1 << j)));
+  } else {
+    subsets.push([], vol.slice());
+    for (let j = 0; j < vol.length; j++) {
+      subsets.push([vol[j]!]);
+      subsets.push(vol.filter((_, k) => k !== j));
+    }
+    for (let s = 0; s < sampled; s++) subsets.push(vol.filter(() => rnd() < 0.5));
   }
-  for (let i = 0; i < n; i++) {
-    const op = log[i]!;
-    if (op.kind === 'flush' || op.kind === 'syncDir') continue;
-    const durableUpTo = op.kind === 'create' || op.kind === 'remove' ? lastDirSync : (lastFlush.get(op.path) ?? -1);
-    if (i > durableUpTo) out.push(i);
+  for (const kept of subsets) {
+    yield { cut, kept, reordered: false };
+    const writes = kept.filter((i) => log[i]!.kind === 'write');
+    let anyOverlap = false;
+    for (let a = 0; a < kept.length && !anyOverlap; a++) for (let b = a + 1; b < kept.length; b++) if (overlaps(log[kept[a]!]!, log[kept[b]!]!)) anyOverlap = true;
+    if (!anyOverlap || writes.length < 2) continue;
+    const shuffled = writes.slice();
+    for (let j = shuffled.length - 1; j > 0; j--) {
+      const k = Math.floor(rnd() * (j + 1));
+      [shuffled[j], shuffled[k]] = [shuffled[k]!, shuffled[j]!];
+    }
+    let w = 0;
+    yield { cut, kept: kept.map((i) => (log[i]!.kind === 'write' ? shuffled[w++]! : i)), reordered: true };
+  }
+}
+
+export interface TornChoice {
+  /** Index of the write in flight; every operation before it happened. */
+  index: number;
+  /** Per sector of the write (absolute 512-byte sectors it touches): true = new bytes landed. */
+  mask: boolean[];
+  /** A sector (index into the write's sectors) that holds garbage instead, or -1. */
+  garbage: number;
+}
+
+/** The sectors a write touches, as [start, end) ranges inside its bytes. */
+export function writeSectors(op: Op & { kind: 'write' }): [number, number][] {
+  const out: [number, number][] = [];
+  const end = op.offset + op.bytes.length;
+  for (let pos = op.offset; pos < end; ) {
+    const next = Math.min(end, (Math.floor(pos / SECTOR) + 1) * SECTOR);
+    out.push([pos - op.offset, next - op.offset]);
+    pos = next;
   }
   return out;
+}
+
+/**
+ * Torn versions of write `index`: all old/new sector combinations up to `exhaustiveUpTo` sectors
+ * (sampled beyond: `sampled` random masks plus halves and alternations), and `garbageSectors` states with one
+ * sector of garbage (every sector when the write has that many or fewer; else sampled).
+ */
+export function* tornChoices(log: Op[], index: number, rnd: () => number, exhaustiveUpTo: number, sampled: number, garbageSectors: number): Generator<TornChoice> {
+  const op = log[index]!;
+  if (op.kind !== 'write') return;
+  const k = writeSectors(op).length;
+  const all = (v: boolean) => new Array<boolean>(k).fill(v);
+  if (k >= 2) {
+    if (k <= exhaustiveUpTo) {
+      // Every mask but all-old and all-new (those are the kill states before and after the write).
+      for (let mask = 1; mask < (1 << k) - 1; mask++) yield { index, mask: Array.from({ length: k }, (_, j) => (mask & (1 << j)) !== 0), garbage: -1 };
+    } else {
+      const half = Math.floor(k / 2);
+      yield { index, mask: Array.from({ length: k }, (_, j) => j < half), garbage: -1 };
+      yield { index, mask: Array.from({ length: k }, (_, j) => j >= half), garbage: -1 };
+      yield { index, mask: Array.from({ length: k }, (_, j) => j % 2 === 0), garbage: -1 };
+      yield { index, mask: Array.from({ length: k }, (_, j) => j === 0), garbage: -1 };
+      yield { index, mask: Array.from({ length: k }, (_, j) => j !== k - 1), garbage: -1 };
+      for (let s = 0; s < sampled; s++) yield { index, mask: Array.from({ length: k }, () => rnd() < 0.5), garbage: -1 };
+    }
+  }
+  const sectors = k <= garbageSectors ? Array.from({ length: k }, (_, j) => j) : Array.from({ length: garbageSectors }, () => Math.floor(rnd() * k));
+  for (const g of new Set(sectors)) yield { index, mask: all(true), garbage: g };
+}
+
+/** The state with write `c.index` torn as `c` says; garbage bytes come from `seed`. */
+export function tornState(initial: Files, log: Op[], c: TornChoice, seed: number): MemoryStorage {
+  const s = stateAfter(initial, log, c.index);
+  const op = log[c.index]! as Op & { kind: 'write' };
+  const d = s.files.get(op.path);
+  if (!d) return s; // written to a file whose creation is not in this state
+  const sectors = writeSectors(op);
+  const rnd = prng(seed);
+  sectors.forEach(([a, b], j) => {
+    if (j === c.garbage) {
+      const junk = new Uint8Array(b - a);
+      for (let x = 0; x < junk.length; x++) junk[x] = Math.floor(rnd() * 256);
+      d.writeSync(junk, op.offset + a);
+    } else if (c.mask[j]) d.writeSync(op.bytes.subarray(a, b), op.offset + a);
+    else if (op.offset + a >= d.sizeSync()) {
+      // Old bytes past the end: the file does not grow for this sector; a later sector landing
+      // extends it with zeros in between, as a file system does.
+    }
+  });
+  return s;
+}
+
+export type FaultCode = 'EIO' | 'ENOSPC';
+
+/** Which operations a fault can hit: mutations (any code) and reads (EIO only). */
+export type FaultableOp = 'open' | 'create' | 'remove' | 'syncDir' | 'read' | 'write' | 'flush' | 'truncate' | 'punch';
+
+/**
+ * A storage that throws IoError(code) at the `at`-th faultable operation (0-based, counted over
+ * every file), and — when `persistent` — at every later one too (a dead disk, a full file system).
+ * ENOSPC hits only operations that can allocate (write, truncate, create, flush); EIO any of them.
+ * `count` tells how many faultable operations a run made (run once with at = -1 to learn it).
+ */
+export class FaultyStorage implements Storage {
+  count = 0;
+  /** The operation the first fault hit, for messages. */
+  hit: string | undefined;
+
+  constructor(
+    readonly inner: Storage,
+    readonly code: FaultCode,
+    readonly at: number,
+    readonly persistent: boolean,
+  ) {}
+
+  private canFail(op: FaultableOp): boolean {
+    if (this.code === 'EIO') return true;
+    return op === 'write' || op === 'truncate' || op === 'create' || op === 'flush';
+  }
+
+  private gate(op: FaultableOp, path: string, offset = 0): void {
+    if (!this.canFail(op)) return;
+    const n = this.count++;
+    if (this.at < 0) return;
+    if (n === this.at || (this.persistent && n > this.at)) {
+      this.hit ??= `${op} ${path}@${offset} (operation ${n})`;
+      throw new IoError(op, path, offset, this.code, this.code === 'EIO' ? 'input/output error (injected)' : 'no space left on device (injected)');
+    }
+  }
+
+  private wrap(d: BlockDevice, path: string): BlockDevice {
+    const self = this;
+    return {
+      path,
+      get writable() {
+        return d.writable;
+      },
+      size: () => d.size(),
+      allocated: () => d.allocated(),
+      async read(b, o) {
+        self.gate('read', path, o);
+        return d.read(b, o);
+      },
+      nextData: (o) => d.nextData(o),
+      nextHole: (o) => d.nextHole(o),
+      async write(bytes, offset) {
+        self.gate('write', path, offset);
+        return d.write(bytes, offset);
+      },
+      async truncate(length) {
+        self.gate('truncate', path, length);
+        return d.truncate(length);
+      },
+      async punchHole(offset, length) {
+        self.gate('punch', path, offset);
+        return d.punchHole(offset, length);
+      },
+      async flush() {
+        self.gate('flush', path);
+        return d.flush();
+      },
+      close: () => d.close(),
+    };
+  }
+
+  async open(path: string, opts: OpenOptions): Promise<BlockDevice> {
+    this.gate('open', path);
+    return this.wrap(await this.inner.open(path, opts), path);
+  }
+  async create(path: string): Promise<BlockDevice> {
+    this.gate('create', path);
+    return this.wrap(await this.inner.create(path), path);
+  }
+  async remove(path: string): Promise<void> {
+    this.gate('remove', path);
+    return this.inner.remove(path);
+  }
+  exists(path: string): Promise<boolean> {
+    return this.inner.exists(path);
+  }
+  async syncDir(path: string): Promise<void> {
+    this.gate('syncDir', path);
+    return this.inner.syncDir(path);
+  }
+}
+
+/** A MemoryStorage holding copies of `files`. */
+export function memoryStorageOf(files: Files): MemoryStorage {
+  const s = new MemoryStorage();
+  for (const [p, b] of files) s.files.set(p, sparseDevice(b, p));
+  return s;
 }

@@ -1,0 +1,4 @@
+/** Crash and fault states of every conversion from a raw source (see harness.ts, suite.ts). */
+import { definePairSuite } from './suite.js';
+
+definePairSuite('raw');
