@@ -8,7 +8,7 @@ import type { BlockDevice } from '../blockdev/types.js';
 import { fileStorage, type Storage } from '../blockdev/storage.js';
 import type { FormatDriver, HostWrite, PlanInput, SourceImage, TargetDriver, TargetOptions, TargetPlan } from '../driver.js';
 import { ExtentMap, type Extent } from '../extent-map.js';
-import { ImgconvError, UnsupportedError, UsageError } from '../errors.js';
+import { ImgconvError, IoError, UnsupportedError, UsageError } from '../errors.js';
 import { alignUp } from '../binary.js';
 import { findDriver, openImage, probe, type ImageChain } from '../image.js';
 import { checkImage } from '../check.js';
@@ -240,8 +240,17 @@ export async function convertInPlace(path: string, opts: ConvertOptions): Promis
   const storage = opts.storage ?? fileStorage;
   const progress = (phase: Phase, bytesDone: number, bytesTotal: number) => opts.onProgress?.({ phase, bytesDone, bytesTotal });
   await refuseInterrupted(path, storage);
+  // An I/O error before the first write leaves the file byte-identical; say so like any other failure
+  // (refusals — unsupported, corrupt, bad usage, a missing file — keep their own error).
+  const untouched = (e: unknown) =>
+    e instanceof IoError && e.code !== 'ENOENT' ? new ConversionFailedError('untouched', `conversion failed before anything was written: ${e.message}; ${path} is unchanged`, e) : e;
   // 1. Lock (exclusive OFD lock; refused while QEMU holds the image) and analyse, read-only.
-  const dev = await storage.open(path, { write: true, lock: true });
+  let dev: BlockDevice;
+  try {
+    dev = await storage.open(path, { write: true, lock: true });
+  } catch (e) {
+    throw untouched(e);
+  }
   let prepared: Prepared;
   try {
     progress('analyse', 0, 1);
@@ -249,7 +258,7 @@ export async function convertInPlace(path: string, opts: ConvertOptions): Promis
     progress('plan', 1, 1);
   } catch (e) {
     await dev.close();
-    throw e; // nothing was written: the file is byte-identical
+    throw untouched(e); // nothing was written: the file is byte-identical
   }
   const { plan, moves, writes, fixed, source } = prepared;
   const jpath = journalPath(path);
