@@ -111,6 +111,11 @@ export interface Relocatable {
 
 export interface FormatDriver {
   readonly name: string;
+  /**
+   * The name QEMU gives the format where it differs ('vpc' for vhd): accepted wherever a format is named
+   * (-f, backing-format fields), and written into new images' backing-format fields, which QEMU reads.
+   */
+  readonly qemuName?: string;
   readonly description: string;
   /**
    * 0 when the bytes are not this format; 100 for a valid magic and sane header; raw answers 1.

@@ -38,7 +38,7 @@ export interface ImageChain {
 }
 
 export function findDriver(drivers: readonly FormatDriver[], name: string): FormatDriver {
-  const d = drivers.find((x) => x.name === name);
+  const d = drivers.find((x) => x.name === name) ?? drivers.find((x) => x.qemuName === name);
   if (!d) throw new UsageError(`unknown format "${name}" (known: ${drivers.map((x) => x.name).join(', ')})`);
   return d;
 }

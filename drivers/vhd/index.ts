@@ -28,6 +28,7 @@ export { MAX_BAT_BYTES } from './open.js';
 
 export const vhdDriver: FormatDriver = {
   name: FORMAT,
+  qemuName: 'vpc',
   description: 'Microsoft VHD (Virtual PC / Hyper-V; QEMU "vpc"): fixed, dynamic, differencing',
 
   probe(input: ProbeInput): number {

@@ -109,7 +109,13 @@ async function prepare(path: string, dev: BlockDevice, opts: ConvertOptions): Pr
     const fileLength = await dev.size();
     const mapping = holesAsData(await source.mapping(), await scanHoles(dev));
     const hostSpace = await source.hostSpace();
-    const input: PlanInput = { info, mapping, hostSpace, fileSize: fileLength, options: opts.options ?? {} };
+    // Targets write the backing format into the new image, where QEMU reads it: QEMU's name for it.
+    const backingFormat = info.backing?.format;
+    const planInfo =
+      backingFormat !== undefined
+        ? { ...info, backing: { ...info.backing!, format: findDriver(opts.drivers, backingFormat).qemuName ?? findDriver(opts.drivers, backingFormat).name } }
+        : info;
+    const input: PlanInput = { info: planInfo, mapping, hostSpace, fileSize: fileLength, options: opts.options ?? {} };
     const targetPlan = targetDriver.target.plan(input);
 
     const reserved = targetPlan.fixedRegions.map((r) => ({ start: r.start, length: r.length }));

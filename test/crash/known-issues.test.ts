@@ -1,6 +1,6 @@
 /**
- * Defects outside the engine that the crash harness's qemu-img confirmation ran into. Each is written
- * as `it.fails`: it passes while the defect is there and fails once it is fixed (then drop `.fails`).
+ * Defects outside the engine that the crash harness's qemu-img confirmation ran into, kept as
+ * regression tests once fixed.
  */
 import { describe, expect, it } from 'vitest';
 import { writeFileSync } from 'node:fs';
@@ -12,9 +12,10 @@ import { qemuAvailable, qemuImgStatus, withTmpDir } from '../support/qemu.js';
 import { buildFixtures } from './fixtures.js';
 
 describe.runIf(qemuAvailable())('known defects found by the crash harness', () => {
-  // drivers/qcow2/target.ts writes the source driver's name ("vhd") as the backing format; QEMU's
-  // name for VHD is "vpc", so qemu-img cannot open the converted image ("Unknown driver 'vhd'").
-  it.fails('a differencing VHD converted to qcow2 opens in qemu-img (backing format "vhd" vs QEMU\'s "vpc")', async () => {
+  // The qcow2 target wrote imgconv's name ("vhd") as the backing format; QEMU's name for VHD is "vpc",
+  // so qemu-img could not open the converted image ("Unknown driver 'vhd'"). Targets now get QEMU's
+  // name (FormatDriver.qemuName) from the engine.
+  it('a differencing VHD converted to qcow2 opens in qemu-img (backing format written as QEMU\'s "vpc")', async () => {
     const fx = buildFixtures('vhd').find((f) => f.name === 'vhd-diff')!;
     const storage = memoryStorageOf(fx.files);
     await convertInPlace(fx.image, { to: 'qcow2', format: 'vhd', drivers: allDrivers, storage });
