@@ -33,6 +33,7 @@ import {
   powerLossChoices,
   powerLossCuts,
   powerLossState,
+  powerTornChoices,
   prng,
   stateAfter,
   storageDigest,
@@ -48,8 +49,8 @@ import { QEMU_FORMAT, type Fixture } from './fixtures.js';
 export const FULL = process.env.IMGCONV_CRASH_FULL === '1';
 export const SEED = Number(process.env.IMGCONV_CRASH_SEED ?? 20261122);
 
-export type Category = 'kill' | 'power' | 'torn' | 'garbage' | 'recover-kill' | 'recover-power' | 'fault';
-export const CATEGORIES: Category[] = ['kill', 'power', 'torn', 'garbage', 'recover-kill', 'recover-power', 'fault'];
+export type Category = 'kill' | 'power' | 'power-torn' | 'torn' | 'garbage' | 'recover-kill' | 'recover-power' | 'recover-torn' | 'fault';
+export const CATEGORIES: Category[] = ['kill', 'power', 'power-torn', 'torn', 'garbage', 'recover-kill', 'recover-power', 'recover-torn', 'fault'];
 
 export interface Budget {
   /** How many states of each category to check per fixture (Infinity: all generated). */
@@ -59,7 +60,7 @@ export interface Budget {
   tornExhaustiveUpTo: number;
   tornSampled: number;
   garbageSectors: number;
-  /** How many journal-holding states get their own `recover` recorded and crashed. */
+  /** How many journal-holding kill and power-loss states get their own `recover` recorded and crashed. */
   recoverBases: number;
   recoverPowerSampled: number;
   /** How many checked states per fixture are confirmed with qemu-img check + compare. */
@@ -68,18 +69,18 @@ export interface Budget {
 
 export const BUDGET: Budget = FULL
   ? {
-      perCategory: { kill: Infinity, power: Infinity, torn: Infinity, garbage: Infinity, 'recover-kill': Infinity, 'recover-power': Infinity, fault: Infinity },
+      perCategory: { kill: Infinity, power: Infinity, 'power-torn': Infinity, torn: Infinity, garbage: Infinity, 'recover-kill': Infinity, 'recover-power': Infinity, 'recover-torn': Infinity, fault: Infinity },
       powerExhaustiveUpTo: 10,
-      powerSampled: 256,
+      powerSampled: 1024,
       tornExhaustiveUpTo: 8,
-      tornSampled: 48,
-      garbageSectors: 8,
-      recoverBases: Infinity,
-      recoverPowerSampled: 8,
+      tornSampled: 128,
+      garbageSectors: Infinity,
+      recoverBases: 200,
+      recoverPowerSampled: 16,
       qemuConfirm: 8,
     }
   : {
-      perCategory: { kill: 8, power: 8, torn: 5, garbage: 3, 'recover-kill': 5, 'recover-power': 3, fault: 8 },
+      perCategory: { kill: 8, power: 6, 'power-torn': 3, torn: 4, garbage: 3, 'recover-kill': 4, 'recover-power': 2, 'recover-torn': 2, fault: 8 },
       powerExhaustiveUpTo: 10,
       powerSampled: 16,
       tornExhaustiveUpTo: 8,
@@ -105,11 +106,6 @@ export interface Tally {
   clearErrors: number;
   failures: string[];
   qemuConfirmed: number;
-  /**
-   * qemu-img could not open a state we judged valid because of a known defect outside the engine
-   * (see known-issues.test.ts); listed in the report, not counted as crash failures.
-   */
-  qemuKnownIssues: string[];
   /** The target refused this source (e.g. a VMDK target over a non-VMDK parent): nothing to crash. */
   refused?: string;
   opsRecorded: number;
@@ -201,10 +197,11 @@ function sample<T>(items: T[], n: number, rnd: () => number): T[] {
 }
 
 /** Every crash state of one recorded log, by category (descriptors only; states are built lazily). */
-function candidatesOf(initial: Files, log: Op[], rnd: () => number, b: Budget, prefix: '' | 'recover-', where: string): Candidate[] {
+export function candidatesOf(initial: Files, log: Op[], rnd: () => number, b: Budget, prefix: '' | 'recover-', where: string): Candidate[] {
   const out: Candidate[] = [];
   const kill: Category = prefix ? 'recover-kill' : 'kill';
   const power: Category = prefix ? 'recover-power' : 'power';
+  const torn: Category = prefix ? 'recover-torn' : 'torn';
   for (let n = 0; n <= log.length; n++) out.push({ category: kill, label: `${where} kill after op ${n}/${log.length}`, build: () => stateAfter(initial, log, n), garbage: false });
   for (const cut of powerLossCuts(log)) {
     for (const c of powerLossChoices(log, cut, rnd, prefix ? 6 : b.powerExhaustiveUpTo, prefix ? b.recoverPowerSampled : b.powerSampled)) {
@@ -216,14 +213,25 @@ function candidatesOf(initial: Files, log: Op[], rnd: () => number, b: Budget, p
       });
     }
   }
-  if (prefix) return out;
+  if (!prefix) {
+    for (const cut of powerLossCuts(log)) {
+      for (const c of powerTornChoices(log, cut, rnd, b.tornExhaustiveUpTo, Math.min(b.tornSampled, 32))) {
+        out.push({
+          category: 'power-torn',
+          label: `${where} power loss before op ${cut}, kept [${c.kept.join(',')}], op ${c.torn.index} torn (${c.torn.mask.map((m) => (m ? 'N' : 'o')).join('')})`,
+          build: () => powerLossState(initial, log, cut, c.kept, c.torn),
+          garbage: false,
+        });
+      }
+    }
+  }
   for (let i = 0; i < log.length; i++) {
     if (log[i]!.kind !== 'write') continue;
-    for (const c of tornChoices(log, i, rnd, b.tornExhaustiveUpTo, b.tornSampled, b.garbageSectors)) {
+    for (const c of tornChoices(log, i, rnd, b.tornExhaustiveUpTo, prefix ? 8 : b.tornSampled, prefix ? 2 : b.garbageSectors)) {
       const g = c.garbage >= 0;
       const seed = Math.floor(rnd() * 2 ** 31);
       out.push({
-        category: g ? 'garbage' : 'torn',
+        category: g && !prefix ? 'garbage' : torn,
         label: `${where} ${g ? `garbage in sector ${c.garbage} of` : `torn (sectors ${c.mask.map((m) => (m ? 'N' : 'o')).join('')})`} write op ${i} (${(log[i] as { offset: number }).offset}+${(log[i] as { bytes: Uint8Array }).bytes.length} ${log[i]!.path.split('/').pop()}), garbage seed ${seed}`,
         build: () => tornState(initial, log, c, seed),
         garbage: g,
@@ -254,7 +262,6 @@ export async function runFixture(fx: Fixture, to: string, opts: RunOptions = {})
     clearErrors: 0,
     failures: [],
     qemuConfirmed: 0,
-    qemuKnownIssues: [],
     opsRecorded: 0,
     ms: 0,
   };
@@ -276,6 +283,7 @@ export async function runFixture(fx: Fixture, to: string, opts: RunOptions = {})
   const seen = new Set<string>();
   // States for qemu-img: alternately one in the source format and one in the target format.
   const confirmed: { state: MemoryStorage; label: string; format: string }[] = [];
+  if (done.ok && b.qemuConfirm > 0) confirmed.push({ state: rec.live, label: `${where}: the uncut conversion`, format: to });
   const check = async (c: Candidate, state: MemoryStorage): Promise<void> => {
     const digest = storageDigest(state);
     if (seen.has(digest)) return;
@@ -292,11 +300,11 @@ export async function runFixture(fx: Fixture, to: string, opts: RunOptions = {})
 
   const all = candidatesOf(rec.initial, rec.log, rnd, b, '', where);
   const recoverBases: Candidate[] = [];
-  for (const cat of ['kill', 'power', 'torn', 'garbage'] as Category[]) {
+  for (const cat of ['kill', 'power', 'power-torn', 'torn', 'garbage'] as Category[]) {
     const mine = all.filter((c) => c.category === cat);
     for (const c of sample(mine, b.perCategory[cat], rnd)) {
       await check(c, c.build());
-      if (cat === 'kill') recoverBases.push(c);
+      if (cat === 'kill' || cat === 'power') recoverBases.push(c);
     }
   }
 
@@ -323,7 +331,7 @@ export async function runFixture(fx: Fixture, to: string, opts: RunOptions = {})
     }
     recCandidates.push(...candidatesOf(r.initial, r.log, rnd, b, 'recover-', `${where} recover base ${k}:`));
   }
-  for (const cat of ['recover-kill', 'recover-power'] as Category[]) {
+  for (const cat of ['recover-kill', 'recover-power', 'recover-torn'] as Category[]) {
     for (const c of sample(recCandidates.filter((x) => x.category === cat), b.perCategory[cat], rnd)) await check(c, c.build());
   }
 
@@ -369,11 +377,6 @@ function confirmWithQemu(fx: Fixture, orig: Original, states: { state: MemorySto
       const img = write(filesOf(state), tmp.path(`s${i}`));
       const fmt = QEMU_FORMAT[format]!;
       const chk = qemuImgStatus(['check', '--output=json', '-f', fmt, img]);
-      if (/Unknown driver 'vhd'/.test(chk.stderr)) {
-        // Our driver name written as the backing format; QEMU calls VHD "vpc" (known-issues.test.ts).
-        tally.qemuKnownIssues.push(`${label}: ${chk.stderr.trim()}`);
-        continue;
-      }
       if (!/does not support checks/.test(chk.stderr)) {
         const j = JSON.parse(chk.stdout || '{}') as { corruptions?: number; 'check-errors'?: number };
         // qemu 7.2's QED check reports phantom leaks (see test/engine/convert-qed.test.ts); leaks are

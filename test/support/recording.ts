@@ -223,14 +223,46 @@ export function durability(log: Op[], n: number): { durable: (i: number) => bool
  * Power loss before operation `n`: durable operations apply in log order; of the volatile ones, those
  * in `kept` apply too, in the order given (a reordering when it differs from log order).
  */
-export function powerLossState(initial: Files, log: Op[], n: number, kept: number[]): MemoryStorage {
+export function powerLossState(initial: Files, log: Op[], n: number, kept: number[], torn?: { index: number; mask: boolean[] }): MemoryStorage {
   const { durable } = durability(log, n);
   const files = loadFiles(initial);
   // Durable operations first, in order; then the surviving volatile ones. Volatile operations of a
   // file all come after its last durable one, so this is a legal order for each file.
   for (let i = 0; i < n; i++) if (durable(i)) applyOp(files, log[i]!);
-  for (const i of kept) applyOp(files, log[i]!);
+  for (const i of kept) {
+    const op = log[i]!;
+    if (torn && torn.index === i && op.kind === 'write') {
+      // Only the sectors the mask names reached the disk.
+      const d = files.get(op.path);
+      if (d) writeSectors(op).forEach(([a, b], j) => torn.mask[j] && d.writeSync(op.bytes.subarray(a, b), op.offset + a));
+    } else applyOp(files, op);
+  }
   return toStorage(files);
+}
+
+export interface PowerTornChoice {
+  cut: number;
+  kept: number[];
+  torn: { index: number; mask: boolean[] };
+}
+
+/**
+ * Power loss with a torn write: any write not yet flushed may reach the disk only in part. For each
+ * volatile write of two or more sectors, every old/new sector mask up to `exhaustiveUpTo` sectors
+ * (`sampled` masks beyond), each with a random subset of the other volatile operations kept.
+ */
+export function* powerTornChoices(log: Op[], cut: number, rnd: () => number, exhaustiveUpTo: number, sampled: number): Generator<PowerTornChoice> {
+  const vol = volatileOps(log, cut);
+  for (const w of vol) {
+    const op = log[w]!;
+    if (op.kind !== 'write') continue;
+    const k = writeSectors(op).length;
+    if (k < 2) continue;
+    const masks: boolean[][] = [];
+    if (k <= exhaustiveUpTo) for (let m = 1; m < (1 << k) - 1; m++) masks.push(Array.from({ length: k }, (_, j) => (m & (1 << j)) !== 0));
+    else for (let s = 0; s < sampled; s++) masks.push(Array.from({ length: k }, () => rnd() < 0.5));
+    for (const mask of masks) yield { cut, kept: vol.filter((i) => i === w || rnd() < 0.5), torn: { index: w, mask } };
+  }
 }
 
 /** Indices of operations after the last durability point of their file (candidates to lose). */
