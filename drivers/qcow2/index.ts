@@ -1,5 +1,3 @@
-// >>> PARALLEL HELPERS OF THIS SESSION: before writing any code, read /tmp/HELPERS-READ-FIRST.md (shared rules:
-// >>> touch only drivers/<fmt>/ and test/drivers/<fmt>*, never src/ or this registry; commit only your paths; test style). <<<
 /**
  * qcow2 (versions 2 and 3): probe, open with every header field validated, the active layer's
  * guest → host mapping, the host-space map of every structure, and a qemu-img-style refcount check.
