@@ -15,6 +15,7 @@ import { journalPath } from './engine/journal.js';
 import { fileStorage } from './blockdev/storage.js';
 import type { TargetOptions } from './driver.js';
 import { UsageError } from './errors.js';
+import { createReporter, PROGRESS_MODES, type ProgressMode } from './progress/reporter.js';
 
 /** Parses qemu-img style `-o key=value,key=value` (repeatable). */
 export function parseTargetOptions(values: string[] | undefined): TargetOptions {
@@ -226,24 +227,40 @@ export function buildProgram(): Command {
     .option('--dry-run', 'only print the plan')
     .addOption(formatOption())
     .addOption(outputOption())
-    .action(async (image: string, o: { to: string; options?: string[]; format?: string; output: string; dryRun?: boolean }) => {
+    .addOption(
+      new Option('--progress <mode>', 'progress on stderr: auto (a live view on a terminal, plain lines otherwise), plain, json (one object per line), none')
+        .choices(PROGRESS_MODES)
+        .default('auto'),
+    )
+    .option('-q, --quiet', 'print nothing but errors (--output json still prints the report)')
+    .action(async (image: string, o: { to: string; options?: string[]; format?: string; output: string; dryRun?: boolean; progress: ProgressMode; quiet?: boolean }) => {
       const base = { to: o.to, options: parseTargetOptions(o.options), format: o.format, drivers: allDrivers };
       if (o.dryRun) {
         const p = await planConversion(image, base);
         process.stdout.write((o.output === 'json' ? JSON.stringify(p, null, 2) : planHuman(p)) + '\n');
         return;
       }
+      const reporter = await createReporter({
+        mode: o.progress,
+        quiet: o.quiet === true,
+        stream: process.stderr,
+        stdoutIsTTY: process.stdout.isTTY === true,
+        env: process.env,
+      });
       const ac = new AbortController();
       const onSignal = () => {
-        process.stderr.write('imgconv: stopping safely (finishing or rolling back to a consistent point)...\n');
+        if (!ac.signal.aborted) reporter.stopping();
         ac.abort();
       };
       process.on('SIGINT', onSignal);
       process.on('SIGTERM', onSignal);
       try {
-        const r = await convertInPlace(image, { ...base, signal: ac.signal });
+        await reporter.begin(image, base);
+        const r = await convertInPlace(image, { ...base, signal: ac.signal, onProgress: (e) => reporter.progress(e) });
+        await reporter.done(r);
+        await reporter.close();
         if (o.output === 'json') process.stdout.write(JSON.stringify(r, null, 2) + '\n');
-        else {
+        else if (!o.quiet && !reporter.showsReport) {
           process.stdout.write(
             [
               `${image}: converted ${r.source.format} → ${r.target.format} in place`,
@@ -258,15 +275,15 @@ export function buildProgram(): Command {
           );
         }
       } catch (e) {
+        reporter.fail(e);
+        await reporter.close();
         if (e instanceof ConversionFailedError) {
-          const state = {
-            untouched: 'the image was left untouched',
-            'rolled-back': 'the image was restored to its original format',
-            converted: 'the image is already converted',
-            'needs-recover': `the image needs: imgconv recover ${image}`,
-          }[e.imageState];
-          process.stderr.write(`imgconv: ${e.message}\nimgconv: ${state}\n`);
           process.exitCode = e.imageState === 'needs-recover' ? 4 : 1;
+          return;
+        }
+        // The view or the JSON stream has said it; main() would print it a second time.
+        if (reporter.showsErrors && e instanceof ImgconvError) {
+          process.exitCode = 1;
           return;
         }
         throw e;
