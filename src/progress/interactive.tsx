@@ -13,10 +13,10 @@ import { hostPictures, type HostLayout } from './strip.js';
 import { ProgressTracker } from './tracker.js';
 import { ConversionView, type ViewState } from './view.js';
 
-/** Within a phase, a new frame at most this often (ink itself draws at most 30 per second). */
-const FRAME_MS = 80;
+/** Within a phase, a new frame at most this often: each frame costs ~10 ms of layout, ANSI work and terminal output. */
+const FRAME_MS = 200;
 /** A phase without byte counts (reclaim compacts for seconds) still shows its clock moving. */
-const TICK_MS = 500;
+const TICK_MS = 1000;
 
 /** The host file's ranges, read only (the same opening `imgconv info` does). */
 export async function readHostLayout(path: string, drivers: readonly FormatDriver[], format?: string): Promise<HostLayout> {

@@ -2,7 +2,7 @@
  * The interactive view of `imgconv inplace` (ink). A pure function of ViewState: the reporter in
  * interactive.tsx owns the state and re-renders; tests render any state with ink-testing-library.
  */
-import { Box, Text } from 'ink';
+import { Box, Text, useStdout } from 'ink';
 import { PHASES, type ConversionPlan, type ConversionReport, type Phase } from '../engine/convert.js';
 import { journalPath } from '../engine/journal.js';
 import { bytes, clock, duration, rate, shellQuote } from './format.js';
@@ -44,6 +44,7 @@ const CELL_COLOR: Record<HostCell, string> = {
   free: 'gray',
 };
 
+/** The bar's width on a wide terminal; it narrows so its line (about 50 more columns) fits in 80. */
 const BAR_CELLS = 30;
 const COMMIT_INDEX = PHASES.indexOf('commit');
 
@@ -117,18 +118,20 @@ function PhaseRow({ phase, state }: { phase: Phase; state: ViewState }) {
 
 function Bar({ s }: { s: Snapshot }) {
   const pct = percent(s);
-  const filled = Math.round((pct * BAR_CELLS) / 100);
+  const cells = Math.max(10, Math.min(BAR_CELLS, (useStdout().stdout.columns || 80) - 62));
+  const filled = Math.round((pct * cells) / 100);
   const extra = [rate(s.rate), s.etaSeconds !== null && s.bytesDone < s.bytesTotal ? `ETA ${clock(s.etaSeconds)}` : ''].filter(Boolean);
   return (
     <Text>
       {'           '}
       <Text color="cyan">{'█'.repeat(filled)}</Text>
-      <Text dimColor>{'░'.repeat(BAR_CELLS - filled)}</Text> {String(pct).padStart(3)}% {bytes(s.bytesDone)} / {bytes(s.bytesTotal)}
+      <Text dimColor>{'░'.repeat(cells - filled)}</Text> {String(pct).padStart(3)}% {bytes(s.bytesDone)} / {bytes(s.bytesTotal)}
       {extra.map((x) => `  ${x}`).join('')}
     </Text>
   );
 }
 
+/** Two short lines, so they fit in 80 columns. */
 function Counts({ plan, outcome }: { plan: ConversionPlan | undefined; outcome: Outcome | undefined }) {
   if (outcome?.kind === 'done') {
     const r = outcome.report;
@@ -137,14 +140,15 @@ function Counts({ plan, outcome }: { plan: ConversionPlan | undefined; outcome: 
         <Text>
           metadata written <Text bold>{bytes(r.written.metadataBytes)}</Text>
           {'   '}data moved <Text bold>{bytes(r.written.dataBytes)}</Text>
-          {r.written.compactionBytes ? (
-            <Text>
-              {'   '}moved to compact <Text bold>{bytes(r.written.compactionBytes)}</Text>
-            </Text>
-          ) : null}
           {'   '}reclaimed <Text bold>{bytes(r.reclaimedBytes)}</Text>
         </Text>
         <Text>
+          {r.written.compactionBytes ? (
+            <Text>
+              moved to compact <Text bold>{bytes(r.written.compactionBytes)}</Text>
+              {'   '}
+            </Text>
+          ) : null}
           file size {bytes(r.source.fileLength)} → {bytes(r.finalLength)}
         </Text>
       </Box>
@@ -152,16 +156,16 @@ function Counts({ plan, outcome }: { plan: ConversionPlan | undefined; outcome: 
   }
   if (!plan) return null;
   return (
-    <Box marginTop={1}>
+    <Box flexDirection="column" marginTop={1}>
       <Text>
         metadata to write <Text bold>{bytes(plan.metadataBytes)}</Text>
         {'   '}data to move <Text bold>{bytes(plan.dataMoveBytes)}</Text>
-        {plan.compactionMoveBytes ? (
-          <Text>
-            {'   '}to compact after the commit <Text bold>{bytes(plan.compactionMoveBytes)}</Text>
-          </Text>
-        ) : null}
       </Text>
+      {plan.compactionMoveBytes ? (
+        <Text>
+          to move after the commit, compacting <Text bold>{bytes(plan.compactionMoveBytes)}</Text>
+        </Text>
+      ) : null}
     </Box>
   );
 }
@@ -189,20 +193,20 @@ function HostPicture({ host }: { host: NonNullable<ViewState['host']> }) {
   const legend = (['header', 'old-tables', 'new-tables', 'data', 'free'] as const).filter((c) => shown.has(c));
   return (
     <Box flexDirection="column" marginTop={1}>
+      <Text>host file (a cell is {bytes(host.bytesPerCell)})</Text>
       <Text>
-        {'host file  before '}
+        {'  before '}
         <Strip cells={host.before} />
       </Text>
       {host.after ? (
         <Text>
-          {'           after  '}
+          {'  after  '}
           <Strip cells={host.after} />
         </Text>
       ) : null}
       <Text dimColor>
-        {'                  '}
+        {'         '}
         {legend.map((c) => `${CELL_GLYPH[c]} ${CELL_LABEL[c]}`).join('  ')}
-        {`   (a cell is ${bytes(host.bytesPerCell)})`}
       </Text>
     </Box>
   );
@@ -261,7 +265,7 @@ function Verdict({ state, outcome, source, target }: { state: ViewState; outcome
   return (
     <Box flexDirection="column" marginTop={1}>
       <Text color={cancelled ? 'yellow' : 'red'} bold>
-        {cancelled ? '■ Stopped safely: nothing was converted' : `✘ Conversion failed during ${phase}`}
+        {cancelled ? '■ Stopped safely: nothing was converted' : `✘ Conversion failed during ${phase}`} (after {duration(outcome.elapsedMs)})
       </Text>
       <Text>{`  ${outcome.message}`}</Text>
       <Text>

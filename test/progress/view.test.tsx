@@ -88,9 +88,9 @@ describe('interactive view', () => {
       expect(row(f, phase)).toContain('0.3 s'); // time in the phase
       expect(f).toContain('metadata to write 132.0 KiB');
       expect(f).toContain('data to move 40.0 MiB');
-      expect(f).toContain('to compact after the commit 42.0 MiB');
+      expect(f).toContain('to move after the commit, compacting 42.0 MiB');
       expect(f).toContain('elapsed 1.5 s');
-      expect(f).toMatch(/host file {2}before H▒+█+·+/);
+      expect(f).toMatch(/host file \(a cell is 819\.2 KiB\)\n {3}before H▒+█+·+\n/);
       expect(f).not.toContain('after  ');
       if (phase === 'move') {
         expect(f).toMatch(/█+░+ {2}40% 16\.0 MiB \/ 40\.0 MiB {2}100\.0 MiB\/s {2}ETA 0:01/);
@@ -109,14 +109,16 @@ describe('interactive view', () => {
     for (const p of PHASES) expect(row(f, p)).toMatch(new RegExp(`^✔ ${p}`));
     expect(f).toContain('✔ Converted qcow2 → qed in 3.4 s');
     expect(f).toMatch(/verified {2}✔ probes as qed\n {12,}✔ virtual size unchanged\n {12,}✔ guest mapping identical\n {12,}✔ structure check clean/);
-    expect(f).toContain('metadata written 132.0 KiB   data moved 40.0 MiB   moved to compact 42.0 MiB   reclaimed 0 B');
-    expect(f).toContain('file size 49.0 MiB → 48.0 MiB');
+    expect(f).toContain('metadata written 132.0 KiB   data moved 40.0 MiB   reclaimed 0 B\n');
+    expect(f).toContain('moved to compact 42.0 MiB   file size 49.0 MiB → 48.0 MiB\n');
     const lines = f.split('\n');
     const b = lines.find((l) => l.includes('before '))!;
     const a = lines.find((l) => l.includes('after  '))!;
     expect(b).toMatch(/before H▒+█+·+$/);
     expect(a).toMatch(/after {2}H█+▓+$/);
+    expect(f).toContain('host file (a cell is 819.2 KiB)\n');
     expect(f).toContain('H header  ▒ old tables  ▓ new tables  █ data  · free');
+    for (const line of f.split('\n')) expect(line.length, line).toBeLessThanOrEqual(80); // fits an 80-column terminal
     expect(f).not.toContain('elapsed');
     expect(f).not.toMatch(/░/);
   });
@@ -131,7 +133,7 @@ describe('interactive view', () => {
     expect(row(f, 'move')).toMatch(/^✔ move/);
     expect(row(f, 'write')).toMatch(/^✘ write/);
     expect(row(f, 'commit')).toMatch(/^· commit/);
-    expect(f).toContain('✘ Conversion failed during write');
+    expect(f).toContain('✘ Conversion failed during write (after 0.9 s)');
     expect(f).toContain('conversion failed before the commit point: EIO; clean-up failed');
     expect(f).toContain('image state: needs recovery');
     expect(f).toContain("to recover:  imgconv recover 'my disk.qcow2'");
@@ -166,7 +168,7 @@ describe('interactive view', () => {
       stopping: true,
       outcome: { kind: 'failed', message: 'cancelled before the commit point; disk.qcow2 is unchanged (qcow2)', imageState: 'untouched', elapsedMs: 1200 },
     });
-    expect(end).toContain('■ Stopped safely: nothing was converted');
+    expect(end).toContain('■ Stopped safely: nothing was converted (after 1.2 s)');
     expect(end).toContain('cancelled before the commit point; disk.qcow2 is unchanged (qcow2)');
     expect(end).toContain('image state: untouched: disk.qcow2 is exactly as it was (qcow2)');
     expect(end).not.toContain('Stopping safely: undoing'); // the notice gives way to the verdict
