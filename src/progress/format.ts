@@ -16,9 +16,16 @@ export function bytes(n: number): string {
   return u === 0 ? `${Math.round(n)} B` : `${v.toFixed(1)} ${UNITS[u]}`;
 }
 
-/** Bytes per second; empty when not known yet (rate 0). */
 export function rate(bytesPerSecond: number): string {
-  return bytesPerSecond > 0 ? `${bytes(bytesPerSecond)}/s` : '';
+  return `${bytes(bytesPerSecond)}/s`;
+}
+
+/** "52.1 MiB/s", "ETA 0:07": what is known of a phase's speed and time left (nothing yet, no ETA once done). */
+export function speedAndEta(s: { rate: number; etaSeconds: number | null; bytesDone: number; bytesTotal: number }): string[] {
+  const out: string[] = [];
+  if (s.rate > 0) out.push(rate(s.rate));
+  if (s.etaSeconds !== null && s.bytesDone < s.bytesTotal) out.push(`ETA ${clock(s.etaSeconds)}`);
+  return out;
 }
 
 /** 0:07, 1:05:09. */

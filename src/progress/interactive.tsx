@@ -114,7 +114,7 @@ export class InkReporter implements ProgressReporter {
   async close(): Promise<void> {
     clearInterval(this.ticker);
     if (!this.instance) return;
-    this.instance.rerender(<ConversionView state={this.state} />);
+    // Every update() was drawn at once; unmounting leaves the last frame on the terminal.
     this.instance.unmount();
     await this.instance.waitUntilExit();
   }

@@ -4,7 +4,7 @@
  */
 import type { ConversionReport, ProgressEvent } from '../engine/convert.js';
 import { ConversionFailedError, PHASES } from '../engine/convert.js';
-import { bytes, clock, duration, rate } from './format.js';
+import { bytes, duration, speedAndEta } from './format.js';
 import type { ProgressReporter } from './reporter.js';
 import { BYTE_PHASES, ProgressTracker, percent } from './tracker.js';
 
@@ -39,19 +39,17 @@ export class PlainReporter implements ProgressReporter {
 
   progress(e: ProgressEvent): void {
     if (!this.opts.progress) return;
-    const begins = this.tracker.update(e);
-    const s = this.tracker.snapshot()!;
     const counted = BYTE_PHASES.has(e.phase);
-    if (begins) {
+    if (this.tracker.update(e)) {
       this.tenths = 0;
-      this.write(`imgconv: [${s.phaseIndex}/${PHASES.length}] ${e.phase}${counted ? ` (${bytes(e.bytesTotal)})` : ''}\n`);
+      this.write(`imgconv: [${PHASES.indexOf(e.phase) + 1}/${PHASES.length}] ${e.phase}${counted ? ` (${bytes(e.bytesTotal)})` : ''}\n`);
     }
     if (!counted || e.bytesTotal === 0) return;
-    const tenths = Math.floor(percent(s) / 10);
+    const tenths = Math.floor(percent(e) / 10);
     if (tenths <= this.tenths) return;
     this.tenths = tenths;
-    const extra = [rate(s.rate), s.etaSeconds !== null && s.bytesDone < s.bytesTotal ? `ETA ${clock(s.etaSeconds)}` : ''].filter(Boolean);
-    this.write(`imgconv: ${e.phase} ${tenths * 10}% (${bytes(s.bytesDone)} of ${bytes(s.bytesTotal)}${extra.map((x) => `, ${x}`).join('')})\n`);
+    const s = this.tracker.snapshot()!;
+    this.write(`imgconv: ${e.phase} ${tenths * 10}% (${[`${bytes(s.bytesDone)} of ${bytes(s.bytesTotal)}`, ...speedAndEta(s)].join(', ')})\n`);
   }
 
   stopping(): void {

@@ -5,7 +5,7 @@
 import { Box, Text, useStdout } from 'ink';
 import { PHASES, type ConversionPlan, type ConversionReport, type Phase } from '../engine/convert.js';
 import { journalPath } from '../engine/journal.js';
-import { bytes, clock, duration, rate, shellQuote } from './format.js';
+import { bytes, duration, shellQuote, speedAndEta } from './format.js';
 import type { ImageState } from './state.js';
 import { CELL_GLYPH, CELL_LABEL, type HostCell } from './strip.js';
 import { BYTE_PHASES, percent, type Snapshot } from './tracker.js';
@@ -120,13 +120,12 @@ function Bar({ s }: { s: Snapshot }) {
   const pct = percent(s);
   const cells = Math.max(10, Math.min(BAR_CELLS, (useStdout().stdout.columns || 80) - 62));
   const filled = Math.round((pct * cells) / 100);
-  const extra = [rate(s.rate), s.etaSeconds !== null && s.bytesDone < s.bytesTotal ? `ETA ${clock(s.etaSeconds)}` : ''].filter(Boolean);
   return (
     <Text>
       {'           '}
       <Text color="cyan">{'█'.repeat(filled)}</Text>
       <Text dimColor>{'░'.repeat(cells - filled)}</Text> {String(pct).padStart(3)}% {bytes(s.bytesDone)} / {bytes(s.bytesTotal)}
-      {extra.map((x) => `  ${x}`).join('')}
+      {speedAndEta(s).map((x) => `  ${x}`).join('')}
     </Text>
   );
 }
