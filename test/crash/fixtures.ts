@@ -231,13 +231,131 @@ export const SPECS: Spec[] = [
   },
 ];
 
+/**
+ * Two more per source format, run by the full set (IMGCONV_CRASH_SET=extra runs only these): other
+ * qcow2 versions and refcount widths, QED table sizes and a qcow2 backing file, dense and tail-only
+ * raw, zeroed VMDK grains, a dense fixed VHD and a dynamic VHD with data only mid-disk.
+ */
+export const EXTRA_SPECS: Spec[] = [
+  {
+    name: 'qcow2-v2',
+    format: 'qcow2',
+    traits: ['qcow2 v2 (compat=0.10), 64 KiB clusters'],
+    make: (d) => {
+      create(d, ['-f', 'qcow2', '-o', 'compat=0.10', 'v2.qcow2', '2M']);
+      io(d, 'v2.qcow2', 'qcow2', ['write -P 0x12 128k 200k', 'write -P 0x13 1984k 64k']);
+      return { image: 'v2.qcow2', others: [] };
+    },
+  },
+  {
+    name: 'qcow2-refcount1',
+    format: 'qcow2',
+    traits: ['refcount_bits=1, 16 KiB clusters', 'zero clusters'],
+    make: (d) => {
+      create(d, ['-f', 'qcow2', '-o', 'refcount_bits=1,cluster_size=16384', 'rc1.qcow2', '1M']);
+      io(d, 'rc1.qcow2', 'qcow2', ['write -P 0x14 0 48k', 'write -z 256k 32k', 'write -P 0x15 1008k 16k']);
+      return { image: 'rc1.qcow2', others: [] };
+    },
+  },
+  {
+    name: 'qed-c16k',
+    format: 'qed',
+    traits: ['16 KiB clusters, 4-cluster tables'],
+    make: (d) => {
+      create(d, ['-f', 'qed', '-o', 'cluster_size=16384,table_size=4', 'c16k.qed', '1M']);
+      io(d, 'c16k.qed', 'qed', ['write -P 0x53 16k 32k', 'write -P 0x54 512k 16k']);
+      return { image: 'c16k.qed', others: [] };
+    },
+  },
+  {
+    name: 'qed-child-qcow2',
+    format: 'qed',
+    traits: ['backing file (qcow2 base)'],
+    make: (d) => {
+      create(d, ['-f', 'qcow2', '-o', 'cluster_size=4096', 'qbase.qcow2', '1M']);
+      io(d, 'qbase.qcow2', 'qcow2', ['write -P 0x65 0 96k', 'write -P 0x66 800k 32k']);
+      qemuImg(['create', '-q', '-f', 'qed', '-o', 'cluster_size=4096', '-b', 'qbase.qcow2', '-F', 'qcow2', join(d, 'childq.qed'), '1M']);
+      io(d, 'childq.qed', 'qed', ['write -P 0x67 16k 8k', 'write -P 0x68 900k 8k']);
+      return { image: 'childq.qed', others: ['qbase.qcow2'] };
+    },
+  },
+  {
+    name: 'raw-dense',
+    format: 'raw',
+    traits: ['fully allocated', 'data under the target header region'],
+    make: (d) => {
+      raw(d, 'dense.raw', 512 * K, [[0, 256 * K, 0x84], [256 * K, 256 * K, 0x85]]);
+      return { image: 'dense.raw', others: [] };
+    },
+  },
+  {
+    name: 'raw-tail',
+    format: 'raw',
+    traits: ['data only mid-disk and at the end'],
+    make: (d) => {
+      raw(d, 'tail.raw', 3 * M, [[M + 4 * K, 12 * K, 0x86], [3 * M - 8 * K, 8 * K, 0x87]]);
+      return { image: 'tail.raw', others: [] };
+    },
+  },
+  {
+    name: 'vmdk-zeroed',
+    format: 'vmdk',
+    traits: ['zeroed grains (zeroed_grain=on)'],
+    make: (d) => {
+      create(d, ['-f', 'vmdk', '-o', 'zeroed_grain=on', 'zeroed.vmdk', '2M']);
+      io(d, 'zeroed.vmdk', 'vmdk', ['write -P 0xd3 0 128k', 'write -z 64k 64k', 'write -P 0xd4 1M 64k']);
+      return { image: 'zeroed.vmdk', others: [] };
+    },
+  },
+  {
+    name: 'vmdk-spread',
+    format: 'vmdk',
+    traits: ['monolithicSparse, data spread over 4 MiB'],
+    make: (d) => {
+      create(d, ['-f', 'vmdk', 'spread.vmdk', '4M']);
+      io(d, 'spread.vmdk', 'vmdk', ['write -P 0xd5 64k 64k', 'write -P 0xd6 2M 128k', 'write -P 0xd7 4032k 64k']);
+      return { image: 'spread.vmdk', others: [] };
+    },
+  },
+  {
+    name: 'vhd-fixed-dense',
+    format: 'vhd',
+    traits: ['fixed, fully written', 'data under the target header region'],
+    make: (d) => {
+      create(d, ['-f', 'vpc', '-o', 'subformat=fixed,force_size=on', 'fdense.vhd', '512k']);
+      io(d, 'fdense.vhd', 'vpc', ['write -P 0x18 0 256k', 'write -P 0x19 256k 256k']);
+      return { image: 'fdense.vhd', others: [] };
+    },
+  },
+  {
+    name: 'vhd-dynamic-mid',
+    format: 'vhd',
+    traits: ['relocation (dynamic)', 'data only mid-disk'],
+    make: (d) => {
+      create(d, ['-f', 'vpc', '-o', 'force_size=on', 'dmid.vhd', '2M']);
+      io(d, 'dmid.vhd', 'vpc', ['write -P 0x28 768k 36k']);
+      return { image: 'dmid.vhd', others: [] };
+    },
+  },
+];
+
+export type FixtureSet = 'base' | 'extra' | 'all';
+
+/** The CI sample uses the base set; the full set both (IMGCONV_CRASH_SET overrides). */
+export function fixtureSet(): FixtureSet {
+  const env = process.env.IMGCONV_CRASH_SET;
+  if (env === 'base' || env === 'extra' || env === 'all') return env;
+  return process.env.IMGCONV_CRASH_FULL === '1' ? 'all' : 'base';
+}
+
 export const QEMU_FORMAT: Record<string, string> = { qcow2: 'qcow2', qed: 'qed', raw: 'raw', vmdk: 'vmdk', vhd: 'vpc' };
 
-/** Builds the fixtures of one source format (all when `format` is undefined). */
-export function buildFixtures(format?: string): Fixture[] {
+/** Builds the fixtures of one source format (all formats when `format` is undefined) of a set. */
+export function buildFixtures(format?: string, set: FixtureSet = fixtureSet()): Fixture[] {
   const tmp = withTmpDir('imgconv-crashfx-');
+  const specs = set === 'base' ? SPECS : set === 'extra' ? EXTRA_SPECS : [...SPECS, ...EXTRA_SPECS];
   try {
-    return SPECS.filter((s) => format === undefined || s.format === format).map((s) => {
+    return specs.filter((s) => format === undefined || s.format === format).map((s) => {
       const dir = join(tmp.dir, s.name);
       mkdirSync(dir, { recursive: true });
       const { image, others } = s.make(dir);

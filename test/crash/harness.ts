@@ -244,7 +244,7 @@ export function candidatesOf(initial: Files, log: Op[], rnd: () => number, b: Bu
 export interface RunOptions {
   budget?: Budget;
   seed?: number;
-  /** Where the qemu confirmation writes states (a temp dir is made when omitted). */
+  /** Called as each distinct state is about to be checked (progress). */
   onState?: (category: Category) => void;
 }
 

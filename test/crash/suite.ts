@@ -8,7 +8,7 @@ import { mkdirSync, readFileSync, readdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { allDrivers } from '../../drivers/index.js';
 import { qemuAvailable } from '../support/qemu.js';
-import { buildFixtures, type Fixture } from './fixtures.js';
+import { buildFixtures, fixtureSet, type Fixture } from './fixtures.js';
 import { BUDGET, CATEGORIES, FULL, SEED, runFaults, runFixture, type Category, type Tally } from './harness.js';
 
 const root = join(import.meta.dirname, '..', '..');
@@ -74,7 +74,8 @@ export function definePairSuite(source: string): void {
       }
       if (!FULL) return;
       mkdirSync(PARTS, { recursive: true });
-      writeFileSync(join(PARTS, `${source}.json`), JSON.stringify({ source, seed: SEED, at: new Date().toISOString(), budget: BUDGET, tallies }, (_k, v) => (v === Infinity ? 'all' : v), 2));
+      // One part per source format and fixture set: a run of the extra set adds to the base set's.
+      writeFileSync(join(PARTS, `${source}-${fixtureSet()}.json`), JSON.stringify({ source, set: fixtureSet(), seed: SEED, at: new Date().toISOString(), budget: BUDGET, tallies }, (_k, v) => (v === Infinity ? 'all' : v), 2));
       writeReport();
     });
   });
@@ -82,6 +83,7 @@ export function definePairSuite(source: string): void {
 
 interface Part {
   source: string;
+  set?: string;
   seed: number;
   at: string;
   tallies: Tally[];
@@ -107,7 +109,7 @@ function writeReport(): void {
     'changes nothing. Faults are whole conversions with EIO/ENOSPC injected at one operation (once or',
     'from then on), judged on the truthfulness of the error and then like a crash state.',
     '',
-    `Seeds: ${parts.map((p) => `${p.source} ${p.seed} (${p.at})`).join('; ')}.`,
+    `Runs (source format, fixture set, seed, finished): ${parts.map((p) => `${p.source} ${p.set ?? 'base'} ${p.seed} ${p.at}`).join('; ')}.`,
     '',
     `| pair | states | failures | ${CATEGORIES.join(' | ')} | garbage → clear error | qemu-img confirmed | time |`,
     `|---|---:|---:|${CATEGORIES.map(() => '---:|').join('')}---:|---:|---:|`,
