@@ -22,10 +22,13 @@ function tmuxAvailable(): boolean {
   return ok;
 }
 
-/** A tmux server of our own (its own socket, no user config), so nothing else's sessions or environment leak in. */
-const socket = `imgconv-test-${process.pid}`;
+/**
+ * A tmux server of our own (its socket in the test's folder, no user config), so nothing else's
+ * sessions or environment leak in, and nothing is left behind.
+ */
+const socket = tmp.path('tmux.sock');
 function tmux(...args: string[]): string {
-  return execFileSync('tmux', ['-L', socket, '-f', '/dev/null', ...args], { encoding: 'utf8' });
+  return execFileSync('tmux', ['-S', socket, '-f', '/dev/null', ...args], { encoding: 'utf8' });
 }
 
 const run = qemuAvailable() && tmuxAvailable();
@@ -38,7 +41,7 @@ beforeAll(() => {
   }
 });
 afterAll(() => {
-  if (run) spawnSync('tmux', ['-L', socket, 'kill-server']);
+  if (run) spawnSync('tmux', ['-S', socket, 'kill-server']);
   tmp.cleanup();
 });
 
