@@ -7,8 +7,8 @@
  *   write_bytes after the wait are the command's — all its threads and descendants — exactly the bytes
  *   it caused to be written to the file system (pages it dirtied, counted when dirtied).
  * - Peak RSS is ru_maxrss of the waited-for process tree, taken by `/usr/bin/time -f %M` when present.
- *   Independently of that, the harness polls VmHWM of every process below the shell every few
- *   milliseconds; the poll is the fallback when /usr/bin/time is missing, and a cross-check otherwise.
+ *   The harness also polls VmHWM of every process below the shell every few milliseconds: the figure
+ *   used when /usr/bin/time is missing (kept in polledRssBytes either way).
  * - Disk space: the harness polls the size and allocated blocks of the files the command may grow
  *   (the image and its journal, or the output file) and keeps the largest growth over the start.
  *   The poll can miss a peak shorter than its interval; the plan's own peakExtraBytes is reported beside.

@@ -51,12 +51,19 @@ const METHOD = [
   '  so the shell\'s `write_bytes` are the command\'s own — every thread and descendant — counted when pages are',
   '  dirtied, not as the tool reports them.',
   '- Peak RSS is `ru_maxrss` of the process tree from `/usr/bin/time -f %M`' + (hasGnuTime ? '' : ' (absent here: VmHWM polled instead)') + '; the harness also polls VmHWM',
-  '  of every process below the shell every 5 ms as a cross-check (and as the fallback without /usr/bin/time).',
+  '  of every process below the shell every 5 ms, the figure used where /usr/bin/time is missing.',
   '- Peak extra disk space: the harness polls size and allocated blocks of the files a command grows (image +',
   '  `.imgconv-journal`, or the output file) every 5 ms and keeps the largest growth; the plan\'s own figure is beside it.',
   '- Every image a run converts is a fresh copy, fsynced before the run, so no run waits for or hides another\'s',
   '  writeback. The page cache is warm (the copy was just written); caches are not dropped.',
   '- Figures are median (min–max) over the stated number of runs.',
+  '- `write_bytes` counts page-cache folios as they are dirtied. On this kernel ext4 caches files in large folios, so',
+  '  a small write into a folio that a flush has just cleaned (the 8-byte pointer updates of compaction, a table entry)',
+  '  counts the whole folio, as large as the write that filled it (a 1 MiB pwrite, fdatasync, then an 8-byte pwrite',
+  '  into it: 1 MiB counted). Small metadata writes therefore read higher than the bytes passed to write().',
+  '  The journal (`.imgconv-journal`: undo and redo copies of the fixed regions) is included; it is not in the plan.',
+  '- The machine may be shared with other work: see the load averages in the Machine table. Wall times on a loaded',
+  '  machine include waiting for a CPU; node\'s own start-up (`node -e 0`) is part of every imgconv figure.',
 ];
 
 async function main(): Promise<void> {
