@@ -28,7 +28,13 @@ export interface CompactResult {
 const TABLE_LEVELS = [1, 2];
 const COPY_CHUNK = 4 << 20;
 
-export async function compact(path: string, dev: BlockDevice, drivers: readonly FormatDriver[], to: string): Promise<CompactResult> {
+export async function compact(
+  path: string,
+  dev: BlockDevice,
+  drivers: readonly FormatDriver[],
+  to: string,
+  onProgress?: (bytesDone: number, bytesTotal: number) => void,
+): Promise<CompactResult> {
   const withImage = async <T>(fn: (img: SourceImage) => Promise<T>): Promise<T> => {
     const chain = await openImage(path, { drivers, format: to, topDevice: dev, backing: false });
     try {
@@ -59,6 +65,15 @@ export async function compact(path: string, dev: BlockDevice, drivers: readonly 
   });
   if (!layout) return result;
   const { cs, E0, T } = layout;
+  // For progress only: the tables go out and back in, the data above the window moves once.
+  const dataAbove = await withImage(async (img) => (await img.relocatable!(0, E0 - T)).reduce((s, r) => s + r.length, 0));
+  const total = 2 * T + dataAbove;
+  let done = 0;
+  const moved = (n: number) => {
+    done += n;
+    onProgress?.(Math.min(done, total), total);
+  };
+  onProgress?.(0, total);
 
   // Round A: tables in or above the window cannot slide into it safely (a move overlapping the live
   // table would overwrite it before its pointer flips), so they first go to scratch space past the end.
@@ -73,7 +88,7 @@ export async function compact(path: string, dev: BlockDevice, drivers: readonly 
         scratch += alignUp(r.length, cs);
         return { r, to };
       });
-      result.tablesMovedBytes += await applyMoves(dev, moves);
+      result.tablesMovedBytes += await applyMoves(dev, moves, moved);
     });
   }
 
@@ -87,7 +102,7 @@ export async function compact(path: string, dev: BlockDevice, drivers: readonly 
       if (slot === undefined || slot >= r.host) break;
       moves.push({ r, to: slot });
     }
-    result.dataMovedBytes += await applyMoves(dev, moves);
+    result.dataMovedBytes += await applyMoves(dev, moves, moved);
   });
 
   // Round C: tables above E0, lowest level first (their pointers live in the level above, which is
@@ -102,7 +117,7 @@ export async function compact(path: string, dev: BlockDevice, drivers: readonly 
         if (at === undefined || at >= r.host) continue;
         moves.push({ r, to: at });
       }
-      result.tablesMovedBytes += await applyMoves(dev, moves);
+      result.tablesMovedBytes += await applyMoves(dev, moves, moved);
     });
   }
 
@@ -117,7 +132,7 @@ export async function compact(path: string, dev: BlockDevice, drivers: readonly 
 }
 
 /** Copies, flushes, repoints, flushes. Returns the bytes moved. */
-async function applyMoves(dev: BlockDevice, moves: { r: Relocatable; to: number }[]): Promise<number> {
+async function applyMoves(dev: BlockDevice, moves: { r: Relocatable; to: number }[], onCopied?: (bytes: number) => void): Promise<number> {
   if (moves.length === 0) return 0;
   let bytes = 0;
   const buf = new Uint8Array(COPY_CHUNK);
@@ -133,6 +148,7 @@ async function applyMoves(dev: BlockDevice, moves: { r: Relocatable; to: number 
       }
       piece.fill(0, got);
       await dev.write(piece, to + off);
+      onCopied?.(len);
     }
     bytes += r.length;
   }

@@ -443,7 +443,9 @@ export async function finishCommitted(a: FinishArgs): Promise<{ verified: string
   a.onProgress?.({ phase: 'verify', bytesDone: 1, bytesTotal: 1 });
   await a.append(encodeRecord({ type: 'done' }));
   a.onProgress?.({ phase: 'reclaim', bytesDone: 0, bytesTotal: 1 });
-  const { reclaimedBytes, compactMovedBytes } = await reclaim(a.path, a.dev, a.drivers, a.to);
+  const { reclaimedBytes, compactMovedBytes } = await reclaim(a.path, a.dev, a.drivers, a.to, (done, total) =>
+    a.onProgress?.({ phase: 'reclaim', bytesDone: done, bytesTotal: total }),
+  );
   a.onProgress?.({ phase: 'reclaim', bytesDone: 1, bytesTotal: 1 });
   return { verified, reclaimedBytes, compactMovedBytes };
 }
@@ -514,10 +516,16 @@ export async function verifyTarget(
  * The final fsck: where the target counts unreferenced space as leaked (QED), compact the file;
  * then punch out space the new image does not reference (the old format's tables) and report.
  */
-export async function reclaim(path: string, dev: BlockDevice, drivers: readonly FormatDriver[], to: string): Promise<{ reclaimedBytes: number; compactMovedBytes: number }> {
+export async function reclaim(
+  path: string,
+  dev: BlockDevice,
+  drivers: readonly FormatDriver[],
+  to: string,
+  onProgress?: (bytesDone: number, bytesTotal: number) => void,
+): Promise<{ reclaimedBytes: number; compactMovedBytes: number }> {
   let compactMovedBytes = 0;
   if (findDriver(drivers, to).target?.unreferencedIsLeak) {
-    const c = await compact(path, dev, drivers, to);
+    const c = await compact(path, dev, drivers, to, onProgress);
     compactMovedBytes = c.dataMovedBytes + c.tablesMovedBytes;
   }
   const chain = await openImage(path, { drivers, format: to, topDevice: dev, backing: false });
