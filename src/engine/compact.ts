@@ -94,14 +94,15 @@ export async function compact(
 
   // Round B: data in the window or beyond E0 moves into holes below the window.
   await withImage(async (img) => {
-    const data = (await img.relocatable!(0, E0 - T)).sort((a, b) => b.host - a.host);
     const slots = clusterSlots(freeBelow((await img.hostSpace()).free(), E0 - T), cs);
-    const moves: { r: Relocatable; to: number }[] = [];
-    for (const r of data) {
-      const slot = slots.shift();
-      if (slot === undefined || slot >= r.host) break;
-      moves.push({ r, to: slot });
-    }
+    // The highest clusters if the holes cannot take them all; then paired in ascending order on both
+    // sides, so runs of neighbouring clusters that land in a run of neighbouring holes copy as one.
+    const data = (await img.relocatable!(0, E0 - T))
+      .sort((a, b) => b.host - a.host)
+      .slice(0, slots.length)
+      .sort((a, b) => a.host - b.host);
+    // Every slot lies below E0 − T and every listed cluster at or above it, so each move goes down.
+    const moves = data.map((r, i) => ({ r, to: slots[i]! }));
     result.dataMovedBytes += await applyMoves(dev, moves, moved);
   });
 
@@ -131,18 +132,28 @@ export async function compact(
   return result;
 }
 
-/** Copies, flushes, repoints, flushes. Returns the bytes moved. */
+/**
+ * Copies, flushes, repoints, flushes. Returns the bytes moved. Moves whose sources and destinations
+ * both continue each other are copied as one run, and pointers stored side by side (neighbouring L2
+ * entries) are written as one buffer: a moving conversion relocates hundreds of thousands of clusters.
+ */
 async function applyMoves(dev: BlockDevice, moves: { r: Relocatable; to: number }[], onCopied?: (bytes: number) => void): Promise<number> {
   if (moves.length === 0) return 0;
-  let bytes = 0;
   const buf = new Uint8Array(COPY_CHUNK);
-  for (const { r, to } of moves) {
-    for (let off = 0; off < r.length; off += COPY_CHUNK) {
-      const len = Math.min(COPY_CHUNK, r.length - off);
+  let bytes = 0;
+  let i = 0;
+  while (i < moves.length) {
+    const from = moves[i]!.r.host;
+    const to = moves[i]!.to;
+    let length = moves[i]!.r.length;
+    let j = i + 1;
+    while (j < moves.length && moves[j]!.r.host === from + length && moves[j]!.to === to + length) length += moves[j++]!.r.length;
+    for (let off = 0; off < length; off += COPY_CHUNK) {
+      const len = Math.min(COPY_CHUNK, length - off);
       const piece = buf.subarray(0, len);
       let got = 0;
       while (got < len) {
-        const n = await dev.read(piece.subarray(got), r.host + off + got);
+        const n = await dev.read(piece.subarray(got), from + off + got);
         if (n === 0) break;
         got += n;
       }
@@ -150,10 +161,20 @@ async function applyMoves(dev: BlockDevice, moves: { r: Relocatable; to: number 
       await dev.write(piece, to + off);
       onCopied?.(len);
     }
-    bytes += r.length;
+    bytes += length;
+    i = j;
   }
   await dev.flush();
-  for (const { r, to } of moves) await dev.write(r.pointer.encode(to), r.pointer.offset);
+  const pointers = moves.map(({ r, to }) => ({ offset: r.pointer.offset, bytes: r.pointer.encode(to) })).sort((a, b) => a.offset - b.offset);
+  for (let k = 0; k < pointers.length; ) {
+    let end = pointers[k]!.offset + pointers[k]!.bytes.length;
+    let m = k + 1;
+    while (m < pointers.length && pointers[m]!.offset === end) end += pointers[m++]!.bytes.length;
+    const run = new Uint8Array(end - pointers[k]!.offset);
+    for (let q = k; q < m; q++) run.set(pointers[q]!.bytes, pointers[q]!.offset - pointers[k]!.offset);
+    await dev.write(run, pointers[k]!.offset);
+    k = m;
+  }
   await dev.flush();
   return bytes;
 }
