@@ -10,6 +10,7 @@ import { decodeDescriptor, looksLikeDescriptor } from './descriptor.js';
 import { decodeSparseHeader, FORMAT, MAX_DESCRIPTOR_BYTES, MAX_GRAIN_SECTORS, MAX_GTES_PER_GT, VMDK3_MAGIC, VMDK4_MAGIC } from './header.js';
 import { openDescriptorFile } from './flat.js';
 import { openSparse } from './sparse.js';
+import { vmdkTarget } from './target.js';
 
 export { decodeDescriptor, encodeDescriptor } from './descriptor.js';
 export { decodeSparseHeader, encodeSparseHeader } from './header.js';
@@ -40,6 +41,7 @@ export function probeVmdk(input: ProbeInput): number {
 export const vmdkDriver: FormatDriver = {
   name: FORMAT,
   description: 'VMware VMDK: monolithicSparse, streamOptimized, monolithicFlat (read)',
+  target: vmdkTarget,
   probe(input) {
     try {
       return probeVmdk(input);

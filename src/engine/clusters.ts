@@ -124,7 +124,7 @@ export function powersOfTwo(min: number, max: number): number[] {
 /**
  * The candidate that costs the least I/O — moved bytes count twice (read and write), new metadata
  * once — where costs within a slack of the cheapest count as equal; among those, the one that moves
- * the least data, then the one closest to `preferred` (the format's default, what qemu-img makes). The slack (1 MiB + 1/4096 of the
+ * the least data (counted in whole MiB), then the one closest to `preferred` (the format's default). The slack (1 MiB + 1/4096 of the
  * virtual size) keeps a small disk from getting 4 KiB clusters to save half a megabyte of tables,
  * while a raw disk of a terabyte still gets the cluster size that spares it gigabytes of L2 tables.
  */
@@ -136,10 +136,12 @@ export function cheapestClusterSize(
   const dist = (cs: number) => Math.abs(Math.log2(cs) - Math.log2(preferred));
   const cost = (c: { moveBytes: number; metadataBytes: number }) => 2 * c.moveBytes + c.metadataBytes;
   const min = Math.min(...candidates.map(cost));
+  // Moving less than a mebibyte more is not worth a non-default size (a raw disk's header cluster).
+  const movedMiB = (c: { moveBytes: number }) => Math.ceil(c.moveBytes / (1 << 20));
   const slack = costSlack(virtualSize);
   return candidates
     .filter((c) => cost(c) <= min + slack)
-    .sort((a, b) => a.moveBytes - b.moveBytes || dist(a.cs) - dist(b.cs) || cost(a) - cost(b) || a.cs - b.cs)[0]!.cs;
+    .sort((a, b) => movedMiB(a) - movedMiB(b) || dist(a.cs) - dist(b.cs) || cost(a) - cost(b) || a.cs - b.cs)[0]!.cs;
 }
 
 /** Costs closer than this to the cheapest count as equal (see cheapestClusterSize). */
