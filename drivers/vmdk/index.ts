@@ -40,7 +40,7 @@ export function probeVmdk(input: ProbeInput): number {
 
 export const vmdkDriver: FormatDriver = {
   name: FORMAT,
-  description: 'VMware VMDK: monolithicSparse, streamOptimized, monolithicFlat (read)',
+  description: 'VMware VMDK: read monolithicSparse, streamOptimized, monolithicFlat; write monolithicSparse',
   target: vmdkTarget,
   probe(input) {
     try {
