@@ -32,7 +32,7 @@ import { basename } from 'node:path';
 import { alignUp } from '../../src/binary.js';
 import type { Allocator, HostWrite, ImageInfo, PlanInput, TargetBuild, TargetDriver, TargetPlan } from '../../src/driver.js';
 import { GapAllocator } from '../../src/engine/allocator.js';
-import { cheapestClusterSize, powersOfTwo, type ClusterRun, type MustMove } from '../../src/engine/clusters.js';
+import { cheapestClusterSize, clusterize, powersOfTwo, type ClusterRun, type MustMove } from '../../src/engine/clusters.js';
 import { UnsupportedError, UsageError } from '../../src/errors.js';
 import type { ExtentMap } from '../../src/extent-map.js';
 import { encodeDescriptor, NO_PARENT_CID, type Descriptor } from './descriptor.js';
@@ -177,83 +177,14 @@ export interface Grainized {
   moveBytes: number;
 }
 
-const HEADER_REASON = 'data lies where the VMDK header and descriptor go';
-
 /**
- * clusterize (src/engine/clusters.ts) for sector-addressed grains. A grain of `gs` bytes stays as data
- * when its guest bytes are one data run (ExtentMap merges host-contiguous runs, so one run means
- * contiguous host bytes) starting on a sector boundary, and its host bytes miss every `reserved`
- * range. Grains of zeros and unallocated stay as such; with a parent, a grain mixing the two would
- * need the parent's bytes and must move (the engine refuses that). Everything else moves: compressed
- * data, unaligned data, grains mixing data with anything else. Linear in runs, not grains.
+ * clusterize (src/engine/clusters.ts) for sector-addressed grains: a grain stays as data when its guest
+ * bytes are one data run (host-contiguous, as ExtentMap merges) starting on a sector boundary, and its
+ * host bytes miss the reserved header area.
  */
 export function grainize(map: ExtentMap, gs: number, opts: { reserved: HostRange[]; hasBacking: boolean }): Grainized {
-  const runs: ClusterRun[] = [];
-  const mustMove: MustMove[] = [];
-  const vsize = map.virtualSize;
-  const reserved = opts.reserved.slice().sort((a, b) => a.start - b.start);
-  const pushRun = (r: ClusterRun) => {
-    const p = runs[runs.length - 1];
-    if (p && p.kind === r.kind && p.guest + p.length === r.guest && (r.kind !== 'data' || p.host! + p.length === r.host)) p.length += r.length;
-    else runs.push(r);
-  };
-  const move = (guest: number, length: number, reason: string) => {
-    const p = mustMove[mustMove.length - 1];
-    if (p && p.reason === reason && p.guest + p.length === guest) p.length += length;
-    else mustMove.push({ guest, length, reason });
-  };
-  /** Whole grains [guest, guest+length) of one data run at `host`: split around the reserved ranges. */
-  const dataBatch = (guest: number, length: number, host: number) => {
-    const n = Math.ceil(length / gs);
-    let k = 0;
-    for (const r of reserved) {
-      if (r.start >= host + length || r.start + r.length <= host) continue;
-      const lo = Math.max(k, Math.floor((r.start - host) / gs));
-      const hi = Math.min(n, Math.ceil((r.start + r.length - host) / gs));
-      if (lo >= hi) continue;
-      if (lo > k) pushRun({ guest: guest + k * gs, length: (lo - k) * gs, kind: 'data', host: host + k * gs });
-      move(guest + lo * gs, Math.min(length, hi * gs) - lo * gs, HEADER_REASON);
-      k = hi;
-    }
-    if (k < n) pushRun({ guest: guest + k * gs, length: length - k * gs, kind: 'data', host: host + k * gs });
-  };
-
-  let i = 0;
-  let pos = 0;
-  while (pos < vsize) {
-    while (map.at(i).guest + map.at(i).length <= pos) i++;
-    const e = map.at(i);
-    const eEnd = e.guest + e.length;
-    const gEnd = Math.min(pos + gs, vsize);
-    if (eEnd >= gEnd) {
-      // Whole grains inside one run: [pos, batchEnd).
-      const batchEnd = eEnd >= vsize ? vsize : pos + Math.floor((eEnd - pos) / gs) * gs;
-      const length = batchEnd - pos;
-      if (e.kind === 'zero' || e.kind === 'unallocated') pushRun({ guest: pos, length, kind: e.kind });
-      else if (e.kind === 'compressed') move(pos, length, 'compressed data is stored decompressed');
-      else {
-        const host = e.host! + (pos - e.guest);
-        if (host % SECTOR !== 0) move(pos, length, 'data does not start on a 512-byte sector');
-        else dataBatch(pos, length, host);
-      }
-      pos = batchEnd;
-      continue;
-    }
-    // A grain several runs share.
-    const kinds = new Set<string>();
-    for (let k = i; k < map.count; k++) {
-      const r = map.at(k);
-      if (r.guest >= gEnd) break;
-      kinds.add(r.kind);
-    }
-    if (kinds.has('compressed')) move(pos, gEnd - pos, 'compressed data is stored decompressed');
-    else if (kinds.has('data')) move(pos, gEnd - pos, `grain mixes data with other content, or its data is not contiguous on the host, below ${gs} bytes`);
-    else if (kinds.size === 1) pushRun({ guest: pos, length: gEnd - pos, kind: kinds.has('zero') ? 'zero' : 'unallocated' });
-    else if (opts.hasBacking) move(pos, gEnd - pos, 'grain mixes zeros and parent reads');
-    else pushRun({ guest: pos, length: gEnd - pos, kind: 'zero' });
-    pos = gEnd;
-  }
-  return { grainSize: gs, runs, mustMove, moveBytes: mustMove.reduce((s, m) => s + m.length, 0) };
+  const c = clusterize(map, gs, { ...opts, hostAlignment: SECTOR });
+  return { grainSize: gs, runs: c.runs, mustMove: c.mustMove, moveBytes: c.moveBytes };
 }
 
 // ---------------------------------------------------------------------------------------------------

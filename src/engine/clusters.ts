@@ -37,6 +37,11 @@ export interface ClusterizeOptions {
   reserved?: { start: number; length: number }[];
   /** With a backing file, unallocated reads the backing file and cannot share a cluster with zeros. */
   hasBacking?: boolean;
+  /**
+   * Alignment a data cluster's host offset needs: the cluster size for qcow2/QED (the default), 512
+   * for sector-addressed targets (VMDK grains only need contiguous bytes starting on a sector).
+   */
+  hostAlignment?: number;
 }
 
 export function clusterize(map: ExtentMap, cs: number, opts: ClusterizeOptions = {}): Clusterized {
@@ -73,8 +78,8 @@ export function clusterize(map: ExtentMap, cs: number, opts: ClusterizeOptions =
         move(pos, length, 'compressed data is stored decompressed');
       } else {
         const host = e.host! + (pos - e.guest);
-        if (host % cs !== 0) {
-          move(pos, length, `data not aligned to ${cs}-byte clusters`);
+        if (host % (opts.hostAlignment ?? cs) !== 0) {
+          move(pos, length, `data not aligned to ${opts.hostAlignment ?? cs} bytes`);
         } else if (underReserved(host, Math.ceil(length / cs) * cs)) {
           // Split arithmetically: only the clusters that meet a reserved range move.
           let g = pos;
@@ -101,14 +106,13 @@ export function clusterize(map: ExtentMap, cs: number, opts: ClusterizeOptions =
       if (r.guest >= cEnd) break;
       kinds.add(r.kind);
     }
-    if (!kinds.has('data') && !kinds.has('compressed')) {
-      // Zero and unallocated only: both read zeros without a backing file. With one, the cluster
-      // would have to be materialised from the backing file (the engine refuses that).
-      if (opts.hasBacking) move(pos, cEnd - pos, 'cluster mixes zeros and backing-file reads');
-      else pushRun({ guest: pos, length: cEnd - pos, kind: 'zero' });
-    } else {
-      move(pos, cEnd - pos, kinds.has('compressed') ? 'compressed data is stored decompressed' : `cluster mixes data with other content below ${cs} bytes`);
-    }
+    if (kinds.has('compressed')) move(pos, cEnd - pos, 'compressed data is stored decompressed');
+    else if (kinds.has('data')) move(pos, cEnd - pos, `cluster mixes data with other content, or its data is not contiguous on the host, below ${cs} bytes`);
+    else if (kinds.size === 1) pushRun({ guest: pos, length: cEnd - pos, kind: kinds.has('zero') ? 'zero' : 'unallocated' });
+    // Zeros and unallocated together: both read zeros without a backing file. With one, the cluster
+    // would have to be materialised from the backing file (the engine refuses that).
+    else if (opts.hasBacking) move(pos, cEnd - pos, 'cluster mixes zeros and reads of the backing file (parent image)');
+    else pushRun({ guest: pos, length: cEnd - pos, kind: 'zero' });
     pos = cEnd;
   }
   return { clusterSize: cs, runs, mustMove, moveBytes: mustMove.reduce((s, m) => s + m.length, 0) };
