@@ -110,11 +110,8 @@ async function prepare(path: string, dev: BlockDevice, opts: ConvertOptions): Pr
     const mapping = holesAsData(await source.mapping(), await scanHoles(dev));
     const hostSpace = await source.hostSpace();
     // Targets write the backing format into the new image, where QEMU reads it: QEMU's name for it.
-    const backingFormat = info.backing?.format;
-    const planInfo =
-      backingFormat !== undefined
-        ? { ...info, backing: { ...info.backing!, format: findDriver(opts.drivers, backingFormat).qemuName ?? findDriver(opts.drivers, backingFormat).name } }
-        : info;
+    const backingDriver = info.backing?.format !== undefined ? findDriver(opts.drivers, info.backing.format) : undefined;
+    const planInfo = backingDriver ? { ...info, backing: { ...info.backing!, format: backingDriver.qemuName ?? backingDriver.name } } : info;
     const input: PlanInput = { info: planInfo, mapping, hostSpace, fileSize: fileLength, options: opts.options ?? {} };
     const targetPlan = targetDriver.target.plan(input);
 
