@@ -161,6 +161,23 @@ export interface TargetPlan {
   mustMove: { guest: number; length: number; reason: string }[];
   /** Alignment a data run's host offset needs in this target (cluster size; 512 when sector-addressed). */
   dataAlignment: number;
+  /**
+   * Bytes the target needs right in front of each moved range (VHD dynamic: the block's sector bitmap).
+   * The engine allocates prefix + range and places the data after the prefix; `build` may then use the
+   * prefix, which no other structure is given.
+   */
+  movePrefix?: number;
+  /**
+   * Host ranges outside the fixed regions that `build` will use where they are (VHD dynamic: the bitmap
+   * sector in front of a block that stays). They must be free in the source; the allocator never hands
+   * them out. Written before the commit point like any table.
+   */
+  reserved?: { start: number; length: number }[];
+  /**
+   * 'identity': the target can only express data at host offset = guest offset (raw, VHD fixed). The
+   * engine relocates the source's data there before building (src/engine/relocate.ts), or refuses.
+   */
+  placement?: 'identity';
   /** Source features that do not survive (listed in the output), e.g. "dirty bitmaps". */
   dropped: string[];
   /** Estimated bytes of new metadata (exact after build). */

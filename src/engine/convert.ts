@@ -114,8 +114,11 @@ async function prepare(path: string, dev: BlockDevice, opts: ConvertOptions): Pr
     const planInfo = backingDriver ? { ...info, backing: { ...info.backing!, format: backingDriver.qemuName ?? backingDriver.name } } : info;
     const input: PlanInput = { info: planInfo, mapping, hostSpace, fileSize: fileLength, options: opts.options ?? {} };
     const targetPlan = targetDriver.target.plan(input);
+    if (targetPlan.placement === 'identity') requireIdentity(info.format, opts.to, mapping);
 
-    const reserved = targetPlan.fixedRegions.map((r) => ({ start: r.start, length: r.length }));
+    const reserved = [...targetPlan.fixedRegions, ...(targetPlan.reserved ?? [])]
+      .map((r) => ({ start: r.start, length: r.length }))
+      .sort((a, b) => a.start - b.start);
     const alloc = new GapAllocator(hostSpace.free(), reserved, Math.max(fileLength, hostSpace.usedEnd()));
 
     // Data the target cannot express where it lies is copied to new space; the source keeps reading
@@ -125,7 +128,8 @@ async function prepare(path: string, dev: BlockDevice, opts: ConvertOptions): Pr
       if (info.backing && [...mapping.range(m.guest, m.length)].some((e) => e.kind === 'unallocated')) {
         throw new UnsupportedError(info.format, 'partly allocated cluster over a backing file', `guest ${m.guest}+${m.length} must move (${m.reason}) but part of it reads from the backing file`);
       }
-      const to = alloc.alloc(m.length, targetPlan.dataAlignment);
+      const prefix = targetPlan.movePrefix ?? 0;
+      const to = alloc.alloc(prefix + m.length, targetPlan.dataAlignment) + prefix;
       const first = [...mapping.range(m.guest, m.length)].find((e) => e.kind === 'data');
       moves.push({ guest: m.guest, length: m.length, ...(first ? { from: first.host! - (first.guest - m.guest) } : {}), to, reason: m.reason });
     }
@@ -162,6 +166,22 @@ async function prepare(path: string, dev: BlockDevice, opts: ConvertOptions): Pr
   } catch (e) {
     await chain.close();
     throw e;
+  }
+}
+
+/**
+ * Targets that can only express data at host = guest (raw, VHD fixed). Until the relocation engine
+ * moves data there, a source whose data lies elsewhere is refused before any write.
+ */
+function requireIdentity(from: string, to: string, mapping: ExtentMap): void {
+  for (const e of mapping) {
+    if (e.kind !== 'data' || e.host !== e.guest) {
+      throw new UnsupportedError(
+        from,
+        'data placement',
+        `${to} needs every guest byte at its own file offset, but guest ${e.guest}+${e.length} is ${e.kind === 'data' ? `at host ${e.host}` : e.kind}; relocating data for this is not supported yet`,
+      );
+    }
   }
 }
 
