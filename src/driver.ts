@@ -158,7 +158,16 @@ export interface TargetPlan {
    * Guest ranges the target cannot express where their data lies now (misaligned data, data under a
    * fixed region, compressed data). The engine relocates these before building, or refuses.
    */
-  mustMove: { guest: number; length: number; reason: string }[];
+  mustMove: {
+    guest: number;
+    length: number;
+    reason: string;
+    /**
+     * Host bytes the moved range takes after the prefix, when more than `length` (VHD dynamic: a
+     * partial last block still takes a whole block on the host). Only `length` bytes are copied.
+     */
+    hostLength?: number;
+  }[];
   /** Alignment a data run's host offset needs in this target (cluster size; 512 when sector-addressed). */
   dataAlignment: number;
   /**
@@ -207,6 +216,13 @@ export interface TargetDriver {
    * has no refcounts): then reclaim compacts the file instead of only punching holes.
    */
   readonly unreferencedIsLeak?: boolean;
+  /**
+   * Whether zero runs over file holes reach plan/build as data in place (src/engine/holes.ts; the
+   * default). False for targets that cannot keep such data where it lies anyway (VHD dynamic, whose
+   * blocks need a free sector in front): mapped as data, every hole of a sparse raw disk would be
+   * copied as zeros; as zeros, it stays an unallocated block.
+   */
+  holesAsData?(options: TargetOptions): boolean;
   /** Chooses parameters for this mapping; throws UnsupportedError/UsageError to refuse. Pure. */
   plan(input: PlanInput): TargetPlan;
   /** Lays out and encodes the new metadata for `mapping` (where data now lies). Pure but for `alloc`. */

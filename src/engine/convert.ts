@@ -90,6 +90,8 @@ interface Prepared {
   plan: ConversionPlan;
   /** Set once the journal's prepare record is written. */
   undo: Region[];
+  /** Whether zero runs over file holes were mapped as data (recovery must derive the same mapping). */
+  holesAsData: boolean;
 }
 
 async function prepare(path: string, dev: BlockDevice, opts: ConvertOptions): Promise<Prepared> {
@@ -107,7 +109,8 @@ async function prepare(path: string, dev: BlockDevice, opts: ConvertOptions): Pr
     }
     if (source.dataDev !== source.dev) throw new UnsupportedError(info.format, 'external data file', 'converting an image whose data lives in another file is not supported yet');
     const fileLength = await dev.size();
-    const mapping = holesAsData(await source.mapping(), await scanHoles(dev));
+    const holesToData = targetDriver.target.holesAsData?.(opts.options ?? {}) ?? true;
+    const mapping = holesToData ? holesAsData(await source.mapping(), await scanHoles(dev)) : await source.mapping();
     const hostSpace = await source.hostSpace();
     // Targets write the backing format into the new image, where QEMU reads it: QEMU's name for it.
     const backingDriver = info.backing?.format !== undefined ? findDriver(opts.drivers, info.backing.format) : undefined;
@@ -129,7 +132,7 @@ async function prepare(path: string, dev: BlockDevice, opts: ConvertOptions): Pr
         throw new UnsupportedError(info.format, 'partly allocated cluster over a backing file', `guest ${m.guest}+${m.length} must move (${m.reason}) but part of it reads from the backing file`);
       }
       const prefix = targetPlan.movePrefix ?? 0;
-      const to = alloc.alloc(prefix + m.length, targetPlan.dataAlignment) + prefix;
+      const to = alloc.alloc(prefix + Math.max(m.length, m.hostLength ?? 0), targetPlan.dataAlignment) + prefix;
       const first = [...mapping.range(m.guest, m.length)].find((e) => e.kind === 'data');
       moves.push({ guest: m.guest, length: m.length, ...(first ? { from: first.host! - (first.guest - m.guest) } : {}), to, reason: m.reason });
     }
@@ -162,7 +165,7 @@ async function prepare(path: string, dev: BlockDevice, opts: ConvertOptions): Pr
       finalLength,
       dropped: [...(info.notCarried ?? []).filter((f) => f.action === 'drop').map((f) => f.feature), ...targetPlan.dropped],
     };
-    return { chain, source, target: targetDriver.target, targetPlan, input, moves, movedMapping, writes: build.writes, fixed: build.fixed, finalLength, plan, undo: [] };
+    return { chain, source, target: targetDriver.target, targetPlan, input, moves, movedMapping, writes: build.writes, fixed: build.fixed, finalLength, plan, undo: [], holesAsData: holesToData };
   } catch (e) {
     await chain.close();
     throw e;
@@ -315,6 +318,7 @@ export async function convertInPlace(path: string, opts: ConvertOptions): Promis
           metadataBytes: plan.metadataBytes,
           dataMoveBytes: plan.dataMoveBytes,
           finalLength: plan.finalLength,
+          ...(prepared.holesAsData ? {} : { holesAsData: false }),
         },
       }),
     );

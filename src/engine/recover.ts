@@ -118,7 +118,7 @@ export async function recover(path: string, opts: RecoverOptions): Promise<Recov
     // journal's undo bytes let us rebuild it, exactly as the conversion itself would have.
     await requireJournalMatches(dev, prepare.undo, st.commit.redo, path);
     await applyRedo(dev, st.commit.redo, st.commit.finalLength);
-    const expected = await sourceMappingFromUndo(path, dev, opts.drivers, prepare.sourceFormat, prepare.undo, prepare.originalLength, (prepare.plan.moves ?? []) as DataMove[]);
+    const expected = await sourceMappingFromUndo(path, dev, opts.drivers, prepare.sourceFormat, prepare.undo, prepare.originalLength, (prepare.plan.moves ?? []) as DataMove[], prepare.plan.holesAsData !== false);
     const journal = await storage.open(jpath, { write: true });
     let end = await journal.size();
     const append = async (rec: Uint8Array) => {
@@ -166,11 +166,13 @@ async function sourceMappingFromUndo(
   undo: Region[],
   originalLength: number,
   moves: DataMove[],
+  holesToData: boolean,
 ) {
   const view = new OverlayDevice(dev, undo, originalLength);
   const chain = await openImage(path, { drivers, format, topDevice: view, backing: false });
   try {
-    return overlayMoves(holesAsData(await chain.layers[0]!.mapping(), await scanHoles(dev)), moves);
+    const own = await chain.layers[0]!.mapping();
+    return overlayMoves(holesToData ? holesAsData(own, await scanHoles(dev)) : own, moves);
   } finally {
     await chain.close();
   }
