@@ -9,13 +9,18 @@ import { ImgconvError, FormatError } from './errors.js';
 import { openImage, type ImageChain } from './image.js';
 import { formatMapHuman, formatMapJson, mapChain } from './map.js';
 import { VERSION } from './version.js';
-import { convertInPlace, planConversion, ConversionFailedError, type ConversionPlan } from './engine/convert.js';
+import { convertInPlace, planConversion, ConversionFailedError, type ConversionPlan, type ConvertOptions } from './engine/convert.js';
 import { recover } from './engine/recover.js';
 import { journalPath } from './engine/journal.js';
 import { fileStorage } from './blockdev/storage.js';
 import type { TargetOptions } from './driver.js';
 import { UsageError } from './errors.js';
 import { createReporter, PROGRESS_MODES, type ProgressMode } from './progress/reporter.js';
+import { convertMany, batchExitCode, type BatchReport } from './batch/run.js';
+import { planMany } from './batch/plan.js';
+import { createBatchReporter } from './progress/batch-reporter.js';
+import { formatBatchPlan, formatBatchReport } from './progress/batch-table.js';
+import { resultFields } from './progress/batch-json.js';
 
 /** Parses qemu-img style `-o key=value,key=value` (repeatable). */
 export function parseTargetOptions(values: string[] | undefined): TargetOptions {
@@ -122,6 +127,78 @@ function infoHuman(j: Record<string, unknown>): string {
   return lines.join('\n');
 }
 
+interface InplaceOptions {
+  to: string;
+  options?: string[];
+  format?: string;
+  output: string;
+  dryRun?: boolean;
+  progress: ProgressMode;
+  quiet?: boolean;
+  jobs?: string;
+  manifest?: string;
+}
+
+function parseJobs(v: string | undefined): number | undefined {
+  if (v === undefined) return undefined;
+  const n = Number(v);
+  if (!/^\d+$/.test(v) || !Number.isSafeInteger(n) || n < 1) throw new UsageError(`--jobs ${v}: expected a positive whole number`);
+  return n;
+}
+
+/** The dry run of several images: one table; exit 1 when an image would not convert or a filesystem lacks the space. */
+async function planBatch(images: string[], opts: ConvertOptions & { jobs?: number; manifest?: string }, output: string): Promise<void> {
+  const plan = await planMany(images, opts);
+  process.stdout.write(output === 'json' ? JSON.stringify(plan, null, 2) + '\n' : formatBatchPlan(plan));
+  const short = plan.filesystems.some((f) => f.freeBytes !== undefined && f.freeBytes < f.peakExtraBytes);
+  if (plan.counts.refused > 0 || plan.counts['needs-recover'] > 0 || short) process.exitCode = 1;
+}
+
+/** Many images (or a manifest, or --jobs): the batch runner with its progress output and final table. */
+async function inplaceBatch(images: string[], base: ConvertOptions, o: InplaceOptions): Promise<void> {
+  const jobs = parseJobs(o.jobs);
+  if (o.dryRun) {
+    await planBatch(images, { ...base, ...(jobs !== undefined ? { jobs } : {}), ...(o.manifest !== undefined ? { manifest: o.manifest } : {}) }, o.output);
+    return;
+  }
+  const reporter = await createBatchReporter({
+    mode: o.progress,
+    quiet: o.quiet === true,
+    stream: process.stderr,
+    stdoutIsTTY: process.stdout.isTTY === true,
+    env: process.env,
+  });
+  const ac = new AbortController();
+  const onSignal = () => {
+    if (!ac.signal.aborted) reporter.stopping();
+    ac.abort();
+  };
+  process.on('SIGINT', onSignal);
+  process.on('SIGTERM', onSignal);
+  try {
+    let report: BatchReport;
+    try {
+      report = await convertMany(images, {
+        ...base,
+        ...(jobs !== undefined ? { jobs } : {}),
+        ...(o.manifest !== undefined ? { manifest: o.manifest } : {}),
+        signal: ac.signal,
+        onEvent: (e) => reporter.event(e),
+      });
+    } finally {
+      await reporter.close();
+    }
+    if (o.output === 'json') {
+      const { results, ...rest } = report;
+      process.stdout.write(JSON.stringify({ ...rest, results: results.map((r) => ({ ...resultFields(r), ...(r.report ? { report: r.report } : {}), ...(r.recovered ? { recovered: r.recovered } : {}) })) }, null, 2) + '\n');
+    } else if (!o.quiet && !reporter.showsReport) process.stdout.write(formatBatchReport(report));
+    process.exitCode = batchExitCode(report);
+  } finally {
+    process.off('SIGINT', onSignal);
+    process.off('SIGTERM', onSignal);
+  }
+}
+
 export function buildProgram(): Command {
   const program = new Command();
   program.name('imgconv').description('Convert VM disk images between qcow2, QED, VMDK, VHD and raw in place').version(VERSION);
@@ -207,21 +284,26 @@ export function buildProgram(): Command {
 
   program
     .command('plan')
-    .description('show what an in-place conversion would do, without writing anything')
-    .argument('<image>')
+    .description('show what an in-place conversion would do, without writing anything (several images: one table)')
+    .argument('<image...>')
     .requiredOption('--to <fmt>', 'target format')
     .option('-o, --options <opts...>', 'target options key=value[,key=value] (qemu-img names)')
     .addOption(formatOption())
     .addOption(outputOption())
-    .action(async (image: string, o: { to: string; options?: string[]; format?: string; output: string }) => {
+    .action(async (images: string[], o: { to: string; options?: string[]; format?: string; output: string }) => {
+      if (images.length > 1) {
+        await planBatch(images, { to: o.to, options: parseTargetOptions(o.options), format: o.format, drivers: allDrivers }, o.output);
+        return;
+      }
+      const image = images[0]!;
       const p = await planConversion(image, { to: o.to, options: parseTargetOptions(o.options), format: o.format, drivers: allDrivers });
       process.stdout.write((o.output === 'json' ? JSON.stringify(p, null, 2) : planHuman(p)) + '\n');
     });
 
   program
     .command('inplace')
-    .description('convert an image to another format in place (metadata only; data stays where it is)')
-    .argument('<image>')
+    .description('convert images to another format in place (metadata only; data stays where it is)')
+    .argument('[image...]', 'one or more images (with --manifest, none: continue the manifest\'s batch)')
     .requiredOption('--to <fmt>', 'target format')
     .option('-o, --options <opts...>', 'target options key=value[,key=value] (qemu-img names)')
     .option('--dry-run', 'only print the plan')
@@ -233,8 +315,16 @@ export function buildProgram(): Command {
         .default('auto'),
     )
     .option('-q, --quiet', 'print nothing but errors (--output json still prints the report)')
-    .action(async (image: string, o: { to: string; options?: string[]; format?: string; output: string; dryRun?: boolean; progress: ProgressMode; quiet?: boolean }) => {
+    .option('-j, --jobs <n>', 'images converted at once (default: one at a time per filesystem, filesystems in parallel)')
+    .option('--manifest <file>', 'JSON-lines record of each image\'s state, written as the run goes; re-running with it resumes')
+    .action(async (images: string[], o: InplaceOptions) => {
       const base = { to: o.to, options: parseTargetOptions(o.options), format: o.format, drivers: allDrivers };
+      if (images.length === 0 && o.manifest === undefined) throw new UsageError('inplace: name at least one image (or --manifest FILE to continue a batch)');
+      if (images.length > 1 || o.manifest !== undefined || o.jobs !== undefined) {
+        await inplaceBatch(images, base, o);
+        return;
+      }
+      const image = images[0]!;
       if (o.dryRun) {
         const p = await planConversion(image, base);
         process.stdout.write((o.output === 'json' ? JSON.stringify(p, null, 2) : planHuman(p)) + '\n');
