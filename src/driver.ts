@@ -97,6 +97,8 @@ export interface SourceImage {
    * Only structures of `level` that end above `minHost` are listed.
    */
   relocatable?(level: number, minHost: number): Promise<Relocatable[]>;
+  /** Host alignment a relocated data unit needs (QED: the cluster size; VMDK: a sector). */
+  readonly relocationAlignment?: number;
   /** Releases related devices this image opened (not `dev`). */
   close(): Promise<void>;
 }
@@ -105,8 +107,13 @@ export interface Relocatable {
   host: number;
   length: number;
   level: number;
-  /** Where the pointer to this structure is stored, and its bytes when the structure is at `newHost`. */
-  pointer: { offset: number; encode(newHost: number): Uint8Array };
+  /** Level 0: the guest offset of the data unit. */
+  guest?: number;
+  /**
+   * Where the pointer to this structure is stored, and its bytes when the structure is at `newHost`.
+   * `mirror`: a redundant copy of the pointer (VMDK's redundant grain tables), written with the same bytes.
+   */
+  pointer: { offset: number; encode(newHost: number): Uint8Array; mirror?: number };
 }
 
 export interface FormatDriver {

@@ -75,6 +75,10 @@ class QedImage implements SourceImage {
     return checkQed(this.dev, this.geometry);
   }
 
+  get relocationAlignment(): number {
+    return this.geometry.clusterSize;
+  }
+
   /** Data clusters (pointer: an L2 entry), L2 tables (an L1 entry), the L1 table (the header field). */
   async relocatable(level: number, minHost: number): Promise<Relocatable[]> {
     this.refuseInvalid();
@@ -105,7 +109,7 @@ class QedImage implements SourceImage {
         const guest = e.guest + off;
         const l2 = l2At.get(Math.floor(guest / g.l2Span))!;
         const index = Math.floor((guest % g.l2Span) / cs);
-        out.push({ host, length: cs, level: 0, pointer: { offset: l2 + index * 8, encode: u64 } });
+        out.push({ host, length: cs, level: 0, guest, pointer: { offset: l2 + index * 8, encode: u64 } });
       }
     }
     return out;

@@ -7,6 +7,7 @@ import type { BlockDevice } from '../../src/blockdev/types.js';
 import type { CheckReport, FormatDriver, ImageInfo, SourceImage } from '../../src/driver.js';
 import { ExtentMap } from '../../src/extent-map.js';
 import { HostSpace } from '../../src/host-space.js';
+import { rawTarget } from './target.js';
 
 export const RAW_SECTOR = 512;
 
@@ -70,5 +71,8 @@ export const rawDriver: FormatDriver = {
       details: { 'file-length': size },
     };
     return new RawImage(dev, info, size);
+  },
+  get target() {
+    return rawTarget;
   },
 };

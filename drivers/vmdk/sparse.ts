@@ -5,7 +5,7 @@
  */
 import { inflateSync } from 'node:zlib';
 import { readAt, type BlockDevice } from '../../src/blockdev/types.js';
-import type { BackingRef, CheckReport, ImageInfo, OpenContext, SourceImage } from '../../src/driver.js';
+import type { BackingRef, CheckReport, ImageInfo, OpenContext, Relocatable, SourceImage } from '../../src/driver.js';
 import { FormatError, ImgconvError } from '../../src/errors.js';
 import type { Extent, ExtentMap } from '../../src/extent-map.js';
 import { HostSpace, type HostRole } from '../../src/host-space.js';
@@ -221,6 +221,47 @@ export class SparseImage implements SourceImage {
     const grain = new Uint8Array(g.grainBytes);
     grain.set(out.subarray(0, g.grainBytes));
     return grain;
+  }
+
+  /** Grains are addressed by sector. */
+  readonly relocationAlignment = SECTOR;
+
+  /**
+   * Level 0 only: every uncompressed grain, with its grain table entry (and the redundant table's entry
+   * as the mirror). The tables themselves are not offered: relocation pins them, since their one pointer
+   * is in the grain directory and the directory's in the header.
+   */
+  async relocatable(level: number, minHost: number): Promise<Relocatable[]> {
+    if (level !== 0) return [];
+    const g = this.geometry;
+    if (g.compressed) return [];
+    const map = await this.mapping();
+    const rgd = g.rgdOffset !== undefined ? await readU32Table(this.dev, g.rgdOffset, g.gdEntries) : undefined;
+    const sector = (v: number) => {
+      const b = new Uint8Array(4);
+      new DataView(b.buffer).setUint32(0, v / SECTOR, true);
+      return b;
+    };
+    const out: Relocatable[] = [];
+    for (const e of map) {
+      if (e.kind !== 'data') continue;
+      for (let guest = e.guest; guest < e.guest + e.length; guest += g.grainBytes) {
+        const host = e.host! + (guest - e.guest);
+        if (host + g.grainBytes <= minHost) continue;
+        const grain = Math.floor(guest / g.grainBytes);
+        const gdIndex = Math.floor(grain / g.gtesPerGt);
+        const inTable = (grain % g.gtesPerGt) * 4;
+        const mirrorTable = rgd?.[gdIndex];
+        out.push({
+          host,
+          length: g.grainBytes,
+          level: 0,
+          guest,
+          pointer: { offset: this.gd[gdIndex]! * SECTOR + inTable, encode: sector, ...(mirrorTable ? { mirror: mirrorTable * SECTOR + inTable } : {}) },
+        });
+      }
+    }
+    return out;
   }
 
   async close(): Promise<void> {}

@@ -17,6 +17,10 @@ import { encodeRecord, journalPath, regionsDigest, type Region } from './journal
 import { guestEquivalent, readTopLayer } from './mapping.js';
 import { holesAsData, scanHoles } from './holes.js';
 import { compact, estimateCompaction } from './compact.js';
+import { planIdentity, type IdentityPlan } from './identity.js';
+import { executeRelocation } from './relocate.js';
+import { identityEquivalent } from './mapping.js';
+import { OverlayDevice } from '../blockdev/overlay.js';
 
 export type Phase = 'analyse' | 'plan' | 'move' | 'write' | 'commit' | 'verify' | 'reclaim';
 export const PHASES: readonly Phase[] = ['analyse', 'plan', 'move', 'write', 'commit', 'verify', 'reclaim'];
@@ -64,6 +68,12 @@ export interface ConversionPlan {
   compactionMoveBytes: number;
   /** Most the file grows beyond its original length during the conversion. */
   peakExtraBytes: number;
+  /**
+   * Identity targets (raw, VHD fixed): data relocated inside the source before the commit, in rounds
+   * (copy → flush → repoint → flush), through a scratch window past the end; the commit record carries
+   * the guest bytes of the ranges the source's own structures occupy (`commitBytes`, twice: new and old).
+   */
+  relocation?: { rounds: number; scratchPeakBytes: number; commitBytes: number };
   finalLength: number;
   dropped: string[];
 }
@@ -88,8 +98,10 @@ interface Prepared {
   fixed: HostWrite[];
   finalLength: number;
   plan: ConversionPlan;
-  /** Set once the journal's prepare record is written. */
+  /** Set once the journal's prepare record is written (relocating: once the commit record is). */
   undo: Region[];
+  /** Identity targets: the relocation and what the commit carries. */
+  identity?: IdentityPlan;
   /** Whether zero runs over file holes were mapped as data (recovery must derive the same mapping). */
   holesAsData: boolean;
 }
@@ -117,7 +129,7 @@ async function prepare(path: string, dev: BlockDevice, opts: ConvertOptions): Pr
     const planInfo = backingDriver ? { ...info, backing: { ...info.backing!, format: backingDriver.qemuName ?? backingDriver.name } } : info;
     const input: PlanInput = { info: planInfo, mapping, hostSpace, fileSize: fileLength, options: opts.options ?? {} };
     const targetPlan = targetDriver.target.plan(input);
-    if (targetPlan.placement === 'identity') requireIdentity(info.format, opts.to, mapping);
+    const identity = targetPlan.placement === 'identity' ? await planIdentity(source, mapping, hostSpace, fileLength, targetPlan, opts.to) : undefined;
 
     const reserved = [...targetPlan.fixedRegions, ...(targetPlan.reserved ?? [])]
       .map((r) => ({ start: r.start, length: r.length }))
@@ -127,7 +139,7 @@ async function prepare(path: string, dev: BlockDevice, opts: ConvertOptions): Pr
     // Data the target cannot express where it lies is copied to new space; the source keeps reading
     // the original until the commit, so the copy needs no repointing of the source.
     const moves: DataMove[] = [];
-    for (const m of targetPlan.mustMove) {
+    for (const m of identity ? [] : targetPlan.mustMove) {
       if (info.backing && [...mapping.range(m.guest, m.length)].some((e) => e.kind === 'unallocated')) {
         throw new UnsupportedError(info.format, 'partly allocated cluster over a backing file', `guest ${m.guest}+${m.length} must move (${m.reason}) but part of it reads from the backing file`);
       }
@@ -136,10 +148,13 @@ async function prepare(path: string, dev: BlockDevice, opts: ConvertOptions): Pr
       const first = [...mapping.range(m.guest, m.length)].find((e) => e.kind === 'data');
       moves.push({ guest: m.guest, length: m.length, ...(first ? { from: first.host! - (first.guest - m.guest) } : {}), to, reason: m.reason });
     }
-    const movedMapping = overlayMoves(mapping, moves);
+    const movedMapping = identity ? identity.expected : overlayMoves(mapping, moves);
     const build = targetDriver.target.build(targetPlan, { ...input, mapping: movedMapping }, alloc);
-    const dataMoveBytes = moves.reduce((s, m) => s + m.length, 0);
-    const finalLength = Math.max(build.finalLength, fileLength);
+    const dataMoveBytes = identity ? identity.relocation.movedBytes : moves.reduce((s, m) => s + m.length, 0);
+    // Identity targets are the guest bytes (plus a footer): their length is exact, and reclaim cuts
+    // the relocation's scratch space off once the result is verified.
+    const finalLength = identity ? build.finalLength : Math.max(build.finalLength, fileLength);
+    const commitBytes = identity ? identity.redo.reduce((s, r) => s + r.length, 0) + build.fixed.reduce((s, f) => s + f.bytes.length, 0) : 0;
     let compaction = { tablesBytes: 0, dataBytes: 0 };
     if (targetDriver.target.unreferencedIsLeak) {
       const cs = targetPlan.dataAlignment;
@@ -161,30 +176,19 @@ async function prepare(path: string, dev: BlockDevice, opts: ConvertOptions): Pr
       moves,
       dataMoveBytes,
       compactionMoveBytes: compaction.tablesBytes + compaction.dataBytes,
-      peakExtraBytes: Math.max(0, finalLength - fileLength) + compaction.tablesBytes / 2,
+      // Identity targets grow the file's length to the virtual size, sparsely; what costs disk space is
+      // a round's second copies, the scratch window and the commit record (new and old bytes).
+      peakExtraBytes: identity
+        ? identity.relocation.largestRound + identity.relocation.scratchPeak + 2 * commitBytes
+        : Math.max(0, finalLength - fileLength) + compaction.tablesBytes / 2,
+      ...(identity ? { relocation: { rounds: identity.relocation.rounds.length, scratchPeakBytes: identity.relocation.scratchPeak, commitBytes } } : {}),
       finalLength,
       dropped: [...(info.notCarried ?? []).filter((f) => f.action === 'drop').map((f) => f.feature), ...targetPlan.dropped],
     };
-    return { chain, source, target: targetDriver.target, targetPlan, input, moves, movedMapping, writes: build.writes, fixed: build.fixed, finalLength, plan, undo: [], holesAsData: holesToData };
+    return { chain, source, target: targetDriver.target, targetPlan, input, moves, movedMapping, writes: build.writes, fixed: build.fixed, finalLength, plan, undo: [], holesAsData: holesToData, ...(identity ? { identity } : {}) };
   } catch (e) {
     await chain.close();
     throw e;
-  }
-}
-
-/**
- * Targets that can only express data at host = guest (raw, VHD fixed). Until the relocation engine
- * moves data there, a source whose data lies elsewhere is refused before any write.
- */
-function requireIdentity(from: string, to: string, mapping: ExtentMap): void {
-  for (const e of mapping) {
-    if (e.kind !== 'data' || e.host !== e.guest) {
-      throw new UnsupportedError(
-        from,
-        'data placement',
-        `${to} needs every guest byte at its own file offset, but guest ${e.guest}+${e.length} is ${e.kind === 'data' ? `at host ${e.host}` : e.kind}; relocating data for this is not supported yet`,
-      );
-    }
   }
 }
 
@@ -260,6 +264,21 @@ async function readRegions(dev: BlockDevice, regions: { offset: number; length: 
   return out;
 }
 
+/** Guest bytes of `ranges` (identity: host = guest) as the source reads them now. */
+async function readGuestRanges(path: string, dev: BlockDevice, drivers: readonly FormatDriver[], format: string, ranges: { start: number; length: number }[]): Promise<Region[]> {
+  if (ranges.length === 0) return [];
+  const chain = await openImage(path, { drivers, format, topDevice: dev, backing: false });
+  try {
+    const img = chain.layers[0]!;
+    const map = await img.mapping();
+    const out: Region[] = [];
+    for (const r of ranges) out.push({ offset: r.start, bytes: await readTopLayer(img, map, r.start, r.length) });
+    return out;
+  } finally {
+    await chain.close();
+  }
+}
+
 const COPY_CHUNK = 4 << 20;
 
 export async function convertInPlace(path: string, opts: ConvertOptions): Promise<ConversionReport> {
@@ -286,7 +305,8 @@ export async function convertInPlace(path: string, opts: ConvertOptions): Promis
     await dev.close();
     throw untouched(e); // nothing was written: the file is byte-identical
   }
-  const { plan, moves, writes, fixed, source } = prepared;
+  const { plan, moves, writes, source, identity } = prepared;
+  let fixed = prepared.fixed;
   const jpath = journalPath(path);
   let journal: BlockDevice | undefined;
   let journalEnd = 0;
@@ -296,11 +316,13 @@ export async function convertInPlace(path: string, opts: ConvertOptions): Promis
     await journal!.flush();
   };
   let committed = false;
+  let commitUndoLength: number | undefined;
   try {
     opts.signal?.throwIfAborted();
     // 2. Journal: the old bytes of every fixed region, and the original length. Durable before any
-    //    write to the image, so any later crash can be rolled back.
-    const undo = await readRegions(dev, fixed.map((f) => ({ offset: f.offset, length: f.bytes.length })));
+    //    write to the image, so any later crash can be rolled back. (A relocating conversion changes
+    //    the source's own tables first, so its undo bytes are read just before the commit instead.)
+    const undo = identity ? [] : await readRegions(dev, fixed.map((f) => ({ offset: f.offset, length: f.bytes.length })));
     prepared.undo = undo;
     journal = await storage.create(jpath);
     await appendRecord(
@@ -319,10 +341,29 @@ export async function convertInPlace(path: string, opts: ConvertOptions): Promis
           dataMoveBytes: plan.dataMoveBytes,
           finalLength: plan.finalLength,
           ...(prepared.holesAsData ? {} : { holesAsData: false }),
+          ...(identity ? { identity: true } : {}),
         },
+        ...(identity ? { relocating: true } : {}),
       }),
     );
     await storage.syncDir(jpath);
+
+    // 3a. Identity targets: relocate the source's data to host = guest, each round leaving a valid
+    //     source image; then the guest bytes of what the source's own structures occupy become part of
+    //     the commit, and the rest of the disk's range that reads zeros is punched (it is free now).
+    let commitUndo: { undo: Region[]; undoLength: number } | undefined;
+    if (identity) {
+      progress('move', 0, plan.dataMoveBytes);
+      await executeRelocation(dev, identity.units, identity.relocation, (done) => progress('move', done, plan.dataMoveBytes), opts.signal);
+      const redo = await readGuestRanges(path, dev, opts.drivers, plan.source.format, identity.redo);
+      for (const r of identity.punch) await dev.punchHole(r.start, r.length);
+      await dev.flush();
+      fixed = [...redo, ...fixed];
+      const undoLength = await dev.size();
+      commitUndo = { undo: await readRegions(dev, fixed.map((f) => ({ offset: f.offset, length: f.bytes.length }))), undoLength };
+      prepared.undo = commitUndo.undo;
+      commitUndoLength = undoLength;
+    }
 
     // 3. Data the target cannot express in place is copied to new space, then flushed, before any
     //    metadata refers to it. The source still reads the originals.
@@ -355,7 +396,7 @@ export async function convertInPlace(path: string, opts: ConvertOptions): Promis
 
     // 5. THE COMMIT POINT: once this record is durable, recovery rolls forward.
     progress('commit', 0, 1);
-    await appendRecord(encodeRecord({ type: 'commit', redo: fixed, finalLength: prepared.finalLength }));
+    await appendRecord(encodeRecord({ type: 'commit', redo: fixed, finalLength: prepared.finalLength, ...(commitUndo ?? {}) }));
     committed = true;
     await applyRedo(dev, fixed, prepared.finalLength);
     progress('commit', 1, 1);
@@ -365,7 +406,10 @@ export async function convertInPlace(path: string, opts: ConvertOptions): Promis
       // Before the commit: undo what was written (only free space and the tail) and drop the journal.
       try {
         if (journal) {
-          await dev.truncate(plan.source.fileLength);
+          // A relocating conversion leaves a valid source whose data may now lie past the original end:
+          // it is not truncated; reclaim tidies the space the moves left (QED counts it as leaked).
+          if (identity) await reclaim(path, dev, opts.drivers, plan.source.format);
+          else await dev.truncate(plan.source.fileLength);
           await dev.flush();
           await journal.close();
           journal = undefined;
@@ -403,7 +447,9 @@ export async function convertInPlace(path: string, opts: ConvertOptions): Promis
       backing: plan.source.backing,
       append: appendRecord,
       undo: prepared.undo,
-      originalLength: plan.source.fileLength,
+      originalLength: commitUndoLength ?? plan.source.fileLength,
+      finalLength: prepared.finalLength,
+      identity: identity !== undefined,
       onProgress: opts.onProgress,
     });
     await journal!.close();
@@ -441,7 +487,12 @@ export interface FinishArgs {
   backing: string | undefined;
   append: (record: Uint8Array) => Promise<void>;
   undo: Region[];
+  /** The length a rollback restores (relocating conversions: the length just before the commit). */
   originalLength: number;
+  /** The committed length: reclaim cuts the file to it (identity targets), verification reads no further. */
+  finalLength: number;
+  /** Identity target (raw, VHD fixed): verified as guest bytes at their own offsets. */
+  identity: boolean;
   onProgress?: (e: ProgressEvent) => void;
 }
 
@@ -454,7 +505,9 @@ export async function finishCommitted(a: FinishArgs): Promise<{ verified: string
   a.onProgress?.({ phase: 'verify', bytesDone: 0, bytesTotal: 1 });
   let verified: string[];
   try {
-    verified = await verifyTarget(a.path, a.dev, a.drivers, a.to, a.expected, a.virtualSize, a.backing);
+    // An identity target is its length: verify it as it will be once reclaim cuts the scratch space off.
+    const view = a.identity ? new OverlayDevice(a.dev, [], a.finalLength) : a.dev;
+    verified = await verifyTarget(a.path, view, a.drivers, a.to, a.expected, a.virtualSize, a.backing, a.identity);
   } catch (e) {
     if (!(e instanceof VerificationError)) throw e;
     await a.append(encodeRecord({ type: 'abort', reason: e.message }));
@@ -464,8 +517,13 @@ export async function finishCommitted(a: FinishArgs): Promise<{ verified: string
   a.onProgress?.({ phase: 'verify', bytesDone: 1, bytesTotal: 1 });
   await a.append(encodeRecord({ type: 'done' }));
   a.onProgress?.({ phase: 'reclaim', bytesDone: 0, bytesTotal: 1 });
-  const { reclaimedBytes, compactMovedBytes } = await reclaim(a.path, a.dev, a.drivers, a.to, (done, total) =>
-    a.onProgress?.({ phase: 'reclaim', bytesDone: done, bytesTotal: total }),
+  const { reclaimedBytes, compactMovedBytes } = await reclaim(
+    a.path,
+    a.dev,
+    a.drivers,
+    a.to,
+    (done, total) => a.onProgress?.({ phase: 'reclaim', bytesDone: done, bytesTotal: total }),
+    a.identity ? a.finalLength : undefined,
   );
   a.onProgress?.({ phase: 'reclaim', bytesDone: 1, bytesTotal: 1 });
   return { verified, reclaimedBytes, compactMovedBytes };
@@ -504,6 +562,7 @@ export async function verifyTarget(
   expected: ExtentMap,
   virtualSize: number,
   backing: string | undefined,
+  identity = false,
 ): Promise<string[]> {
   const probed = await probe(dev, drivers);
   if (probed.driver.name !== to) throw new VerificationError(`the file probes as ${probed.driver.name}, not ${to}`);
@@ -523,7 +582,7 @@ export async function verifyTarget(
     if (img.info.backing?.filename !== backing) {
       throw new VerificationError(`backing file ${img.info.backing?.filename} differs from the source's ${backing}`);
     }
-    const diff = guestEquivalent(expected, await img.mapping(), hasBacking);
+    const diff = identity ? await identityEquivalent(expected, await img.mapping(), img.dataDev) : guestEquivalent(expected, await img.mapping(), hasBacking);
     if (diff) throw new VerificationError(`guest mapping differs: ${diff}`);
     const report = await checkImage(img);
     if (report.corruptions > 0 || report.checkErrors > 0) throw new VerificationError(`check found: ${report.messages.slice(0, 3).join('; ')}`);
@@ -543,8 +602,16 @@ export async function reclaim(
   drivers: readonly FormatDriver[],
   to: string,
   onProgress?: (bytesDone: number, bytesTotal: number) => void,
+  /** Identity targets: the file is cut to this length (the relocation's scratch space past it). */
+  truncateTo?: number,
 ): Promise<{ reclaimedBytes: number; compactMovedBytes: number }> {
   let compactMovedBytes = 0;
+  let cut = 0;
+  if (truncateTo !== undefined && (await dev.size()) > truncateTo) {
+    cut = (await dev.size()) - truncateTo;
+    await dev.truncate(truncateTo);
+    await dev.flush();
+  }
   if (findDriver(drivers, to).target?.unreferencedIsLeak) {
     const c = await compact(path, dev, drivers, to, onProgress);
     compactMovedBytes = c.dataMovedBytes + c.tablesMovedBytes;
@@ -552,7 +619,7 @@ export async function reclaim(
   const chain = await openImage(path, { drivers, format: to, topDevice: dev, backing: false });
   try {
     const hs = await chain.layers[0]!.hostSpace();
-    let reclaimedBytes = 0;
+    let reclaimedBytes = cut;
     for (const f of hs.free()) {
       await dev.punchHole(f.start, f.length);
       reclaimedBytes += f.length;

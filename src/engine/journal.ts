@@ -37,6 +37,13 @@ export interface PrepareRecord {
   undo: Region[];
   /** The plan summary, for messages. */
   plan: Record<string, unknown>;
+  /**
+   * Data is relocated inside the source before the commit (src/engine/relocate.ts): every step keeps
+   * the file a valid source image, so there is nothing to undo before the commit — and the file must
+   * not be truncated, since relocated data may lie past the original end. The undo bytes, read just
+   * before the commit, travel in the COMMIT record.
+   */
+  relocating?: boolean;
 }
 
 export interface CommitRecord {
@@ -45,6 +52,9 @@ export interface CommitRecord {
   redo: Region[];
   /** Length the file must have once committed (the target's end), or -1 to leave it. */
   finalLength: number;
+  /** Relocating conversions: the old bytes of the redo regions, and the file length, just before the commit. */
+  undo?: Region[];
+  undoLength?: number;
 }
 
 export interface DoneRecord {
@@ -73,12 +83,14 @@ export function regionsDigest(regions: Region[]): string {
 
 export function encodeRecord(rec: JournalRecord): Uint8Array {
   const regions = rec.type === 'prepare' ? rec.undo : rec.type === 'commit' ? rec.redo : [];
+  const second = rec.type === 'commit' ? (rec.undo ?? []) : [];
   const meta: Record<string, unknown> = { ...rec };
   delete meta.undo;
   delete meta.redo;
   meta.regions = regions.map((r) => ({ offset: r.offset, length: r.bytes.length }));
+  if (rec.type === 'commit' && rec.undo) meta.undoRegions = second.map((r) => ({ offset: r.offset, length: r.bytes.length }));
   const json = Buffer.from(JSON.stringify(meta), 'utf8');
-  const binLength = regions.reduce((s, r) => s + r.bytes.length, 0);
+  const binLength = [...regions, ...second].reduce((s, r) => s + r.bytes.length, 0);
   const out = new Uint8Array(HEADER_BYTES + json.length + binLength + DIGEST_BYTES);
   const dv = new DataView(out.buffer);
   out.set(MAGIC, 0);
@@ -87,7 +99,7 @@ export function encodeRecord(rec: JournalRecord): Uint8Array {
   dv.setBigUint64(16, BigInt(binLength), true);
   out.set(json, HEADER_BYTES);
   let pos = HEADER_BYTES + json.length;
-  for (const r of regions) {
+  for (const r of [...regions, ...second]) {
     out.set(r.bytes, pos);
     pos += r.bytes.length;
   }
@@ -137,17 +149,28 @@ function decodeOne(bytes: Uint8Array, pos: number): { record: JournalRecord; end
     return null;
   }
   if (meta.type !== type) return null;
-  const layout = meta.regions as { offset: number; length: number }[] | undefined;
-  const regions: Region[] = [];
   let bin = pos + HEADER_BYTES + jsonLen;
-  for (const r of layout ?? []) {
-    regions.push({ offset: r.offset, bytes: bytes.slice(bin, bin + r.length) });
-    bin += r.length;
-  }
-  if (bin !== end - DIGEST_BYTES) return null;
+  const take = (layout: unknown): Region[] | null => {
+    if (layout !== undefined && !Array.isArray(layout)) return null;
+    const out: Region[] = [];
+    for (const r of (layout ?? []) as { offset: number; length: number }[]) {
+      if (!Number.isSafeInteger(r.offset) || !Number.isSafeInteger(r.length) || r.length < 0 || bin + r.length > end - DIGEST_BYTES) return null;
+      out.push({ offset: r.offset, bytes: bytes.slice(bin, bin + r.length) });
+      bin += r.length;
+    }
+    return out;
+  };
+  const regions = take(meta.regions);
+  const undoRegions = meta.undoRegions === undefined ? undefined : take(meta.undoRegions);
+  if (!regions || undoRegions === null || bin !== end - DIGEST_BYTES) return null;
   delete meta.regions;
+  delete meta.undoRegions;
   const record = (
-    type === 'prepare' ? { ...meta, undo: regions } : type === 'commit' ? { ...meta, redo: regions } : meta
+    type === 'prepare'
+      ? { ...meta, undo: regions }
+      : type === 'commit'
+        ? { ...meta, redo: regions, ...(undoRegions ? { undo: undoRegions } : {}) }
+        : meta
   ) as unknown as JournalRecord;
   return { record, end };
 }
@@ -157,8 +180,14 @@ export type JournalState =
   | { state: 'none' }
   | { state: 'prepared'; prepare: PrepareRecord }
   | { state: 'committed'; prepare: PrepareRecord; commit: CommitRecord }
-  | { state: 'aborted'; prepare: PrepareRecord; reason: string; redo: Region[] }
+  | { state: 'aborted'; prepare: PrepareRecord; reason: string; redo: Region[]; commit?: CommitRecord }
   | { state: 'done'; prepare: PrepareRecord; commit: CommitRecord };
+
+/** The bytes and length a rollback restores: from the COMMIT record when the conversion relocated data. */
+export function undoOf(prepare: PrepareRecord, commit?: CommitRecord): { undo: Region[]; length: number } {
+  if (commit?.undo) return { undo: commit.undo, length: commit.undoLength ?? prepare.originalLength };
+  return { undo: prepare.undo, length: prepare.originalLength };
+}
 
 /**
  * prepare → (nothing durable in the image changed yet) roll back;
@@ -170,7 +199,7 @@ export function journalState(j: DecodedJournal): JournalState {
   if (!c) return { state: 'prepared', prepare: p };
   if (c.type === 'abort') return { state: 'aborted', prepare: p, reason: c.reason, redo: [] };
   if (c.type !== 'commit') return { state: 'prepared', prepare: p };
-  if (d?.type === 'abort') return { state: 'aborted', prepare: p, reason: d.reason, redo: c.redo };
+  if (d?.type === 'abort') return { state: 'aborted', prepare: p, reason: d.reason, redo: c.redo, commit: c };
   if (d?.type === 'done') return { state: 'done', prepare: p, commit: c };
   return { state: 'committed', prepare: p, commit: c };
 }

@@ -2,6 +2,7 @@
  * Mapping helpers of the engine: guest-content equivalence of two mappings, and reading guest bytes
  * of one layer (for data that must be copied).
  */
+import type { BlockDevice } from '../blockdev/types.js';
 import type { SourceImage } from '../driver.js';
 import type { ExtentMap } from '../extent-map.js';
 
@@ -60,4 +61,55 @@ export async function readTopLayer(img: SourceImage, map: ExtentMap, guest: numb
     }
   }
   return out;
+}
+
+/**
+ * guestEquivalent for identity targets (raw, VHD fixed), whose readers describe holes as zero runs at
+ * their own offset: a hole at host = guest reads the same bytes as data there, and where zeros are
+ * expected, data at its own offset is accepted once its bytes are read and found zero (the commit wrote
+ * zeros there, or punching fell back to writing zeros).
+ */
+export async function identityEquivalent(expected: ExtentMap, actual: ExtentMap, dev: BlockDevice): Promise<string | null> {
+  if (expected.virtualSize !== actual.virtualSize) return `virtual size ${actual.virtualSize} ≠ ${expected.virtualSize}`;
+  let i = 0;
+  let j = 0;
+  let pos = 0;
+  while (pos < expected.virtualSize) {
+    const a = expected.at(i);
+    const b = actual.at(j);
+    const end = Math.min(a.guest + a.length, b.guest + b.length);
+    const atSelf = b.host !== undefined && b.host + (pos - b.guest) === pos;
+    const bReadsData = b.kind === 'data' || b.kind === 'compressed';
+    const wantData = a.kind === 'data';
+    if (wantData) {
+      if (a.host! + (pos - a.guest) !== pos) return `guest ${pos}: the expected identity mapping has data at ${a.host! + (pos - a.guest)}`;
+      if (!atSelf || b.kind === 'compressed' || b.kind === 'unallocated') return `guest ${pos}..${end}: expected data@${pos}, found ${b.kind}${b.host !== undefined ? '@' + (b.host + (pos - b.guest)) : ''}`;
+    } else if (bReadsData) {
+      if (!atSelf || b.kind !== 'data') return `guest ${pos}..${end}: expected zeros, found ${b.kind}@${b.host! + (pos - b.guest)}`;
+      const nonZero = await firstNonZero(dev, pos, end - pos);
+      if (nonZero !== null) return `guest ${nonZero}: expected zeros, found non-zero data`;
+    }
+    pos = end;
+    if (pos >= a.guest + a.length) i++;
+    if (pos >= b.guest + b.length) j++;
+  }
+  return null;
+}
+
+async function firstNonZero(dev: BlockDevice, start: number, length: number): Promise<number | null> {
+  const chunk = new Uint8Array(Math.min(length, 1 << 20));
+  for (let off = 0; off < length; off += chunk.length) {
+    const n = Math.min(chunk.length, length - off);
+    const view = chunk.subarray(0, n);
+    view.fill(0);
+    let got = 0;
+    while (got < n) {
+      const r = await dev.read(view.subarray(got), start + off + got);
+      if (r === 0) break;
+      got += r;
+    }
+    const k = view.findIndex((x) => x !== 0);
+    if (k >= 0) return start + off + k;
+  }
+  return null;
 }

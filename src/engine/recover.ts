@@ -11,7 +11,8 @@ import { ImgconvError } from '../errors.js';
 import { openImage } from '../image.js';
 import { applyRedo, finishCommitted, overlayMoves, reclaim, rollBack, type DataMove, type ProgressEvent } from './convert.js';
 import { holesAsData, scanHoles } from './holes.js';
-import { decodeJournal, journalPath, journalState, type JournalState, type Region } from './journal.js';
+import { decodeJournal, journalPath, journalState, undoOf, type JournalState, type Region } from './journal.js';
+import { identityMapping } from './identity.js';
 
 export interface RecoverOptions {
   drivers: readonly FormatDriver[];
@@ -95,9 +96,18 @@ export async function recover(path: string, opts: RecoverOptions): Promise<Recov
       await storage.remove(jpath);
       await storage.syncDir(jpath);
     };
+    const identity = prepare.plan.identity === true;
+    if (st.state === 'prepared' && prepare.relocating) {
+      // Relocation keeps a valid source at every step and nothing in place was overwritten yet: the
+      // source stays as the last durable pointers say; reclaim tidies what the moves left behind.
+      await reclaim(path, dev, opts.drivers, prepare.sourceFormat);
+      await removeJournal();
+      return { image: path, action: 'rolled-back', format: prepare.sourceFormat, detail: `the conversion stopped before its commit point, while relocating data; the ${prepare.sourceFormat} image is valid where its data now lies` };
+    }
     if (st.state === 'prepared' || st.state === 'aborted') {
-      await requireJournalMatches(dev, prepare.undo, st.state === 'aborted' ? st.redo : [], path);
-      await rollBack(dev, prepare.undo, prepare.originalLength);
+      const { undo, length } = undoOf(prepare, st.state === 'aborted' ? st.commit : undefined);
+      await requireJournalMatches(dev, undo, st.state === 'aborted' ? st.redo : [], path);
+      await rollBack(dev, undo, length);
       await removeJournal();
       return {
         image: path,
@@ -110,15 +120,17 @@ export async function recover(path: string, opts: RecoverOptions): Promise<Recov
       // Verified already; only reclaim may be unfinished. The fixed regions were written and flushed
       // before DONE, and compaction may since have changed them (a moved table's pointer in the
       // header): they must not be rewritten from the journal now.
-      await reclaim(path, dev, opts.drivers, prepare.targetFormat);
+      await reclaim(path, dev, opts.drivers, prepare.targetFormat, undefined, identity ? st.commit.finalLength : undefined);
       await removeJournal();
       return { image: path, action: 'rolled-forward', format: prepare.targetFormat, detail: `the conversion to ${prepare.targetFormat} was complete; finished reclaiming space` };
     }
     // Committed, not yet verified: rewrite the fixed regions, then verify against the source as the
     // journal's undo bytes let us rebuild it, exactly as the conversion itself would have.
-    await requireJournalMatches(dev, prepare.undo, st.commit.redo, path);
+    const { undo, length } = undoOf(prepare, st.commit);
+    await requireJournalMatches(dev, undo, st.commit.redo, path);
     await applyRedo(dev, st.commit.redo, st.commit.finalLength);
-    const expected = await sourceMappingFromUndo(path, dev, opts.drivers, prepare.sourceFormat, prepare.undo, prepare.originalLength, (prepare.plan.moves ?? []) as DataMove[], prepare.plan.holesAsData !== false);
+    const sourceMap = await sourceMappingFromUndo(path, dev, opts.drivers, prepare.sourceFormat, undo, length, (prepare.plan.moves ?? []) as DataMove[], prepare.plan.holesAsData !== false && !identity);
+    const expected = identity ? identityMapping(sourceMap) : sourceMap;
     const journal = await storage.open(jpath, { write: true });
     let end = await journal.size();
     const append = async (rec: Uint8Array) => {
@@ -137,8 +149,10 @@ export async function recover(path: string, opts: RecoverOptions): Promise<Recov
         virtualSize: prepare.plan.virtualSize as number,
         backing: (prepare.plan.backing as string | null) ?? undefined,
         append,
-        undo: prepare.undo,
-        originalLength: prepare.originalLength,
+        undo,
+        originalLength: length,
+        finalLength: st.commit.finalLength,
+        identity,
         onProgress: opts.onProgress,
       });
     } catch (e) {

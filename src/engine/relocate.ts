@@ -1,0 +1,278 @@
+/**
+ * Relocation of live source data, for targets that need data somewhere else than where it lies —
+ * identity placement (raw, VHD fixed: guest offset = host offset). Each step is MirageOS qcow's move
+ * state machine applied to the *source* format: copy a data unit into space nothing references →
+ * flush → rewrite the one pointer to it in the source's own table (SourceImage.relocatable) → flush;
+ * the unit's old place becomes free only after that. So the file is a valid source image at every
+ * instant and a crash needs no undo: the source simply reads its data from wherever the last durable
+ * pointer says.
+ *
+ * The plan is computed up front (pure, so `plan` reports exactly what `inplace` moves) as rounds: every
+ * unit whose identity place is free moves there; when too little is ready — chains (data shifted by a
+ * few clusters, as after any format's header) or cycles (a permutation) — units standing in the way are
+ * evicted to a bounded scratch window past the end of everything, and come back once their own place is
+ * free. A unit is evicted at most once (scratch is nobody's target), so the plan always terminates, and
+ * every byte moves at most twice.
+ *
+ * Not moved: the source's headers and tables. Where they lie inside the disk's range they are *pinned*;
+ * the commit record carries the guest bytes for those ranges (and for units whose identity place
+ * overlaps them, which stay parked) and writes them at the commit point, so the journal holds about the
+ * size of the source's metadata, not of its data.
+ */
+import type { BlockDevice } from '../blockdev/types.js';
+import type { Relocatable } from '../driver.js';
+import { alignUp } from '../binary.js';
+import type { FreeRange } from '../host-space.js';
+import { IntervalSet } from './intervals.js';
+
+/** One movable data unit of the source (a cluster, grain or block), with where its pointer lives. */
+export interface Unit extends Relocatable {
+  guest: number;
+}
+
+export interface Step {
+  unit: number;
+  from: number;
+  to: number;
+  length: number;
+  /** 'place': to the unit's identity place; 'evict': out of the way, into scratch. */
+  kind: 'place' | 'evict';
+}
+
+export interface RelocationPlan {
+  rounds: Step[][];
+  movedBytes: number;
+  /** Bytes of the largest round: the second copies on disk at once before their old places are punched. */
+  largestRound: number;
+  /** Most scratch bytes in use at once, and how far past scratchBase the scratch reached. */
+  scratchPeak: number;
+  scratchEnd: number;
+  /** Units that cannot take their identity place (it overlaps a pinned structure): their guest bytes go into the commit record. */
+  parked: number[];
+  /** Units at their identity place once the plan has run. */
+  placed: number[];
+}
+
+export interface RelocationInput {
+  units: Unit[];
+  /** Live host ranges that do not move (the source's headers and tables). */
+  pinned: FreeRange[];
+  virtualSize: number;
+  /** Scratch space starts here (past the file, the disk's range and every structure). */
+  scratchBase: number;
+  /** Host alignment a unit needs in the source format (QED: cluster; VMDK: sector). */
+  alignment: number;
+  /** Scratch bytes in use at once, softly: the eviction budget. */
+  window: number;
+}
+
+/** Below this many bytes ready to place in a round, units in the way are evicted to scratch. */
+export const EVICT_BELOW = 4 << 20;
+export const DEFAULT_WINDOW = 64 << 20;
+
+export function planRelocation(input: RelocationInput): RelocationPlan {
+  const { units, virtualSize, alignment } = input;
+  const pinned = new IntervalSet();
+  for (const p of input.pinned) pinned.add(p.start, p.length);
+  const free = new IntervalSet();
+  free.add(0, Number.MAX_SAFE_INTEGER);
+  for (const p of input.pinned) free.remove(p.start, p.length);
+  for (const u of units) free.remove(u.host, u.length);
+
+  const host = units.map((u) => u.host);
+  const target = units.map((u) => (u.guest % alignment === 0 && !pinned.intersects(u.guest, u.length) ? u.guest : undefined));
+  const parked: number[] = [];
+  const pending = new Set<number>();
+  units.forEach((u, i) => {
+    if (target[i] === undefined) {
+      parked.push(i);
+      // A parked unit inside the disk's range would be read as guest data once the file is raw.
+      if (u.host < virtualSize) pending.add(i);
+    } else if (target[i] !== u.host) pending.add(i);
+  });
+
+  // Who occupies a host byte: unit index by granule (units are aligned to `gran` and multiples of it).
+  const gran = units.reduce((g, u) => gcd(g, gcd(u.host, u.length)), alignment) || alignment;
+  const occupant = new Map<number, number>();
+  const occupy = (i: number, at: number, on: boolean) => {
+    for (let k = at / gran; k < (at + units[i]!.length) / gran; k++) {
+      if (on) occupant.set(k, i);
+      else if (occupant.get(k) === i) occupant.delete(k);
+    }
+  };
+  units.forEach((u, i) => occupy(i, u.host, true));
+
+  const scratch = new IntervalSet();
+  let scratchInUse = 0;
+  let scratchPeak = 0;
+  let scratchEnd = input.scratchBase;
+  const allocScratch = (length: number): number => {
+    const at = free.firstFit(input.scratchBase, length, alignment);
+    free.remove(at, length);
+    scratch.add(at, length);
+    scratchInUse += length;
+    scratchPeak = Math.max(scratchPeak, scratchInUse);
+    scratchEnd = Math.max(scratchEnd, at + length);
+    return at;
+  };
+
+  const rounds: Step[][] = [];
+  let movedBytes = 0;
+  const byTarget = [...pending].filter((i) => target[i] !== undefined).sort((a, b) => target[a]! - target[b]!);
+  while (pending.size > 0) {
+    const round: Step[] = [];
+    const moving = new Set<number>();
+    let readyBytes = 0;
+    for (const i of byTarget) {
+      if (!pending.has(i)) continue;
+      const t = target[i]!;
+      const len = units[i]!.length;
+      if (!free.contains(t, len)) continue;
+      // A round's copies are extra disk space until its old places are punched: bounded by the window.
+      if (readyBytes > 0 && readyBytes + len > input.window) break;
+      free.remove(t, len);
+      round.push({ unit: i, from: host[i]!, to: t, length: len, kind: 'place' });
+      moving.add(i);
+      readyBytes += len;
+    }
+    if (readyBytes < Math.min(EVICT_BELOW, input.window)) {
+      const evict = (i: number): boolean => {
+        if (moving.has(i) || host[i]! >= input.scratchBase) return false;
+        if (round.length > 0 && scratchInUse + units[i]!.length > input.window) return false;
+        round.push({ unit: i, from: host[i]!, to: allocScratch(units[i]!.length), length: units[i]!.length, kind: 'evict' });
+        moving.add(i);
+        return true;
+      };
+      for (const i of parked) if (pending.has(i)) evict(i);
+      for (const i of byTarget) {
+        if (!pending.has(i) || moving.has(i)) continue;
+        const t = target[i]!;
+        for (let k = Math.floor(t / gran); k < Math.ceil((t + units[i]!.length) / gran); k++) {
+          const o = occupant.get(k);
+          if (o !== undefined) evict(o);
+        }
+        if (scratchInUse >= input.window && round.length > 0) break;
+      }
+    }
+    if (round.length === 0) throw new Error('relocation made no progress (a unit is blocked by something that is not a unit)');
+    for (const s of round) {
+      const i = s.unit;
+      occupy(i, s.from, false);
+      free.add(s.from, s.length);
+      if (scratch.contains(s.from, s.length)) {
+        scratch.remove(s.from, s.length);
+        scratchInUse -= s.length;
+      }
+      host[i] = s.to;
+      movedBytes += s.length;
+      occupy(i, s.to, true);
+      if (s.to === target[i] || (target[i] === undefined && s.to >= virtualSize)) pending.delete(i);
+    }
+    rounds.push(round);
+  }
+  const placed = units.map((_, i) => i).filter((i) => target[i] !== undefined && host[i] === target[i]);
+  const largestRound = rounds.reduce((m, r) => Math.max(m, r.reduce((s, x) => s + x.length, 0)), 0);
+  return { rounds, movedBytes, largestRound, scratchPeak, scratchEnd, parked, placed };
+}
+
+function gcd(a: number, b: number): number {
+  while (b) [a, b] = [b, a % b];
+  return a;
+}
+
+/** Where each unit lies after the plan (for the expected mapping and the commit's reads). */
+export function finalHosts(units: Unit[], plan: RelocationPlan): number[] {
+  const host = units.map((u) => u.host);
+  for (const round of plan.rounds) for (const s of round) host[s.unit] = s.to;
+  return host;
+}
+
+const COPY_RUN = 8 << 20;
+
+/**
+ * Runs the plan: per round, copy every unit (neighbouring units as one run) → flush → write every
+ * pointer (neighbouring entries as one buffer) → flush. Only then are the old places reused, by a
+ * later round.
+ */
+export async function executeRelocation(
+  dev: BlockDevice,
+  units: Unit[],
+  plan: RelocationPlan,
+  onBytes: (done: number) => void,
+  signal?: AbortSignal,
+): Promise<void> {
+  let done = 0;
+  for (const round of plan.rounds) {
+    const steps = round.slice().sort((a, b) => a.from - b.from);
+    for (let i = 0; i < steps.length; ) {
+      let j = i + 1;
+      let len = steps[i]!.length;
+      while (
+        j < steps.length &&
+        len + steps[j]!.length <= COPY_RUN &&
+        steps[j]!.from === steps[i]!.from + len &&
+        steps[j]!.to === steps[i]!.to + len
+      ) {
+        len += steps[j]!.length;
+        j++;
+      }
+      signal?.throwIfAborted();
+      const buf = new Uint8Array(len);
+      let got = 0;
+      while (got < len) {
+        const n = await dev.read(buf.subarray(got), steps[i]!.from + got);
+        if (n === 0) break; // past the end of the file: the rest reads as zeros
+        got += n;
+      }
+      await dev.write(buf, steps[i]!.to);
+      done += len;
+      onBytes(done);
+      i = j;
+    }
+    await dev.flush();
+    const pointers = round
+      .flatMap((s) => {
+        const p = units[s.unit]!.pointer;
+        const bytes = p.encode(s.to);
+        return p.mirror === undefined ? [{ offset: p.offset, bytes }] : [{ offset: p.offset, bytes }, { offset: p.mirror, bytes }];
+      })
+      .sort((a, b) => a.offset - b.offset);
+    for (const w of coalesce(pointers)) await dev.write(w.bytes, w.offset);
+    await dev.flush();
+    // Nothing references the old places now: give their space back so the disk never holds more than
+    // a round's worth of second copies. (A later round may write there again.)
+    for (const s of steps) await dev.punchHole(s.from, s.length);
+  }
+}
+
+/** Neighbouring writes as one buffer. */
+export function coalesce(writes: { offset: number; bytes: Uint8Array }[]): { offset: number; bytes: Uint8Array }[] {
+  const out: { offset: number; bytes: Uint8Array }[] = [];
+  let run: { offset: number; parts: Uint8Array[]; length: number } | undefined;
+  const flush = () => {
+    if (!run) return;
+    const bytes = new Uint8Array(run.length);
+    let p = 0;
+    for (const part of run.parts) {
+      bytes.set(part, p);
+      p += part.length;
+    }
+    out.push({ offset: run.offset, bytes });
+  };
+  for (const w of writes) {
+    if (run && run.offset + run.length === w.offset) {
+      run.parts.push(w.bytes);
+      run.length += w.bytes.length;
+    } else {
+      flush();
+      run = { offset: w.offset, parts: [w.bytes], length: w.bytes.length };
+    }
+  }
+  flush();
+  return out;
+}
+
+/** Scratch starts past everything, aligned for the source's units. */
+export function scratchBaseFor(ends: number[], alignment: number): number {
+  return alignUp(Math.max(...ends), Math.max(alignment, 1 << 20));
+}
