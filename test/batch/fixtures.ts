@@ -10,6 +10,12 @@ import { createHash } from 'node:crypto';
 import { join } from 'node:path';
 import { expect } from 'vitest';
 import { qemuImg, qemuImgStatus, qemuIo } from '../support/qemu.js';
+import { allDrivers } from '../../drivers/index.js';
+import { fileStorage, type Storage } from '../../src/blockdev/storage.js';
+import type { BlockDevice } from '../../src/blockdev/types.js';
+import { ConversionFailedError, convertInPlace } from '../../src/engine/convert.js';
+import { journalPath } from '../../src/engine/journal.js';
+import { IoError } from '../../src/errors.js';
 
 export interface Fixture {
   name: string;
@@ -118,4 +124,47 @@ export function judgeConverted(dir: string, f: Fixture, to: string): void {
   expect(j['check-errors'] ?? 0, `${f.name} check errors`).toBe(0);
   // QEMU 7.2 counts ⌊N/(cs−1)⌋ phantom leaks on an N-cluster QED (DESIGN.md); these files are far below cs−1 clusters.
   expect(j.leaks ?? 0, `${f.name} leaks`).toBe(0);
+}
+
+/**
+ * Leaves `path` as an interrupted conversion to `to`, through the library with a storage that
+ * fails on purpose: 'prepared' — every write to the image fails from the first one, and so does
+ * the clean-up, so the journal keeps only its PREPARE record (recovery rolls back); 'done' — the
+ * journal cannot be removed at the end, so it holds DONE (recovery finishes the reclaim).
+ */
+export async function interrupt(path: string, to: string, state: 'prepared' | 'done'): Promise<void> {
+  const storage: Storage = {
+    ...fileStorage,
+    async open(p, opts) {
+      const dev = await fileStorage.open(p, opts);
+      if (state !== 'prepared' || p !== path || !opts.write) return dev;
+      const fail = async () => {
+        throw new IoError('write', p, 0, 'EIO', 'injected failure');
+      };
+      const failing: BlockDevice = {
+        path: dev.path,
+        writable: true,
+        size: () => dev.size(),
+        allocated: () => dev.allocated(),
+        read: (b, o) => dev.read(b, o),
+        nextData: (o) => dev.nextData(o),
+        nextHole: (o) => dev.nextHole(o),
+        flush: () => dev.flush(),
+        close: () => dev.close(),
+        write: fail,
+        truncate: fail,
+        punchHole: fail,
+      };
+      return failing;
+    },
+    async remove(p) {
+      if (state === 'done' && p === journalPath(path)) throw new IoError('remove', p, 0, 'EIO', 'injected failure');
+      return fileStorage.remove(p);
+    },
+  };
+  const e = await convertInPlace(path, { to, drivers: allDrivers, storage }).then(
+    () => undefined,
+    (x: unknown) => x,
+  );
+  if (!(e instanceof ConversionFailedError) || e.imageState !== 'needs-recover') throw new Error(`expected an interrupted conversion, got ${String(e)}`);
 }
