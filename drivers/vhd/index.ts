@@ -21,6 +21,7 @@ import { FOOTER_CHECKSUM_OFFSET, FOOTER_COOKIE, FOOTER_SIZE, FORMAT, footerCheck
 import { VHD_MAX_SECTORS, VHD_SECTOR, sizeSource, virtualSectors } from './geometry.js';
 import { VhdImage, buildInfo } from './image.js';
 import { locateFooter, openDynamic, subformatOf, type DynamicState } from './open.js';
+import { vhdTarget } from './target.js';
 
 export * from './format.js';
 export * from './geometry.js';
@@ -30,6 +31,7 @@ export const vhdDriver: FormatDriver = {
   name: FORMAT,
   qemuName: 'vpc',
   description: 'Microsoft VHD (Virtual PC / Hyper-V; QEMU "vpc"): fixed, dynamic, differencing',
+  target: vhdTarget,
 
   probe(input: ProbeInput): number {
     const { head, tail } = input;
