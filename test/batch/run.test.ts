@@ -130,7 +130,7 @@ describe.runIf(qemuAvailable())('stopping a batch through its AbortSignal', () =
   it('the image under way rolls back, nothing new starts, the manifest says pending; a re-run converts them all', async () => {
     const dir = join(tmp.dir, 'stop');
     mkdirSync(dir);
-    const fixtures = makeMixedImages(dir, { slow: 2, slowDataMiB: 8 }).filter((f) => f.expect === 'converted').slice(0, 4);
+    const fixtures = makeMixedImages(dir, { slow: [8, 8] }).filter((f) => f.expect === 'converted').slice(0, 4);
     keepOriginals(dir, fixtures);
     const manifest = join(dir, 'm.jsonl');
     const ac = new AbortController();
