@@ -20,6 +20,7 @@ import { convertMany, batchExitCode, type BatchReport } from './batch/run.js';
 import { planMany } from './batch/plan.js';
 import { createBatchReporter } from './progress/batch-reporter.js';
 import { formatBatchPlan, formatBatchReport } from './progress/batch-table.js';
+import { registerStreamCommands } from './cli-stream.js';
 import { resultFields } from './progress/batch-json.js';
 
 /** Parses qemu-img style `-o key=value,key=value` (repeatable). */
@@ -51,7 +52,12 @@ function planHuman(p: ConversionPlan): string {
   if (p.compactionMoveBytes) lines.push(`to move after the commit, compacting: ${humanSize(p.compactionMoveBytes)} (${p.compactionMoveBytes} bytes; the old tables' space would otherwise count as leaked)`);
   lines.push(`peak extra disk space: ${humanSize(p.peakExtraBytes)} (${p.peakExtraBytes} bytes)`);
   lines.push(`file size: ${p.source.fileLength} → at most ${p.finalLength} bytes before reclaim`);
+  if (p.relocation) lines.push(`relocation: ${p.relocation.rounds} rounds, scratch window ${humanSize(p.relocation.scratchPeakBytes)}, commit record carries ${humanSize(p.relocation.commitBytes)} of guest bytes`);
   if (p.dropped.length) lines.push(`not carried over: ${p.dropped.join(', ')}`);
+  if (p.then) {
+    lines.push(`then, as a second step (${p.source.format} cannot move its data where ${p.then.target.format} needs it, ${p.target.format} can; estimated):`);
+    lines.push(...planHuman(p.then).split('\n').filter((l) => !l.startsWith('image: ')).map((l) => `  ${l}`));
+  }
   return lines.join('\n');
 }
 
@@ -353,9 +359,9 @@ export function buildProgram(): Command {
         else if (!o.quiet && !reporter.showsReport) {
           process.stdout.write(
             [
-              `${image}: converted ${r.source.format} → ${r.target.format} in place`,
-              `metadata written: ${humanSize(r.written.metadataBytes)} (${r.written.metadataBytes} bytes)`,
-              `data moved: ${humanSize(r.written.dataBytes)} (${r.written.dataBytes} bytes)`,
+              `${image}: converted ${r.via ? `${r.via.source.format} → ` : ''}${r.source.format} → ${r.target.format} in place${r.via ? ' (two steps)' : ''}`,
+              `metadata written: ${humanSize(r.written.metadataBytes + (r.via?.written.metadataBytes ?? 0))} (${r.written.metadataBytes + (r.via?.written.metadataBytes ?? 0)} bytes)`,
+              `data moved: ${humanSize(r.written.dataBytes + (r.via?.written.dataBytes ?? 0))} (${r.written.dataBytes + (r.via?.written.dataBytes ?? 0)} bytes)`,
               ...(r.written.compactionBytes ? [`moved to compact the file: ${humanSize(r.written.compactionBytes)} (${r.written.compactionBytes} bytes)`] : []),
               `old metadata reclaimed: ${humanSize(r.reclaimedBytes)}`,
               `file size: ${r.source.fileLength} → ${r.finalLength} bytes`,
@@ -393,6 +399,7 @@ export function buildProgram(): Command {
       process.stdout.write((o.output === 'json' ? JSON.stringify(r, null, 2) : `${image}: ${r.detail}${r.format ? ` (now ${r.format})` : ''}`) + '\n');
     });
 
+  registerStreamCommands(program, allDrivers);
   return program;
 }
 

@@ -143,7 +143,12 @@ export class FileBlockDevice implements BlockDevice {
     return size;
   }
 
+  private closed = false;
+
+  /** Idempotent: a two-step conversion's second step and its caller may both close. */
   async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
     await this.fh.close(); // closing the descriptor releases its OFD lock
   }
 }

@@ -17,7 +17,7 @@ import { encodeRecord, journalPath, regionsDigest, type Region } from './journal
 import { guestEquivalent, readTopLayer } from './mapping.js';
 import { holesAsData, scanHoles } from './holes.js';
 import { compact, estimateCompaction } from './compact.js';
-import { planIdentity, type IdentityPlan } from './identity.js';
+import { NeedsIntermediateError, planIdentity, type IdentityPlan } from './identity.js';
 import { executeRelocation } from './relocate.js';
 import { identityEquivalent } from './mapping.js';
 import { OverlayDevice } from '../blockdev/overlay.js';
@@ -74,11 +74,19 @@ export interface ConversionPlan {
    * the guest bytes of the ranges the source's own structures occupy (`commitBytes`, twice: new and old).
    */
   relocation?: { rounds: number; scratchPeakBytes: number; commitBytes: number };
+  /**
+   * A conversion in two steps: this plan converts to an intermediate format that can relocate its data,
+   * and `then` is the second step as planned on the image the first step will leave (estimated: the
+   * first step's reclaim may still change the layout).
+   */
+  then?: ConversionPlan;
   finalLength: number;
   dropped: string[];
 }
 
-export interface ConversionReport extends ConversionPlan {
+export interface ConversionReport extends Omit<ConversionPlan, 'then'> {
+  /** Two-step conversions: the first step's report (this report is the second step's). */
+  via?: ConversionReport;
   /** dataBytes: moved before the commit; compactionBytes: moved after it to leave no leaked space. */
   written: { metadataBytes: number; dataBytes: number; compactionBytes: number };
   reclaimedBytes: number;
@@ -213,15 +221,61 @@ function stripWithin(e: Extent & { within: number }): Extent {
   return rest;
 }
 
+interface Route {
+  prepared: Prepared;
+  /** Second step, when the first converts to an intermediate format. */
+  then?: { to: string; options: TargetOptions; estimate: ConversionPlan };
+}
+
+/**
+ * The direct conversion, or — when the target needs data relocated and the source format cannot do
+ * that (NeedsIntermediateError) — the cheapest route through another target format from the registry
+ * that keeps the data where it is and can then be relocated: each candidate's first step is planned,
+ * the second is planned on a view of the image as the first step leaves it, and the fewest moved bytes win.
+ */
+async function chooseRoute(path: string, dev: BlockDevice, opts: ConvertOptions): Promise<Route> {
+  try {
+    return { prepared: await prepare(path, dev, opts) };
+  } catch (e) {
+    if (!(e instanceof NeedsIntermediateError)) throw e;
+    let best: Route | undefined;
+    let bestCost = Infinity;
+    const tried: string[] = [];
+    for (const d of opts.drivers) {
+      if (!d.target || d.name === opts.to || d.name === e.format) continue;
+      let first: Prepared | undefined;
+      try {
+        first = await prepare(path, dev, { ...opts, to: d.name, options: {} });
+        const view = new OverlayDevice(dev, [...first.writes, ...first.fixed], first.finalLength);
+        const second = await prepare(path, view, opts);
+        await second.chain.close();
+        const cost = first.plan.dataMoveBytes + first.plan.compactionMoveBytes + second.plan.dataMoveBytes;
+        if (cost < bestCost) {
+          if (best) await best.prepared.chain.close();
+          best = { prepared: first, then: { to: opts.to, options: opts.options ?? {}, estimate: second.plan } };
+          bestCost = cost;
+          first = undefined;
+        }
+      } catch (err) {
+        tried.push(`through ${d.name}: ${(err as Error).message}`);
+      } finally {
+        if (first) await first.chain.close();
+      }
+    }
+    if (!best) throw new UnsupportedError(e.format, e.feature, `${e.message}; no intermediate format works either (${tried.join('; ')})`);
+    return best;
+  }
+}
+
 /** `imgconv plan`: everything `inplace` would do, without writing. */
 export async function planConversion(path: string, opts: ConvertOptions): Promise<ConversionPlan> {
   const storage = opts.storage ?? fileStorage;
   await refuseInterrupted(path, storage);
   const dev = await storage.open(path, { write: false });
   try {
-    const p = await prepare(path, dev, opts);
-    await p.chain.close();
-    return p.plan;
+    const route = await chooseRoute(path, dev, opts);
+    await route.prepared.chain.close();
+    return route.then ? { ...route.prepared.plan, then: route.then.estimate } : route.prepared.plan;
   } finally {
     await dev.close();
   }
@@ -240,7 +294,8 @@ export class InterruptedConversionError extends ImgconvError {}
 /** Says in which state a failed conversion left the image. */
 export class ConversionFailedError extends ImgconvError {
   constructor(
-    readonly imageState: 'untouched' | 'rolled-back' | 'converted' | 'needs-recover',
+    /** intermediate: a two-step conversion stopped between its steps; the image is valid in the intermediate format. */
+    readonly imageState: 'untouched' | 'rolled-back' | 'converted' | 'needs-recover' | 'intermediate',
     message: string,
     readonly causeError?: unknown,
   ) {
@@ -296,23 +351,77 @@ export async function convertInPlace(path: string, opts: ConvertOptions): Promis
   } catch (e) {
     throw untouched(e);
   }
-  let prepared: Prepared;
+  let route: Route;
   try {
     progress('analyse', 0, 1);
-    prepared = await prepare(path, dev, opts);
+    route = await chooseRoute(path, dev, opts);
     progress('plan', 1, 1);
   } catch (e) {
     await dev.close();
     throw untouched(e); // nothing was written: the file is byte-identical
   }
+  const journal: JournalHandle = { dev: undefined, end: 0 };
+  const first = await runStage(path, dev, storage, route.prepared, opts, journal, route.then);
+  if (!route.then) return first;
+  return continueStages(path, dev, storage, opts, journal, first, route.prepared.plan.target.format);
+}
+
+/** The journal file of a conversion, shared by its steps. */
+export interface JournalHandle {
+  dev: BlockDevice | undefined;
+  end: number;
+}
+
+/**
+ * The second step of a two-step conversion, on the intermediate image the first step left, appending
+ * to the same journal (recovery finishes it from there). If it is refused now, the image is a valid
+ * image of the intermediate format with the same guest content, and the error says so.
+ */
+export async function continueStages(
+  path: string,
+  dev: BlockDevice,
+  storage: Storage,
+  opts: ConvertOptions,
+  journal: JournalHandle,
+  first: ConversionReport | undefined,
+  via: string,
+): Promise<ConversionReport> {
+  let second: Prepared;
+  try {
+    second = await prepare(path, dev, opts);
+  } catch (e) {
+    await journal.dev?.close().catch(() => {});
+    await storage.remove(journalPath(path)).then(() => storage.syncDir(journalPath(path))).catch(() => {});
+    await dev.close().catch(() => {});
+    throw new ConversionFailedError('intermediate', `${path} is now a valid ${via} image with the same guest content (the first of two steps); the step to ${opts.to} failed: ${(e as Error).message}`, e);
+  }
+  const report = await runStage(path, dev, storage, second, opts, journal, undefined, via);
+  return first ? { ...report, via: first } : report;
+}
+
+/**
+ * One conversion step: the commit protocol. `then`: a second step follows (the journal stays open, the
+ * image locked); `intermediateOf`: this is that second step, whose source is the intermediate format.
+ */
+async function runStage(
+  path: string,
+  dev: BlockDevice,
+  storage: Storage,
+  prepared: Prepared,
+  stageOpts: ConvertOptions,
+  jh: JournalHandle,
+  then?: Route['then'],
+  intermediateOf?: string,
+): Promise<ConversionReport> {
+  const opts = { ...stageOpts, to: prepared.plan.target.format };
+  const progress = (phase: Phase, bytesDone: number, bytesTotal: number) => opts.onProgress?.({ phase, bytesDone, bytesTotal });
   const { plan, moves, writes, source, identity } = prepared;
   let fixed = prepared.fixed;
   const jpath = journalPath(path);
-  let journal: BlockDevice | undefined;
-  let journalEnd = 0;
+  let journal: BlockDevice | undefined = jh.dev;
   const appendRecord = async (bytes: Uint8Array) => {
-    await journal!.write(bytes, journalEnd);
-    journalEnd += bytes.length;
+    await journal!.write(bytes, jh.end);
+    jh.end += bytes.length;
     await journal!.flush();
   };
   let committed = false;
@@ -324,7 +433,10 @@ export async function convertInPlace(path: string, opts: ConvertOptions): Promis
     //    the source's own tables first, so its undo bytes are read just before the commit instead.)
     const undo = identity ? [] : await readRegions(dev, fixed.map((f) => ({ offset: f.offset, length: f.bytes.length })));
     prepared.undo = undo;
-    journal = await storage.create(jpath);
+    if (!journal) {
+      journal = jh.dev = await storage.create(jpath);
+      jh.end = 0;
+    }
     await appendRecord(
       encodeRecord({
         type: 'prepare',
@@ -344,6 +456,7 @@ export async function convertInPlace(path: string, opts: ConvertOptions): Promis
           ...(identity ? { identity: true } : {}),
         },
         ...(identity ? { relocating: true } : {}),
+        ...(then ? { then: { to: then.to, options: then.options } } : {}),
       }),
     );
     await storage.syncDir(jpath);
@@ -412,7 +525,7 @@ export async function convertInPlace(path: string, opts: ConvertOptions): Promis
           else await dev.truncate(plan.source.fileLength);
           await dev.flush();
           await journal.close();
-          journal = undefined;
+          journal = jh.dev = undefined;
           await storage.remove(jpath);
           await storage.syncDir(jpath);
         }
@@ -424,6 +537,9 @@ export async function convertInPlace(path: string, opts: ConvertOptions): Promis
           `conversion failed (${(e as Error).message}) and so did the clean-up (${(rollbackError as Error).message}); the image is still a valid ${plan.source.format} image or is made one by: imgconv recover ${path}`,
           e,
         );
+      }
+      if (intermediateOf !== undefined) {
+        throw new ConversionFailedError('intermediate', `${isAbort(e) ? 'cancelled' : `failed (${(e as Error).message})`} before the commit point of the second step; ${path} is a valid ${intermediateOf} image with the same guest content (the first of two steps); convert it again to finish`, e);
       }
       if (isAbort(e)) throw new ConversionFailedError('untouched', `cancelled before the commit point; ${path} is unchanged (${plan.source.format})`, e);
       throw new ConversionFailedError(journal === undefined && !(await storage.exists(jpath)) ? 'rolled-back' : 'needs-recover', `conversion failed before the commit point: ${(e as Error).message}; ${path} is unchanged (${plan.source.format})`, e);
@@ -452,11 +568,14 @@ export async function convertInPlace(path: string, opts: ConvertOptions): Promis
       identity: identity !== undefined,
       onProgress: opts.onProgress,
     });
-    await journal!.close();
-    await storage.remove(jpath);
-    await storage.syncDir(jpath);
     const finalLength = await dev.size();
-    await dev.close();
+    if (!then) {
+      await journal!.close();
+      jh.dev = undefined;
+      await storage.remove(jpath);
+      await storage.syncDir(jpath);
+      await dev.close();
+    }
     return {
       ...plan,
       finalLength,

@@ -15,6 +15,13 @@ import type { FreeRange, HostSpace } from '../host-space.js';
 import { IntervalSet } from './intervals.js';
 import { DEFAULT_WINDOW, planRelocation, scratchBaseFor, type RelocationPlan, type Unit } from './relocate.js';
 
+/**
+ * The source's data cannot be moved to its identity place inside this format (no relocatable units, or
+ * compressed data): the conversion can still go through an intermediate format that can (convert.ts
+ * chooses one from the registry).
+ */
+export class NeedsIntermediateError extends UnsupportedError {}
+
 export interface IdentityPlan {
   units: Unit[];
   relocation: RelocationPlan;
@@ -49,21 +56,17 @@ export async function planIdentity(
   const misplaced: { guest: number; length: number; kind: string }[] = [];
   for (const e of mapping) {
     if (e.kind === 'compressed') {
-      throw new UnsupportedError(
-        from,
-        'compressed data',
-        `${to} needs every guest byte at its own file offset and compressed data cannot be relocated inside a ${from} image; convert in two steps: imgconv inplace --to qed, then --to ${to}`,
-      );
+      throw new NeedsIntermediateError(from, 'compressed data', `${to} needs every guest byte at its own file offset, and compressed data cannot be relocated inside a ${from} image`);
     }
     if (e.kind === 'data' && e.host !== e.guest) misplaced.push(e);
   }
   const units: Unit[] = [];
   if (misplaced.length > 0) {
     if (!source.relocatable) {
-      throw new UnsupportedError(
+      throw new NeedsIntermediateError(
         from,
         'data placement',
-        `${to} needs every guest byte at its own file offset, and imgconv cannot yet move data inside a ${from} image (guest ${misplaced[0]!.guest}+${misplaced[0]!.length} lies elsewhere); convert in two steps: imgconv inplace --to vmdk (keeps the data where it is), then --to ${to}`,
+        `${to} needs every guest byte at its own file offset, and imgconv cannot move data inside a ${from} image (guest ${misplaced[0]!.guest}+${misplaced[0]!.length} lies elsewhere)`,
       );
     }
     for (const r of await source.relocatable(0, 0)) {

@@ -44,6 +44,8 @@ export interface PrepareRecord {
    * before the commit, travel in the COMMIT record.
    */
   relocating?: boolean;
+  /** Two-step conversions: the final target (and its options) that a second step converts to after this one. */
+  then?: { to: string; options: Record<string, string> };
 }
 
 export interface CommitRecord {
@@ -178,15 +180,19 @@ function decodeOne(bytes: Uint8Array, pos: number): { record: JournalRecord; end
 /** Where a journal says the conversion stands. */
 export type JournalState =
   | { state: 'none' }
-  | { state: 'prepared'; prepare: PrepareRecord }
-  | { state: 'committed'; prepare: PrepareRecord; commit: CommitRecord }
-  | { state: 'aborted'; prepare: PrepareRecord; reason: string; redo: Region[]; commit?: CommitRecord }
-  | { state: 'done'; prepare: PrepareRecord; commit: CommitRecord };
+  | ({ state: 'prepared'; prepare: PrepareRecord } & Staged)
+  | ({ state: 'committed'; prepare: PrepareRecord; commit: CommitRecord } & Staged)
+  | ({ state: 'aborted'; prepare: PrepareRecord; reason: string; redo: Region[]; commit?: CommitRecord } & Staged)
+  | ({ state: 'done'; prepare: PrepareRecord; commit: CommitRecord } & Staged);
 
-/** The bytes and length a rollback restores: from the COMMIT record when the conversion relocated data. */
-export function undoOf(prepare: PrepareRecord, commit?: CommitRecord): { undo: Region[]; length: number } {
-  if (commit?.undo) return { undo: commit.undo, length: commit.undoLength ?? prepare.originalLength };
-  return { undo: prepare.undo, length: prepare.originalLength };
+/**
+ * A conversion in two steps (through an intermediate format, when the source cannot be relocated in
+ * place) appends its second step's records to the same journal: the state is the last step's, and
+ * `first` is the first step's PREPARE (the original format).
+ */
+export interface Staged {
+  step: number;
+  first: PrepareRecord;
 }
 
 /**
@@ -194,12 +200,28 @@ export function undoOf(prepare: PrepareRecord, commit?: CommitRecord): { undo: R
  * prepare+commit → roll forward; +abort → roll back with the undo bytes; +done → only remove the journal.
  */
 export function journalState(j: DecodedJournal): JournalState {
-  const [p, c, d] = j.records;
-  if (!p || p.type !== 'prepare') return { state: 'none' };
-  if (!c) return { state: 'prepared', prepare: p };
-  if (c.type === 'abort') return { state: 'aborted', prepare: p, reason: c.reason, redo: [] };
-  if (c.type !== 'commit') return { state: 'prepared', prepare: p };
-  if (d?.type === 'abort') return { state: 'aborted', prepare: p, reason: d.reason, redo: c.redo, commit: c };
-  if (d?.type === 'done') return { state: 'done', prepare: p, commit: c };
-  return { state: 'committed', prepare: p, commit: c };
+  const first = j.records[0];
+  if (!first || first.type !== 'prepare') return { state: 'none' };
+  let lastPrepare = 0;
+  let step = 0;
+  j.records.forEach((r, i) => {
+    if (r.type === 'prepare') {
+      lastPrepare = i;
+      step++;
+    }
+  });
+  const [p, c, d] = j.records.slice(lastPrepare) as [PrepareRecord, JournalRecord | undefined, JournalRecord | undefined];
+  const staged: Staged = { step, first };
+  if (!c) return { state: 'prepared', prepare: p, ...staged };
+  if (c.type === 'abort') return { state: 'aborted', prepare: p, reason: c.reason, redo: [], ...staged };
+  if (c.type !== 'commit') return { state: 'prepared', prepare: p, ...staged };
+  if (d?.type === 'abort') return { state: 'aborted', prepare: p, reason: d.reason, redo: c.redo, commit: c, ...staged };
+  if (d?.type === 'done') return { state: 'done', prepare: p, commit: c, ...staged };
+  return { state: 'committed', prepare: p, commit: c, ...staged };
+}
+
+/** The bytes and length a rollback restores: from the COMMIT record when the conversion relocated data. */
+export function undoOf(prepare: PrepareRecord, commit?: CommitRecord): { undo: Region[]; length: number } {
+  if (commit?.undo) return { undo: commit.undo, length: commit.undoLength ?? prepare.originalLength };
+  return { undo: prepare.undo, length: prepare.originalLength };
 }

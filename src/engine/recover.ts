@@ -9,7 +9,7 @@ import { OverlayDevice } from '../blockdev/overlay.js';
 import type { FormatDriver } from '../driver.js';
 import { ImgconvError } from '../errors.js';
 import { openImage } from '../image.js';
-import { applyRedo, finishCommitted, overlayMoves, reclaim, rollBack, type DataMove, type ProgressEvent } from './convert.js';
+import { applyRedo, continueStages, finishCommitted, overlayMoves, reclaim, rollBack, type DataMove, type JournalHandle, type ProgressEvent } from './convert.js';
 import { holesAsData, scanHoles } from './holes.js';
 import { decodeJournal, journalPath, journalState, undoOf, type JournalState, type Region } from './journal.js';
 import { identityMapping } from './identity.js';
@@ -28,7 +28,7 @@ export interface RecoverReport {
   detail: string;
 }
 
-export async function readJournal(storage: Storage, jpath: string): Promise<JournalState> {
+export async function readJournal(storage: Storage, jpath: string): Promise<JournalState & { validLength?: number }> {
   if (!(await storage.exists(jpath))) return { state: 'none' };
   const dev = await storage.open(jpath, { write: false });
   try {
@@ -40,7 +40,8 @@ export async function readJournal(storage: Storage, jpath: string): Promise<Jour
       if (n === 0) break;
       done += n;
     }
-    return journalState(decodeJournal(bytes.subarray(0, done)));
+    const decoded = decodeJournal(bytes.subarray(0, done));
+    return { ...journalState(decoded), validLength: decoded.validLength };
   } finally {
     await dev.close();
   }
@@ -92,7 +93,39 @@ export async function recover(path: string, opts: RecoverOptions): Promise<Recov
   const { prepare } = st;
   const dev = await storage.open(path, { write: true, lock: true });
   try {
-    const removeJournal = async () => {
+    const report = await recoverStep(path, dev, storage, st, opts);
+    // A two-step conversion: after its first step is finished, or when its second step was rolled back
+    // before its commit point, the second step runs (again) from the intermediate image, in the same journal.
+    const then = st.first.then;
+    const next =
+      report.action === 'rolled-forward' && prepare.then
+        ? prepare.then
+        : st.step >= 2 && st.state === 'prepared' && then
+          ? then
+          : undefined;
+    if (!next) return report;
+    const journal = await storage.open(jpath, { write: true });
+    // Appended records must follow the last valid one, not a torn tail.
+    await journal.truncate(st.validLength ?? (await journal.size()));
+    const handle: JournalHandle = { dev: journal, end: st.validLength ?? (await journal.size()) };
+    const via = report.action === 'rolled-forward' ? prepare.targetFormat : prepare.sourceFormat;
+    const done = await continueStages(path, dev, storage, { to: next.to, options: next.options, drivers: opts.drivers, storage, onProgress: opts.onProgress }, handle, undefined, via);
+    return { image: path, action: 'rolled-forward', format: done.target.format, detail: `${report.detail}; then converted ${via} → ${done.target.format}, the second of two steps` };
+  } finally {
+    await dev.close();
+  }
+}
+
+async function recoverStep(path: string, dev: BlockDevice, storage: Storage, st: Exclude<JournalState, { state: 'none' }> & { validLength?: number }, opts: RecoverOptions): Promise<RecoverReport> {
+  const jpath = journalPath(path);
+  const { prepare } = st;
+  // Kept when a step follows: the first step's continuation once it rolled forward, or the second step
+  // run again after it was rolled back before its commit point.
+  const keepJournal = prepare.then !== undefined || (st.step >= 2 && st.state === 'prepared');
+  {
+    // A journal that a second step will continue is kept (the step appends to it and removes it).
+    const removeJournal = async (final = false) => {
+      if (keepJournal && !final) return;
       await storage.remove(jpath);
       await storage.syncDir(jpath);
     };
@@ -101,14 +134,14 @@ export async function recover(path: string, opts: RecoverOptions): Promise<Recov
       // Relocation keeps a valid source at every step and nothing in place was overwritten yet: the
       // source stays as the last durable pointers say; reclaim tidies what the moves left behind.
       await reclaim(path, dev, opts.drivers, prepare.sourceFormat);
-      await removeJournal();
+      await removeJournal(st.step < 2);
       return { image: path, action: 'rolled-back', format: prepare.sourceFormat, detail: `the conversion stopped before its commit point, while relocating data; the ${prepare.sourceFormat} image is valid where its data now lies` };
     }
     if (st.state === 'prepared' || st.state === 'aborted') {
       const { undo, length } = undoOf(prepare, st.state === 'aborted' ? st.commit : undefined);
       await requireJournalMatches(dev, undo, st.state === 'aborted' ? st.redo : [], path);
       await rollBack(dev, undo, length);
-      await removeJournal();
+      await removeJournal(st.state === 'aborted' || st.step < 2);
       return {
         image: path,
         action: 'rolled-back',
@@ -132,7 +165,8 @@ export async function recover(path: string, opts: RecoverOptions): Promise<Recov
     const sourceMap = await sourceMappingFromUndo(path, dev, opts.drivers, prepare.sourceFormat, undo, length, (prepare.plan.moves ?? []) as DataMove[], prepare.plan.holesAsData !== false && !identity);
     const expected = identity ? identityMapping(sourceMap) : sourceMap;
     const journal = await storage.open(jpath, { write: true });
-    let end = await journal.size();
+    let end = st.validLength ?? (await journal.size());
+    await journal.truncate(end);
     const append = async (rec: Uint8Array) => {
       await journal.write(rec, end);
       end += rec.length;
@@ -158,7 +192,7 @@ export async function recover(path: string, opts: RecoverOptions): Promise<Recov
     } catch (e) {
       await journal.close();
       if ((e as { imageState?: string }).imageState === 'rolled-back') {
-        await removeJournal();
+        await removeJournal(true);
         return { image: path, action: 'rolled-back', format: prepare.sourceFormat, detail: (e as Error).message };
       }
       throw e;
@@ -166,8 +200,6 @@ export async function recover(path: string, opts: RecoverOptions): Promise<Recov
     await journal.close();
     await removeJournal();
     return { image: path, action: 'rolled-forward', format: prepare.targetFormat, detail: `the conversion to ${prepare.targetFormat} was completed from the journal` };
-  } finally {
-    await dev.close();
   }
 }
 

@@ -15,6 +15,7 @@ export function plainImageState(e: ConversionFailedError, image: string): string
     'rolled-back': 'the image was restored to its original format',
     converted: 'the image is already converted',
     'needs-recover': `the image needs: imgconv recover ${image}`,
+    intermediate: 'the image is valid in the intermediate format of a two-step conversion; run the conversion again to finish it',
   }[e.imageState];
 }
 
