@@ -11,6 +11,7 @@
 import type { BlockDevice, OpenOptions } from './blockdev/types.js';
 import type { Extent, ExtentMap } from './extent-map.js';
 import type { HostSpace } from './host-space.js';
+import type { StreamTarget } from './stream/types.js';
 
 /** What probing sees: the first bytes, the last 512 bytes, and the size. */
 export interface ProbeInput {
@@ -132,6 +133,8 @@ export interface FormatDriver {
   open(dev: BlockDevice, ctx: OpenContext): Promise<SourceImage>;
   /** Present when the format can be a conversion target. */
   readonly target?: TargetDriver;
+  /** Present when the format can be written to (and read from) a pipe: `imgconv stream` / `unstream`. */
+  readonly stream?: StreamTarget;
 }
 
 // ---------------------------------------------------------------------------------------------------

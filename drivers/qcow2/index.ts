@@ -25,6 +25,7 @@ import { buildHostSpace } from './hostspace.js';
 import { openDataFile, readLayout, type Qcow2Layout } from './open.js';
 import { activeMapping, l1EntryL2Offset } from './tables.js';
 import { qcow2Target } from './target.js';
+import { qcow2Stream } from './stream.js';
 
 class Qcow2Image implements SourceImage {
   readonly format = FORMAT;
@@ -176,6 +177,7 @@ export const qcow2Driver: FormatDriver = {
   name: FORMAT,
   description: 'QEMU copy-on-write v2/v3 (qcow2)',
   target: qcow2Target,
+  stream: qcow2Stream,
   probe({ head }) {
     if (head.length < 8) return 0;
     const dv = new DataView(head.buffer, head.byteOffset, head.byteLength);

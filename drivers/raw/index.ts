@@ -8,6 +8,7 @@ import type { CheckReport, FormatDriver, ImageInfo, SourceImage } from '../../sr
 import { ExtentMap } from '../../src/extent-map.js';
 import { HostSpace } from '../../src/host-space.js';
 import { rawTarget } from './target.js';
+import { rawStream } from './stream.js';
 
 export const RAW_SECTOR = 512;
 
@@ -75,4 +76,5 @@ export const rawDriver: FormatDriver = {
   get target() {
     return rawTarget;
   },
+  stream: rawStream,
 };

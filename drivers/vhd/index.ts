@@ -22,6 +22,7 @@ import { VHD_MAX_SECTORS, VHD_SECTOR, sizeSource, virtualSectors } from './geome
 import { VhdImage, buildInfo } from './image.js';
 import { locateFooter, openDynamic, subformatOf, type DynamicState } from './open.js';
 import { vhdTarget } from './target.js';
+import { vhdStream } from './stream.js';
 
 export * from './format.js';
 export * from './geometry.js';
@@ -32,6 +33,7 @@ export const vhdDriver: FormatDriver = {
   qemuName: 'vpc',
   description: 'Microsoft VHD (Virtual PC / Hyper-V; QEMU "vpc"): fixed, dynamic, differencing',
   target: vhdTarget,
+  stream: vhdStream,
 
   probe(input: ProbeInput): number {
     const { head, tail } = input;

@@ -11,6 +11,7 @@ import { decodeSparseHeader, FORMAT, MAX_DESCRIPTOR_BYTES, MAX_GRAIN_SECTORS, MA
 import { openDescriptorFile } from './flat.js';
 import { openSparse } from './sparse.js';
 import { vmdkTarget } from './target.js';
+import { vmdkStream } from './stream.js';
 
 export { decodeDescriptor, encodeDescriptor } from './descriptor.js';
 export { decodeSparseHeader, encodeSparseHeader } from './header.js';
@@ -42,6 +43,7 @@ export const vmdkDriver: FormatDriver = {
   name: FORMAT,
   description: 'VMware VMDK: read monolithicSparse, streamOptimized, monolithicFlat; write monolithicSparse',
   target: vmdkTarget,
+  stream: vmdkStream,
   probe(input) {
     try {
       return probeVmdk(input);
