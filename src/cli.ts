@@ -54,9 +54,10 @@ function planHuman(p: ConversionPlan): string {
   lines.push(`file size: ${p.source.fileLength} → at most ${p.finalLength} bytes before reclaim`);
   if (p.relocation) lines.push(`relocation: ${p.relocation.rounds} rounds, scratch window ${humanSize(p.relocation.scratchPeakBytes)}, commit record carries ${humanSize(p.relocation.commitBytes)} of guest bytes`);
   if (p.dropped.length) lines.push(`not carried over: ${p.dropped.join(', ')}`);
-  if (p.then) {
-    lines.push(`then, as a second step (${p.source.format} cannot move its data where ${p.then.target.format} needs it, ${p.target.format} can; estimated):`);
-    lines.push(...planHuman(p.then).split('\n').filter((l) => !l.startsWith('image: ')).map((l) => `  ${l}`));
+  if (p.steps) {
+    const [a, b] = p.steps as [ConversionPlan, ConversionPlan];
+    lines.push(`in two steps (${a.source.format} cannot move its data where ${b.target.format} needs it, ${a.target.format} can; the second step is estimated):`);
+    for (const step of p.steps) lines.push(...planHuman(step).split('\n').filter((l) => !l.startsWith('image: ')).map((l) => `  ${l}`));
   }
   return lines.join('\n');
 }
@@ -359,9 +360,9 @@ export function buildProgram(): Command {
         else if (!o.quiet && !reporter.showsReport) {
           process.stdout.write(
             [
-              `${image}: converted ${r.via ? `${r.via.source.format} → ` : ''}${r.source.format} → ${r.target.format} in place${r.via ? ' (two steps)' : ''}`,
-              `metadata written: ${humanSize(r.written.metadataBytes + (r.via?.written.metadataBytes ?? 0))} (${r.written.metadataBytes + (r.via?.written.metadataBytes ?? 0)} bytes)`,
-              `data moved: ${humanSize(r.written.dataBytes + (r.via?.written.dataBytes ?? 0))} (${r.written.dataBytes + (r.via?.written.dataBytes ?? 0)} bytes)`,
+              `${image}: converted ${r.source.format} → ${r.steps ? `${r.steps[0]!.target.format} → ` : ''}${r.target.format} in place${r.steps ? ' (two steps)' : ''}`,
+              `metadata written: ${humanSize(r.written.metadataBytes)} (${r.written.metadataBytes} bytes)`,
+              `data moved: ${humanSize(r.written.dataBytes)} (${r.written.dataBytes} bytes)`,
               ...(r.written.compactionBytes ? [`moved to compact the file: ${humanSize(r.written.compactionBytes)} (${r.written.compactionBytes} bytes)`] : []),
               `old metadata reclaimed: ${humanSize(r.reclaimedBytes)}`,
               `file size: ${r.source.fileLength} → ${r.finalLength} bytes`,

@@ -75,18 +75,19 @@ export interface ConversionPlan {
    */
   relocation?: { rounds: number; scratchPeakBytes: number; commitBytes: number };
   /**
-   * A conversion in two steps: this plan converts to an intermediate format that can relocate its data,
-   * and `then` is the second step as planned on the image the first step will leave (estimated: the
-   * first step's reclaim may still change the layout).
+   * A conversion in two steps, through an intermediate format that can relocate its data: each step's
+   * own plan (the second planned on a view of the image the first leaves; the first step's reclaim may
+   * still change that layout a little). The fields above are then the totals, from the original
+   * source to the final target.
    */
-  then?: ConversionPlan;
+  steps?: ConversionPlan[];
   finalLength: number;
   dropped: string[];
 }
 
-export interface ConversionReport extends Omit<ConversionPlan, 'then'> {
-  /** Two-step conversions: the first step's report (this report is the second step's). */
-  via?: ConversionReport;
+export interface ConversionReport extends Omit<ConversionPlan, 'steps'> {
+  /** Two-step conversions: each step's report; the fields above are the totals. */
+  steps?: ConversionReport[];
   /** dataBytes: moved before the commit; compactionBytes: moved after it to leave no leaked space. */
   written: { metadataBytes: number; dataBytes: number; compactionBytes: number };
   reclaimedBytes: number;
@@ -267,6 +268,38 @@ async function chooseRoute(path: string, dev: BlockDevice, opts: ConvertOptions)
   }
 }
 
+/** A two-step conversion seen whole: from the original source to the final target, bytes summed. */
+function combinePlans(a: ConversionPlan, b: ConversionPlan): ConversionPlan {
+  return {
+    ...b,
+    image: a.image,
+    source: a.source,
+    metadataBytes: a.metadataBytes + b.metadataBytes,
+    moves: a.moves,
+    dataMoveBytes: a.dataMoveBytes + b.dataMoveBytes,
+    compactionMoveBytes: a.compactionMoveBytes + b.compactionMoveBytes,
+    peakExtraBytes: Math.max(a.peakExtraBytes, b.peakExtraBytes + Math.max(0, a.finalLength - a.source.fileLength)),
+    dropped: [...new Set([...a.dropped, ...b.dropped])],
+    steps: [a, b],
+  };
+}
+
+function combineReports(a: ConversionReport, b: ConversionReport): ConversionReport {
+  const { steps: _s, ...plan } = combinePlans({ ...a, steps: undefined }, { ...b, steps: undefined });
+  void _s;
+  return {
+    ...plan,
+    written: {
+      metadataBytes: a.written.metadataBytes + b.written.metadataBytes,
+      dataBytes: a.written.dataBytes + b.written.dataBytes,
+      compactionBytes: a.written.compactionBytes + b.written.compactionBytes,
+    },
+    reclaimedBytes: a.reclaimedBytes + b.reclaimedBytes,
+    verified: b.verified,
+    steps: [a, b],
+  };
+}
+
 /** `imgconv plan`: everything `inplace` would do, without writing. */
 export async function planConversion(path: string, opts: ConvertOptions): Promise<ConversionPlan> {
   const storage = opts.storage ?? fileStorage;
@@ -275,7 +308,7 @@ export async function planConversion(path: string, opts: ConvertOptions): Promis
   try {
     const route = await chooseRoute(path, dev, opts);
     await route.prepared.chain.close();
-    return route.then ? { ...route.prepared.plan, then: route.then.estimate } : route.prepared.plan;
+    return route.then ? combinePlans(route.prepared.plan, route.then.estimate) : route.prepared.plan;
   } finally {
     await dev.close();
   }
@@ -396,7 +429,7 @@ export async function continueStages(
     throw new ConversionFailedError('intermediate', `${path} is now a valid ${via} image with the same guest content (the first of two steps); the step to ${opts.to} failed: ${(e as Error).message}`, e);
   }
   const report = await runStage(path, dev, storage, second, opts, journal, undefined, via);
-  return first ? { ...report, via: first } : report;
+  return first ? combineReports(first, report) : report;
 }
 
 /**
@@ -578,6 +611,7 @@ async function runStage(
     }
     return {
       ...plan,
+      steps: undefined,
       finalLength,
       written: { metadataBytes: plan.metadataBytes, dataBytes: plan.dataMoveBytes, compactionBytes: compactMovedBytes },
       reclaimedBytes,
