@@ -140,9 +140,12 @@ export class VhdImage implements SourceImage {
     if (d) {
       const layout = this.layout();
       findings.merge(layout.problems);
-      // Leaks: file space nothing references (meaningful only when nothing overlaps).
+      // Leaks: file space nothing references (meaningful only when nothing overlaps). Space that
+      // reads as zeros — a hole, or the zeroed edges of one — wastes no disk space and is not counted:
+      // an in-place conversion leaves the old format's structures unreferenced and punches them.
       if (!layout.problems.firstFatal()) {
         for (const f of (await this.hostSpace()).free()) {
+          if (await readsZeros(this.dev, f.start, f.length)) continue;
           findings.add('leak', 'leak', 'free space', f.start, `${f.length} bytes at offset ${f.start} are not referenced by any structure`);
         }
       }
@@ -214,6 +217,26 @@ export class VhdImage implements SourceImage {
       if (d.bat[k] !== BAT_UNUSED) warn('bat', `BAT entry ${k}`, d.bat[k], `BAT entry ${k} is allocated (sector ${d.bat[k]}) but lies beyond the virtual size`);
     }
   }
+}
+
+/** Whether [start, start+length) of the file reads as zeros; holes are skipped without reading. */
+async function readsZeros(dev: BlockDevice, start: number, length: number): Promise<boolean> {
+  const end = start + length;
+  const buf = new Uint8Array(Math.min(length, 1 << 20));
+  for (let pos = start; pos < end; ) {
+    const data = await dev.nextData(pos);
+    if (data === null || data >= end) return true;
+    const stop = Math.min(await dev.nextHole(data), end);
+    for (let at = data; at < stop; ) {
+      const piece = buf.subarray(0, Math.min(buf.length, stop - at));
+      const n = await dev.read(piece, at);
+      if (n === 0) return true;
+      for (let i = 0; i < n; i++) if (piece[i] !== 0) return false;
+      at += n;
+    }
+    pos = stop;
+  }
+  return true;
 }
 
 export function buildInfo(lf: LocatedFooter, subformat: Subformat, virtualSize: number, d: DynamicState | undefined): ImageInfo {
