@@ -10,7 +10,8 @@
  * which every QEMU takes current_size (as `qemu-img create -o force_size=on` does). The creator is
  * "imgc", so QEMU ≥ 10 (CHS only for "vpc " and "qemu") takes current_size as well.
  *
- * Read back (unstream): a dynamic VHD whose BAT precedes every block, blocks in any order after it.
+ * Read back (unstream): a dynamic VHD whose BAT precedes every block, blocks in any order after it;
+ * or a fixed VHD (data, then the footer — recognised only at the end of the stream).
  */
 import { randomBytes } from 'node:crypto';
 import { safeU64 } from '../../src/binary.js';
@@ -148,16 +149,61 @@ function layout(input: StreamInput): StreamLayout {
 // ---------------------------------------------------------------------------------------------------
 // Reading a stream.
 
-async function readHead(input: SequentialInput): Promise<StreamHead> {
-  const buf = await input.read(FOOTER_SIZE, 'footer copy');
-  if (!hasCookie(buf, FOOTER_COOKIE)) {
-    throw new FormatError(
-      FORMAT,
-      'footer cookie',
-      printable(Buffer.from(buf.subarray(0, 8)).toString('latin1')),
-      'no footer copy at offset 0, so not a dynamic VHD; a fixed VHD is the raw disk followed by its footer (unstream it --from raw and drop the last 512 bytes)',
-    );
+/** Reads to the end of the stream and returns its last `n` bytes (fewer when it is shorter). */
+async function lastBytes(input: SequentialInput, n: number): Promise<Uint8Array> {
+  let tail = new Uint8Array(0);
+  for (;;) {
+    const piece = await input.readUpTo(1 << 20);
+    if (piece.length === 0) return tail;
+    const joined = new Uint8Array(Math.min(n, tail.length + piece.length));
+    const fromPiece = Math.min(piece.length, joined.length);
+    joined.set(tail.subarray(tail.length - (joined.length - fromPiece)), 0);
+    joined.set(piece.subarray(piece.length - fromPiece), joined.length - fromPiece);
+    tail = joined;
   }
+}
+
+/**
+ * A fixed VHD: the guest bytes, then the footer. Only the end of the stream tells that it is one, so
+ * the data is passed on 512 bytes behind the stream and the footer checked at the end (a stream that
+ * turns out not to be a fixed VHD fails then, and unstream removes what it wrote).
+ */
+function fixedHead(first: Uint8Array): StreamHead {
+  return {
+    format: FORMAT,
+    async readData(input, emit) {
+      let held = first; // the last bytes read, which may be the footer
+      let guest = 0;
+      for (;;) {
+        const piece = await input.readUpTo(1 << 20);
+        if (piece.length === 0) break;
+        const all = new Uint8Array(held.length + piece.length);
+        all.set(held, 0);
+        all.set(piece, held.length);
+        const pass = all.length - FOOTER_SIZE;
+        if (pass > 0) {
+          await emit(guest, all.slice(0, pass));
+          guest += pass;
+        }
+        held = all.subarray(Math.max(0, pass));
+      }
+      if (held.length < FOOTER_SIZE || !hasCookie(held, FOOTER_COOKIE)) {
+        throw new FormatError(FORMAT, 'footer cookie', printable(Buffer.from(held.subarray(0, 8)).toString('latin1')), 'neither a footer copy at offset 0 (dynamic VHD) nor a footer in the last 512 bytes (fixed VHD)');
+      }
+      if (!footerChecksumOk(held)) throw new FormatError(FORMAT, 'footer checksum', decodeFooter(held).checksum, 'the footer at the end has a bad checksum');
+      const lf = { buf: held, at: guest, footer: decodeFooter(held) };
+      if (subformatOf(lf) !== 'fixed') throw new FormatError(FORMAT, 'footer disk type', lf.footer.diskType, 'the footer at the end of a stream without a footer copy at 0 must be a fixed disk\'s');
+      const sectors = virtualSectors(lf.footer.creatorApp, lf.footer.geometry, lf.footer.currentSize);
+      const vs = Number(sectors) * VHD_SECTOR;
+      if (vs > guest) throw new FormatError(FORMAT, 'virtual size', vs, `larger than the ${guest} bytes of data before the footer`);
+      return vs;
+    },
+  };
+}
+
+async function readHead(input: SequentialInput): Promise<StreamHead> {
+  const buf = await input.readUpTo(FOOTER_SIZE);
+  if (!hasCookie(buf, FOOTER_COOKIE)) return fixedHead(buf);
   if (!footerChecksumOk(buf)) throw new FormatError(FORMAT, 'footer checksum', decodeFooter(buf).checksum, 'the footer copy at offset 0 has a bad checksum (QEMU: "Incorrect header checksum")');
   const lf = { buf, at: 0, footer: decodeFooter(buf) };
   const subformat = subformatOf(lf);
@@ -212,9 +258,10 @@ async function readHead(input: SequentialInput): Promise<StreamHead> {
         }
         end = p.host + bs;
       }
-      // The footer closes the image, after the last block (which is whole even past the virtual size).
+      // The footer closes the image: the last 512 bytes, after the last block (whole even past the
+      // virtual size) and whatever padding a writer left.
       if (end > input.position) await input.skip(end - input.position, 'the end of the last block');
-      const footer = await input.readUpTo(FOOTER_SIZE);
+      const footer = await lastBytes(input, FOOTER_SIZE);
       if (footer.length < FOOTER_SIZE || !hasCookie(footer, FOOTER_COOKIE) || !footerChecksumOk(footer)) {
         throw new FormatError(FORMAT, 'footer', input.position - footer.length, 'the stream does not end with a valid footer after the last block (truncated?)');
       }

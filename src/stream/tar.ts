@@ -5,7 +5,7 @@
  * and names beyond its 100 bytes go into a pax extended header ('x'), which POSIX tar, GNU tar and
  * bsdtar read; the ustar size field then holds the size in base-256 (GNU and bsdtar read that too).
  */
-import { UsageError } from '../errors.js';
+import { FormatError, UsageError } from '../errors.js';
 
 export const TAR_BLOCK = 512;
 /** The largest size the ustar field holds in octal: 11 digits. */
@@ -101,4 +101,75 @@ export function tarTrailerLength(size: number): number {
 /** The whole tar stream's length for one member. */
 export function tarLength(name: string, size: number): number {
   return tarHeader(name, size, 0).length + size + tarTrailerLength(size);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Decoding (what a tar reader sees), for tests and for readers of such streams.
+
+export interface TarMember {
+  name: string;
+  size: number;
+  mtime: number;
+  /** Bytes of headers in front of the data (pax header included). */
+  headerLength: number;
+}
+
+function getString(buf: Uint8Array, at: number, length: number): string {
+  const field = buf.subarray(at, at + length);
+  const nul = field.indexOf(0);
+  return Buffer.from(nul < 0 ? field : field.subarray(0, nul)).toString('utf8');
+}
+
+function getNumber(buf: Uint8Array, at: number, length: number, field: string): number {
+  if (buf[at]! & 0x80) {
+    let v = 0n;
+    for (let i = 1; i < length; i++) v = (v << 8n) | BigInt(buf[at + i]!);
+    return Number(v);
+  }
+  const text = getString(buf, at, length).trim();
+  if (!/^[0-7]*$/.test(text)) throw new FormatError('tar', field, text, 'not an octal number');
+  return text === '' ? 0 : parseInt(text, 8);
+}
+
+function checkBlock(h: Uint8Array, at: number): void {
+  let sum = 0;
+  for (let i = 0; i < TAR_BLOCK; i++) sum += i >= 148 && i < 156 ? 0x20 : h[i]!;
+  const stored = getNumber(h, 148, 8, 'chksum');
+  if (stored !== sum) throw new FormatError('tar', 'chksum', stored, `header at ${at} sums to ${sum}`);
+  if (getString(h, 257, 6) !== 'ustar') throw new FormatError('tar', 'magic', getString(h, 257, 6), `header at ${at} is not ustar`);
+}
+
+/** The first member of a tar stream that starts with `bytes` (its headers must be complete). */
+export function decodeTarHeader(bytes: Uint8Array): TarMember {
+  let at = 0;
+  const pax: Record<string, string> = {};
+  for (;;) {
+    if (bytes.length < at + TAR_BLOCK) throw new FormatError('tar', 'header', at, 'the headers end before a file member');
+    const h = bytes.subarray(at, at + TAR_BLOCK);
+    checkBlock(h, at);
+    const type = String.fromCharCode(h[156]!);
+    const size = getNumber(h, 124, 12, 'size');
+    if (type === 'x') {
+      // Records "LEN key=value\n"; LEN counts bytes, so they are cut from the bytes, not the text.
+      const records = Buffer.from(bytes.subarray(at + TAR_BLOCK, at + TAR_BLOCK + size));
+      for (let p = 0; p < records.length; ) {
+        const space = records.indexOf(0x20, p);
+        const len = parseInt(records.subarray(p, space).toString('latin1'), 10);
+        if (space < 0 || !(len > space - p + 1) || p + len > records.length) throw new FormatError('tar', 'pax record', p, `malformed in the pax header at ${at}`);
+        const kv = records.subarray(space + 1, p + len - 1).toString('utf8');
+        const eq = kv.indexOf('=');
+        pax[kv.slice(0, eq)] = kv.slice(eq + 1);
+        p += len;
+      }
+      at += TAR_BLOCK + size + padToBlock(size);
+      continue;
+    }
+    if (type !== '0' && type !== '\0') throw new FormatError('tar', 'typeflag', type, `header at ${at} is not a regular file`);
+    return {
+      name: pax.path ?? getString(h, 0, NAME_FIELD),
+      size: pax.size !== undefined ? Number(pax.size) : size,
+      mtime: getNumber(h, 136, 12, 'mtime'),
+      headerLength: at + TAR_BLOCK,
+    };
+  }
 }
