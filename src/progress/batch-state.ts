@@ -22,7 +22,7 @@ export interface BatchSnapshot {
   /** Lengths of every image file, and of those finished. */
   bytesTotal: number;
   bytesDone: number;
-  /** Bytes written by this run's conversions so far (data moved and new metadata). */
+  /** Bytes written by this run's conversions so far: data moved (compaction included) and new metadata. */
   writtenBytes: number;
   active: ActiveImage[];
   /** Finished images, in the order they finished. */
@@ -95,8 +95,10 @@ export class BatchTracker {
         if (!a) break;
         a.tracker ??= new ProgressTracker(this.now);
         a.tracker.update(e.event);
-        // Bytes written: the move and write phases count bytes; the latest count of each phase is what it wrote.
-        if (!a.recovering && (e.event.phase === 'move' || e.event.phase === 'write')) {
+        // Bytes written: move and write count bytes, and so does reclaim while it compacts (otherwise it
+        // counts one step, 0 → 1 of 1); the latest count of each phase is what it has written.
+        const counted = e.event.phase === 'move' || e.event.phase === 'write' || (e.event.phase === 'reclaim' && e.event.bytesTotal > 1);
+        if (!a.recovering && counted) {
           const before = a.written.get(e.event.phase) ?? 0;
           if (e.event.bytesDone > before) {
             this.written += e.event.bytesDone - before;

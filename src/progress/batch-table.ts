@@ -37,7 +37,7 @@ export function resultRow(r: ImageResult): TableRow {
   return {
     image: imageLabel(r),
     conversion: `${r.from ?? '?'} → ${r.to}`,
-    time: r.elapsedMs > 0 ? duration(r.elapsedMs) : '—',
+    time: r.elapsedMs > 0 && r.outcome !== 'skipped' ? duration(r.elapsedMs) : '—',
     metadata: converted ? bytes(r.report!.written.metadataBytes) : '—',
     data: converted ? bytes(r.report!.written.dataBytes + r.report!.written.compactionBytes) : '—',
     result: r.outcome === 'skipped' && r.note ? `skipped (${r.note})` : OUTCOME_WORD[r.outcome],

@@ -54,10 +54,11 @@ export function BatchView({ state }: { state: BatchViewState }) {
       <Overall b={b} columns={columns} />
       {b.report ? <FinalTable b={b} columns={columns} /> : <Live b={b} columns={columns} />}
       {state.stopping && !b.report ? (
-        <Box marginTop={1}>
+        <Box marginTop={1} flexDirection="column">
           <Text color="yellow" bold>
-            ■ Stopping safely: no new image starts; conversions under way roll back (or finish, past their commit point)…
+            ■ Stopping safely: no new image starts…
           </Text>
+          <Text color="yellow">{'  conversions under way roll back, or finish if past their commit point'}</Text>
         </Box>
       ) : null}
       {b.manifest !== undefined ? <Text dimColor>manifest {b.manifest}</Text> : null}
@@ -75,7 +76,7 @@ function Overall({ b, columns }: { b: BatchSnapshot; columns: number }) {
         <Text dimColor>{empty}</Text> {b.imagesDone}/{b.imagesTotal} images{'  '}
         {bytes(b.bytesDone)} of {bytes(b.bytesTotal)}
         {'  '}
-        <Text dimColor>{duration(b.elapsedMs)}</Text>
+        <Text dimColor>{duration(b.report?.elapsedMs ?? b.elapsedMs)}</Text>
       </Text>
       <Text dimColor>written so far {bytes(b.writtenBytes)} (data moved and new metadata)</Text>
     </Box>
@@ -102,9 +103,15 @@ function ActiveRow({ a, nameWidth }: { a: ActiveImage; nameWidth: number }) {
   );
 }
 
+/** As wide as the longest name shown, within what the terminal leaves. */
+function nameColumn(names: string[], columns: number, reserved: number): number {
+  const longest = Math.max(8, ...names.map((n) => [...n].length));
+  return Math.max(8, Math.min(longest, 40, columns - reserved));
+}
+
 function Live({ b, columns }: { b: BatchSnapshot; columns: number }) {
-  const nameWidth = Math.max(12, Math.min(32, columns - 56));
   const recent = b.finished.slice(-RECENT);
+  const nameWidth = nameColumn([...b.active.map((a) => a.image.name), ...recent.map(imageLabel)], columns, 56);
   return (
     <Box flexDirection="column" marginTop={1}>
       {b.active.map((a) => (
@@ -124,8 +131,8 @@ function Live({ b, columns }: { b: BatchSnapshot; columns: number }) {
 
 function FinalTable({ b, columns }: { b: BatchSnapshot; columns: number }) {
   const report = b.report!;
-  const nameWidth = Math.max(12, Math.min(40, columns - 62));
   const rows = report.results.map(resultRow);
+  const nameWidth = nameColumn(rows.map((r) => r.image), columns, 62);
   const lines = alignColumns([
     ['image', 'from → to', 'time', 'metadata', 'data moved'],
     ...rows.map((r) => [fit(r.image, nameWidth).trimEnd(), r.conversion, r.time, r.metadata, r.data]),
