@@ -246,9 +246,10 @@ export interface BlockPlacement {
   allocated: number;
 }
 
-const BITMAP_IN_USE = 'the sector before the block is in use (a VHD block needs its sector bitmap there)';
-const BITMAP_IN_HEAD = 'the sector before the block is under the VHD footer copy and header';
-const TAIL_IN_USE = 'the partial last block needs a whole block on the host, and the rest of it is in use';
+// Short: the journal records the reason of every moved block.
+const BITMAP_IN_USE = 'no free sector before the block for its bitmap';
+const BITMAP_IN_HEAD = 'the sector before the block is in the VHD header area';
+const TAIL_IN_USE = 'the partial last block needs a whole free block on the host';
 
 /**
  * Sorts the data blocks of `map` into kept in place and to move, given the source's free space.
@@ -395,7 +396,11 @@ export const vhdTarget: TargetDriver = {
       if (b.host - BITMAP_SIZE < HEAD_BYTES) throw new Error(`vhd build: block ${b.block}'s bitmap would be under the header (engine bug)`);
       const sector = (b.host - BITMAP_SIZE) / VHD_SECTOR;
       if (sector > MAX_BLOCK_SECTOR) {
-        throw new UnsupportedError(FORMAT, 'file size', `block ${b.block} would lie at byte ${b.host - BITMAP_SIZE}, beyond the 2 TiB that a VHD's 32-bit BAT sector numbers reach`);
+        throw new UnsupportedError(
+          FORMAT,
+          'file size',
+          `block ${b.block} would lie at byte ${b.host - BITMAP_SIZE}, beyond the 2 TiB that a VHD's 32-bit BAT sector numbers reach (moved blocks go past the end of the file); -o subformat=fixed keeps a raw disk's data where it lies`,
+        );
       }
       batView.setUint32(b.block * 4, sector, false);
       writes.push({ offset: b.host - BITMAP_SIZE, bytes: bitmap });

@@ -263,7 +263,7 @@ describe('vhd target: dynamic plan/build on synthetic mappings', () => {
 
   it('without the free sector, under the header, or split on the host, the block moves whole', () => {
     const used = one(2 * MiB, [{ length: 2 * MiB, kind: 'data', host: 3 * MiB }], [], 8 * MiB);
-    expect(vhdTarget.plan(used).mustMove).toEqual([{ guest: 0, length: 2 * MiB, reason: expect.stringContaining('sector bitmap') }]);
+    expect(vhdTarget.plan(used).mustMove).toEqual([{ guest: 0, length: 2 * MiB, reason: expect.stringContaining('for its bitmap') }]);
     const head = one(2 * MiB, [{ length: 2 * MiB, kind: 'data', host: 1536 }], [{ start: 1024, length: 512 }], 8 * MiB);
     expect(vhdTarget.plan(head).mustMove).toEqual([{ guest: 0, length: 2 * MiB, reason: expect.stringContaining('header') }]);
     const split = one(2 * MiB, [{ length: MiB, kind: 'data', host: 3 * MiB }, { length: MiB, kind: 'data', host: 5 * MiB }], [{ start: 3 * MiB - 512, length: 512 }], 8 * MiB);
@@ -284,6 +284,13 @@ describe('vhd target: dynamic plan/build on synthetic mappings', () => {
     expect(p.reserved).toEqual([{ start: host - 512, length: 512 }, { start: host + 4096, length: 2 * MiB - 4096 }]);
     const tight = one(vsize, runs, [{ start: host - 512, length: 512 }, { start: host + 4096, length: MiB }], 8 * MiB);
     expect(vhdTarget.plan(tight).mustMove).toEqual([{ guest: 2 * MiB, length: 4096, hostLength: 2 * MiB, reason: expect.stringContaining('partial last block') }]);
+  });
+
+  it('refuses a layout whose blocks would lie beyond 2 TiB (32-bit BAT sector numbers), naming subformat=fixed', () => {
+    const fileSize = 2 ** 41;
+    const input = one(2 * MiB, [{ length: 2 * MiB, kind: 'data', host: fileSize - 2 * MiB }], [], fileSize);
+    expect(() => engineBuild(input)).toThrow(UnsupportedError);
+    expect(() => engineBuild(input)).toThrow(/beyond the 2 TiB.*subformat=fixed/);
   });
 
   it('an empty disk: a BAT of unallocated entries and nothing else', async () => {
