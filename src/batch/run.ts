@@ -236,14 +236,24 @@ export async function convertMany(names: readonly string[], opts: ConvertManyOpt
     for (const item of items) {
       const prev = item.previous;
       if (prev?.state === 'done' && prev.to === to) {
-        const fmt = await storage.exists(journalPath(item.image.path)).then((j) => (j ? undefined : currentFormat(item.image.path, opts, storage).catch(() => undefined)));
+        const journal = await storage.exists(journalPath(item.image.path));
+        let isNow: string | undefined;
+        let fmt: string | undefined;
+        if (journal) isNow = 'mid-conversion (a journal is beside it)';
+        else {
+          fmt = await currentFormat(item.image.path, opts, storage).catch((e: unknown) => {
+            isNow = `unreadable (${errorText(e)})`;
+            return undefined;
+          });
+          isNow ??= fmt!;
+        }
         if (fmt === to) {
           const r: ImageResult = { ...baseResult(item.image, to), outcome: 'skipped', from: prev.from ?? to, note: 'done in an earlier run' };
           results.set(item.image.index, r);
           emit({ type: 'image-end', image: item.image, result: r });
           continue;
         }
-        item.note = `the manifest said done, but the file is ${fmt ?? 'mid-conversion (a journal is beside it)'} now; converting it again`;
+        item.note = `the manifest said done, but the file is ${isNow!} now; converting it again`;
       }
       queue.push(item);
     }
