@@ -223,12 +223,11 @@ async function readHead(input: SequentialInput): Promise<StreamHead> {
             throw new FormatError(FORMAT, 'data cluster offset', p.host, `guest offset ${p.guest} maps host bytes the stream has already passed (shared clusters cannot be read from a pipe)`);
           }
           await input.skip(p.host - input.position, `the data of guest offset ${p.guest}`);
+          // Whole clusters only: a file may end inside its last cluster (QEMU reads the rest as
+          // zeros), but a stream that does was cut short, and its data would silently become zeros.
           for (let done = 0; done < p.length; ) {
             const n = Math.min(p.length - done, 4 << 20);
-            const bytes = await input.readUpTo(n);
-            // QEMU reads a last cluster cut short by the end of the file as zeros.
-            const full = bytes.length === n ? bytes : padded(bytes, n);
-            await emit(p.guest + done, full);
+            await emit(p.guest + done, await input.read(n, `the data of guest offset ${p.guest + done}`));
             done += n;
           }
           continue;
@@ -245,7 +244,7 @@ async function readHead(input: SequentialInput): Promise<StreamHead> {
         } else {
           await input.skip(p.host - input.position, `the compressed data of guest offset ${p.guest}`);
         }
-        if (have < p.hostLength) payload.set(await input.readUpTo(p.hostLength - have), have);
+        if (have < p.hostLength) payload.set(await input.read(p.hostLength - have, `the compressed data of guest offset ${p.guest}`), have);
         last = { host: p.host, bytes: payload };
         let out: Buffer;
         try {
@@ -260,12 +259,6 @@ async function readHead(input: SequentialInput): Promise<StreamHead> {
       return layout.virtualSize;
     },
   };
-}
-
-function padded(bytes: Uint8Array, n: number): Uint8Array {
-  const out = new Uint8Array(n);
-  out.set(bytes, 0);
-  return out;
 }
 
 export const qcow2Stream: StreamTarget = {

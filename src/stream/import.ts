@@ -47,8 +47,29 @@ export interface UnstreamReport {
   conversion?: { metadataBytes: number; dataMovedBytes: number };
 }
 
-/** Pieces of the destination written at once when copying the stream itself. */
-const COPY_PIECE = 1 << 20;
+/** Granularity of holes in the destination: the usual file system block. */
+const HOLE_BLOCK = 4096;
+
+/**
+ * Writes `bytes` at `offset`, leaving out every aligned all-zero block so the destination stays
+ * sparse; neighbouring blocks with data go out as one write.
+ */
+export async function writeSparse(dev: BlockDevice, offset: number, bytes: Uint8Array): Promise<void> {
+  let runStart = -1;
+  let at = 0;
+  while (at < bytes.length) {
+    // Blocks follow the destination's alignment, so a hole is a whole file system block.
+    const end = Math.min(bytes.length, at + HOLE_BLOCK - ((offset + at) % HOLE_BLOCK));
+    const zero = isAllZero(bytes.subarray(at, end));
+    if (!zero && runStart < 0) runStart = at;
+    if (zero && runStart >= 0) {
+      await dev.write(bytes.subarray(runStart, at), offset + runStart);
+      runStart = -1;
+    }
+    at = end;
+  }
+  if (runStart >= 0) await dev.write(bytes.subarray(runStart), offset + runStart);
+}
 
 function checkAborted(signal: AbortSignal | undefined): void {
   if (signal?.aborted) throw new StreamInterruptedError('interrupted: unstream was stopped (the destination was removed)');
@@ -85,15 +106,9 @@ export async function unstreamImage(source: AsyncIterable<Uint8Array | string>, 
   let ok = false;
   try {
     if (copy) {
-      const writePiece = async (offset: number, bytes: Uint8Array) => {
-        for (let at = 0; at < bytes.length; at += COPY_PIECE) {
-          const piece = bytes.subarray(at, at + COPY_PIECE);
-          if (!isAllZero(piece)) await dev.write(piece, offset + at);
-        }
-      };
-      for (const p of prefix) await writePiece(p.offset, p.bytes);
+      for (const p of prefix) await writeSparse(dev, p.offset, p.bytes);
       prefix.length = 0;
-      input.tap = (offset, bytes) => writePiece(offset, bytes);
+      input.tap = (offset, bytes) => writeSparse(dev, offset, bytes);
     } else if (head.virtualSize !== undefined) {
       await dev.truncate(head.virtualSize);
     }
@@ -104,7 +119,7 @@ export async function unstreamImage(source: AsyncIterable<Uint8Array | string>, 
     opts.onProgress?.({ phase: 'write', bytesDone: 0, bytesTotal: total });
     const virtualSize = await head.readData(input, async (guest, bytes) => {
       checkAborted(opts.signal);
-      if (!copy && !isAllZero(bytes)) await dev.write(bytes, guest);
+      if (!copy) await writeSparse(dev, guest, bytes);
       done += bytes.length;
       reached = Math.max(reached, guest + bytes.length);
       const shown = head.dataBytes !== undefined ? done : reached;
