@@ -115,7 +115,8 @@ interface Prepared {
   holesAsData: boolean;
 }
 
-async function prepare(path: string, dev: BlockDevice, opts: ConvertOptions): Promise<Prepared> {
+/** `intermediate`: the first step of two, whose result reclaim does not compact. */
+async function prepare(path: string, dev: BlockDevice, opts: ConvertOptions, intermediate = false): Promise<Prepared> {
   const targetDriver = findDriver(opts.drivers, opts.to);
   if (!targetDriver.target) throw new UsageError(`${opts.to} cannot be a conversion target yet`);
   const chain = await openImage(path, { drivers: opts.drivers, format: opts.format, topDevice: dev, backing: false });
@@ -165,7 +166,7 @@ async function prepare(path: string, dev: BlockDevice, opts: ConvertOptions): Pr
     const finalLength = identity ? build.finalLength : Math.max(build.finalLength, fileLength);
     const commitBytes = identity ? identity.redo.reduce((s, r) => s + r.length, 0) + build.fixed.reduce((s, f) => s + f.bytes.length, 0) : 0;
     let compaction = { tablesBytes: 0, dataBytes: 0 };
-    if (targetDriver.target.unreferencedIsLeak) {
+    if (targetDriver.target.unreferencedIsLeak && !intermediate) {
       const cs = targetPlan.dataAlignment;
       const data: { start: number; length: number }[] = [];
       for (const e of movedMapping) if (e.kind === 'data') data.push({ start: e.host!, length: alignUp(e.length, cs) });
@@ -246,9 +247,9 @@ async function chooseRoute(path: string, dev: BlockDevice, opts: ConvertOptions)
       if (!d.target || d.name === opts.to || d.name === e.format) continue;
       let first: Prepared | undefined;
       try {
-        first = await prepare(path, dev, { ...opts, to: d.name, options: {} });
+        first = await prepare(path, dev, { ...opts, to: d.name, options: {} }, true);
         const view = new OverlayDevice(dev, [...first.writes, ...first.fixed], first.finalLength);
-        const second = await prepare(path, view, opts);
+        const second = await prepare(path, view, { ...opts, format: d.name });
         await second.chain.close();
         const cost = first.plan.dataMoveBytes + first.plan.compactionMoveBytes + second.plan.dataMoveBytes;
         if (cost < bestCost) {
@@ -258,6 +259,8 @@ async function chooseRoute(path: string, dev: BlockDevice, opts: ConvertOptions)
           first = undefined;
         }
       } catch (err) {
+        // Only a refusal rules a route out; an I/O error stops the conversion (before any write).
+        if (!(err instanceof ImgconvError) || err instanceof IoError) throw err;
         tried.push(`through ${d.name}: ${(err as Error).message}`);
       } finally {
         if (first) await first.chain.close();
@@ -420,12 +423,17 @@ export async function continueStages(
   via: string,
 ): Promise<ConversionReport> {
   let second: Prepared;
+  opts = { ...opts, format: via };
   try {
     second = await prepare(path, dev, opts);
   } catch (e) {
     await journal.dev?.close().catch(() => {});
-    await storage.remove(journalPath(path)).then(() => storage.syncDir(journalPath(path))).catch(() => {});
     await dev.close().catch(() => {});
+    if (!(e instanceof ImgconvError) || e instanceof IoError) {
+      // The journal stays: recover runs the second step again once the I/O works.
+      throw new ConversionFailedError('needs-recover', `${path} is a valid ${via} image with the same guest content (the first of two steps is done); the step to ${opts.to} failed: ${(e as Error).message}; finish it with: imgconv recover ${path}`, e);
+    }
+    await storage.remove(journalPath(path)).then(() => storage.syncDir(journalPath(path))).catch(() => {});
     throw new ConversionFailedError('intermediate', `${path} is now a valid ${via} image with the same guest content (the first of two steps); the step to ${opts.to} failed: ${(e as Error).message}`, e);
   }
   const report = await runStage(path, dev, storage, second, opts, journal, undefined, via);
@@ -559,8 +567,12 @@ async function runStage(
           await dev.flush();
           await journal.close();
           journal = jh.dev = undefined;
-          await storage.remove(jpath);
-          await storage.syncDir(jpath);
+          // The second step of two keeps the journal: the image is a valid intermediate, and recover
+          // runs the second step again to reach the target the user asked for.
+          if (intermediateOf === undefined) {
+            await storage.remove(jpath);
+            await storage.syncDir(jpath);
+          }
         }
         await dev.close();
       } catch (rollbackError) {
@@ -572,7 +584,11 @@ async function runStage(
         );
       }
       if (intermediateOf !== undefined) {
-        throw new ConversionFailedError('intermediate', `${isAbort(e) ? 'cancelled' : `failed (${(e as Error).message})`} before the commit point of the second step; ${path} is a valid ${intermediateOf} image with the same guest content (the first of two steps); convert it again to finish`, e);
+        throw new ConversionFailedError(
+          'needs-recover',
+          `${isAbort(e) ? 'cancelled' : `failed (${(e as Error).message})`} before the commit point of the second step; ${path} is a valid ${intermediateOf} image with the same guest content (the first of two steps is done); finish the conversion to ${opts.to} with: imgconv recover ${path}`,
+          e,
+        );
       }
       if (isAbort(e)) throw new ConversionFailedError('untouched', `cancelled before the commit point; ${path} is unchanged (${plan.source.format})`, e);
       throw new ConversionFailedError(journal === undefined && !(await storage.exists(jpath)) ? 'rolled-back' : 'needs-recover', `conversion failed before the commit point: ${(e as Error).message}; ${path} is unchanged (${plan.source.format})`, e);
@@ -599,6 +615,8 @@ async function runStage(
       originalLength: commitUndoLength ?? plan.source.fileLength,
       finalLength: prepared.finalLength,
       identity: identity !== undefined,
+      intermediate: then !== undefined,
+      redo: fixed,
       onProgress: opts.onProgress,
     });
     const finalLength = await dev.size();
@@ -646,6 +664,13 @@ export interface FinishArgs {
   finalLength: number;
   /** Identity target (raw, VHD fixed): verified as guest bytes at their own offsets. */
   identity: boolean;
+  /**
+   * The first step of a two-step conversion: its result is transient, so reclaim does not compact it
+   * (the second step was planned on its layout as it stands; compacting would change it).
+   */
+  intermediate?: boolean;
+  /** The bytes the commit wrote in place: an identity target punches their all-zero blocks (it is sparse where the guest reads zeros). */
+  redo?: Region[];
   onProgress?: (e: ProgressEvent) => void;
 }
 
@@ -677,6 +702,8 @@ export async function finishCommitted(a: FinishArgs): Promise<{ verified: string
     a.to,
     (done, total) => a.onProgress?.({ phase: 'reclaim', bytesDone: done, bytesTotal: total }),
     a.identity ? a.finalLength : undefined,
+    !a.intermediate,
+    a.identity ? a.redo : undefined,
   );
   a.onProgress?.({ phase: 'reclaim', bytesDone: 1, bytesTotal: 1 });
   return { verified, reclaimedBytes, compactMovedBytes };
@@ -749,6 +776,23 @@ export async function verifyTarget(
  * The final fsck: where the target counts unreferenced space as leaked (QED), compact the file;
  * then punch out space the new image does not reference (the old format's tables) and report.
  */
+/** The all-zero, `block`-aligned runs of a region, merged. */
+function* zeroBlocks(r: Region, block: number): Generator<{ start: number; length: number }> {
+  let runStart = -1;
+  let pos = Math.ceil(r.offset / block) * block;
+  const end = r.offset + r.bytes.length;
+  for (; pos + block <= end; pos += block) {
+    const chunk = r.bytes.subarray(pos - r.offset, pos - r.offset + block);
+    const zero = chunk.every((b) => b === 0);
+    if (zero && runStart < 0) runStart = pos;
+    if (!zero && runStart >= 0) {
+      yield { start: runStart, length: pos - runStart };
+      runStart = -1;
+    }
+  }
+  if (runStart >= 0) yield { start: runStart, length: pos - runStart };
+}
+
 export async function reclaim(
   path: string,
   dev: BlockDevice,
@@ -757,15 +801,25 @@ export async function reclaim(
   onProgress?: (bytesDone: number, bytesTotal: number) => void,
   /** Identity targets: the file is cut to this length (the relocation's scratch space past it). */
   truncateTo?: number,
+  compactLeaks = true,
+  /** Bytes written in place at the commit: their all-zero 4 KiB blocks are punched (identity targets). */
+  sparsify?: Region[],
 ): Promise<{ reclaimedBytes: number; compactMovedBytes: number }> {
   let compactMovedBytes = 0;
   let cut = 0;
+  for (const r of sparsify ?? []) {
+    for (const z of zeroBlocks(r, 4096)) {
+      if (truncateTo !== undefined && z.start >= truncateTo) continue;
+      await dev.punchHole(z.start, z.length);
+      cut += z.length;
+    }
+  }
   if (truncateTo !== undefined && (await dev.size()) > truncateTo) {
     cut = (await dev.size()) - truncateTo;
     await dev.truncate(truncateTo);
     await dev.flush();
   }
-  if (findDriver(drivers, to).target?.unreferencedIsLeak) {
+  if (compactLeaks && findDriver(drivers, to).target?.unreferencedIsLeak) {
     const c = await compact(path, dev, drivers, to, onProgress);
     compactMovedBytes = c.dataMovedBytes + c.tablesMovedBytes;
   }

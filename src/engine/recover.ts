@@ -153,7 +153,7 @@ async function recoverStep(path: string, dev: BlockDevice, storage: Storage, st:
       // Verified already; only reclaim may be unfinished. The fixed regions were written and flushed
       // before DONE, and compaction may since have changed them (a moved table's pointer in the
       // header): they must not be rewritten from the journal now.
-      await reclaim(path, dev, opts.drivers, prepare.targetFormat, undefined, identity ? st.commit.finalLength : undefined);
+      await reclaim(path, dev, opts.drivers, prepare.targetFormat, undefined, identity ? st.commit.finalLength : undefined, !prepare.then, identity ? st.commit.redo : undefined);
       await removeJournal();
       return { image: path, action: 'rolled-forward', format: prepare.targetFormat, detail: `the conversion to ${prepare.targetFormat} was complete; finished reclaiming space` };
     }
@@ -187,6 +187,8 @@ async function recoverStep(path: string, dev: BlockDevice, storage: Storage, st:
         originalLength: length,
         finalLength: st.commit.finalLength,
         identity,
+        intermediate: prepare.then !== undefined,
+        redo: st.commit.redo,
         onProgress: opts.onProgress,
       });
     } catch (e) {
