@@ -10,11 +10,11 @@ import { fileStorage, type Storage } from '../blockdev/storage.js';
 import { ConversionFailedError, convertInPlace, InterruptedConversionError, type ConversionReport, type ConvertOptions, type ProgressEvent } from '../engine/convert.js';
 import { journalPath } from '../engine/journal.js';
 import { recover, type RecoverReport } from '../engine/recover.js';
-import { ImgconvError } from '../errors.js';
+import { ImgconvError, UsageError } from '../errors.js';
 import { findDriver, probe } from '../image.js';
 import { nodeBatchFileSystem, type BatchFileSystem } from './files.js';
 import { resolveImages, type BatchImage } from './images.js';
-import { Manifest, MANIFEST_VERSION, type ManifestIo, type ManifestRecord, type ManifestState } from './manifest.js';
+import { Manifest, MANIFEST_VERSION, readManifest, type ManifestIo, type ManifestRecord, type ManifestState } from './manifest.js';
 import { runScheduled, scheduleLimits, type ScheduleLimits } from './schedule.js';
 
 export type { BatchImage } from './images.js';
@@ -193,6 +193,10 @@ export async function convertMany(names: readonly string[], opts: ConvertManyOpt
       // A listener's bug must not take an image's conversion down with it.
     }
   };
+  if (names.length === 0 && (opts.manifest === undefined || (await readManifest(opts.manifest, opts.manifestIo)).length === 0)) {
+    // Checked before the manifest is created: a mistyped manifest name must not leave an empty file behind.
+    throw new UsageError(opts.manifest === undefined ? 'no images to convert' : `no images to convert: none named, and the manifest ${opts.manifest} records none`);
+  }
   const manifest = opts.manifest !== undefined ? await Manifest.open(opts.manifest, opts.manifestIo) : undefined;
   try {
     const previous = manifest?.latest() ?? new Map<string, ManifestRecord>();

@@ -168,6 +168,15 @@ describe.runIf(qemuAvailable())('stopping a batch through its AbortSignal', () =
   });
 });
 
+describe('convertMany without images', () => {
+  it('no names and a manifest that records none: a usage error, and no manifest file left behind', async () => {
+    const m = join(tmp.dir, 'typo.jsonl');
+    await expect(convertMany([], { to: 'qed', drivers: allDrivers, manifest: m })).rejects.toThrow(/no images to convert: none named, and the manifest .*typo\.jsonl records none/);
+    expect(existsSync(m)).toBe(false);
+    await expect(convertMany([], { to: 'qed', drivers: allDrivers })).rejects.toThrow(/no images to convert/);
+  });
+});
+
 describe.runIf(qemuAvailable())('the default scheduling rule', () => {
   it('one image at a time per filesystem, filesystems in parallel', async () => {
     const dir = join(tmp.dir, 'lanes');
