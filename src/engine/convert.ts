@@ -13,7 +13,7 @@ import { alignUp } from '../binary.js';
 import { findDriver, openImage, probe, type ImageChain } from '../image.js';
 import { checkImage } from '../check.js';
 import { GapAllocator } from './allocator.js';
-import { encodeRecord, journalPath, regionsDigest, type Region } from './journal.js';
+import { encodeRecord, journalPath, MAX_BINARY, regionsDigest, type Region } from './journal.js';
 import { guestEquivalent, readTopLayer } from './mapping.js';
 import { holesAsData, scanHoles } from './holes.js';
 import { compact, estimateCompaction } from './compact.js';
@@ -165,6 +165,9 @@ async function prepare(path: string, dev: BlockDevice, opts: ConvertOptions, int
     // the relocation's scratch space off once the result is verified.
     const finalLength = identity ? build.finalLength : Math.max(build.finalLength, fileLength);
     const commitBytes = identity ? identity.redo.reduce((s, r) => s + r.length, 0) + build.fixed.reduce((s, f) => s + f.bytes.length, 0) : 0;
+    if (2 * commitBytes > MAX_BINARY) {
+      throw new UnsupportedError(info.format, 'metadata inside the disk', `${commitBytes} bytes of the source's tables lie where ${opts.to} puts guest data; the commit record would carry them twice, beyond the journal's ${MAX_BINARY}-byte limit`);
+    }
     let compaction = { tablesBytes: 0, dataBytes: 0 };
     if (targetDriver.target.unreferencedIsLeak && !intermediate) {
       const cs = targetPlan.dataAlignment;
@@ -489,7 +492,9 @@ async function runStage(
         plan: {
           virtualSize: plan.source.virtualSize,
           backing: plan.source.backing ?? null,
-          moves,
+          // [guest, length, to] per move: recovery rebuilds the expected mapping from them (compact, since
+          // a moving conversion of a large disk has a million of them).
+          moves: moves.map((m) => [m.guest, m.length, m.to]),
           metadataBytes: plan.metadataBytes,
           dataMoveBytes: plan.dataMoveBytes,
           finalLength: plan.finalLength,

@@ -6,14 +6,21 @@
  * durable COMMIT record (redo bytes of the fixed regions) is the commit point; DONE marks the end.
  */
 import { createHash } from 'node:crypto';
+import { ImgconvError } from '../errors.js';
 
 export const JOURNAL_SUFFIX = '.imgconv-journal';
 const MAGIC = Buffer.from('IMGCJREC', 'latin1');
 const HEADER_BYTES = 8 + 4 + 4 + 8; // magic, type, json length, binary length
 const DIGEST_BYTES = 32;
-/** Bounds what a hostile or corrupt journal can make us allocate. */
-const MAX_JSON = 1 << 20;
-const MAX_BINARY = 256 << 20;
+/**
+ * Bounds what a hostile or corrupt journal can make us allocate. A record the encoder would make
+ * beyond them is refused when it is written (the PREPARE record before the image is touched), never
+ * written to be ignored on recovery.
+ */
+export const MAX_JSON = 64 << 20;
+export const MAX_BINARY = 256 << 20;
+
+export class JournalTooLargeError extends ImgconvError {}
 
 export function journalPath(imagePath: string): string {
   return imagePath + JOURNAL_SUFFIX;
@@ -93,6 +100,9 @@ export function encodeRecord(rec: JournalRecord): Uint8Array {
   if (rec.type === 'commit' && rec.undo) meta.undoRegions = second.map((r) => ({ offset: r.offset, length: r.bytes.length }));
   const json = Buffer.from(JSON.stringify(meta), 'utf8');
   const binLength = [...regions, ...second].reduce((s, r) => s + r.bytes.length, 0);
+  if (json.length > MAX_JSON || binLength > MAX_BINARY) {
+    throw new JournalTooLargeError(`a ${rec.type} journal record of ${json.length} + ${binLength} bytes is beyond what recovery reads back (${MAX_JSON} + ${MAX_BINARY}); the conversion is refused before it starts`);
+  }
   const out = new Uint8Array(HEADER_BYTES + json.length + binLength + DIGEST_BYTES);
   const dv = new DataView(out.buffer);
   out.set(MAGIC, 0);

@@ -162,7 +162,7 @@ async function recoverStep(path: string, dev: BlockDevice, storage: Storage, st:
     const { undo, length } = undoOf(prepare, st.commit);
     await requireJournalMatches(dev, undo, st.commit.redo, path);
     await applyRedo(dev, st.commit.redo, st.commit.finalLength);
-    const sourceMap = await sourceMappingFromUndo(path, dev, opts.drivers, prepare.sourceFormat, undo, length, (prepare.plan.moves ?? []) as DataMove[], prepare.plan.holesAsData !== false && !identity);
+    const sourceMap = await sourceMappingFromUndo(path, dev, opts.drivers, prepare.sourceFormat, undo, length, journalMoves(prepare.plan.moves), prepare.plan.holesAsData !== false && !identity);
     const expected = identity ? identityMapping(sourceMap) : sourceMap;
     const journal = await storage.open(jpath, { write: true });
     let end = st.validLength ?? (await journal.size());
@@ -203,6 +203,12 @@ async function recoverStep(path: string, dev: BlockDevice, storage: Storage, st:
     await removeJournal();
     return { image: path, action: 'rolled-forward', format: prepare.targetFormat, detail: `the conversion to ${prepare.targetFormat} was completed from the journal` };
   }
+}
+
+/** The moves as the journal stores them: [guest, length, to] (older journals: objects). */
+function journalMoves(raw: unknown): DataMove[] {
+  if (!Array.isArray(raw)) return [];
+  return raw.map((m) => (Array.isArray(m) ? { guest: m[0] as number, length: m[1] as number, to: m[2] as number, reason: '' } : (m as DataMove)));
 }
 
 /** The source's mapping as it was: the source format opened on the image with the undo bytes laid over it. */

@@ -1,6 +1,6 @@
 import { describe, expect, it } from 'vitest';
 import { fc, test } from '@fast-check/vitest';
-import { decodeJournal, encodeRecord, journalState, type JournalRecord, type Region } from '../../src/engine/journal.js';
+import { decodeJournal, encodeRecord, journalState, JournalTooLargeError, MAX_JSON, undoOf, type JournalRecord, type Region } from '../../src/engine/journal.js';
 
 const regionArb: fc.Arbitrary<Region> = fc.record({
   offset: fc.nat(2 ** 40),
@@ -77,5 +77,46 @@ describe('journal records', () => {
     expect(journalState(decodeJournal(concat([encodeRecord(prepare), encodeRecord(commit), encodeRecord({ type: 'abort', reason: 'x' })]))).state).toBe('aborted');
     // a commit without a prepare is not a journal we wrote
     expect(journalState(decodeJournal(encodeRecord(commit))).state).toBe('none');
+  });
+});
+
+describe('journal limits and steps', () => {
+  const prep = (then?: { to: string; options: Record<string, string> }): JournalRecord => ({
+    type: 'prepare',
+    sourceFormat: 'qcow2',
+    targetFormat: 'vmdk',
+    originalLength: 1024,
+    sourceDigest: 'd',
+    undo: [{ offset: 0, bytes: new Uint8Array([1, 2]) }],
+    plan: {},
+    ...(then ? { then } : {}),
+  });
+  const commit = (undo?: Region[]): JournalRecord => ({ type: 'commit', redo: [{ offset: 0, bytes: new Uint8Array([3, 4]) }], finalLength: 2048, ...(undo ? { undo, undoLength: 4096 } : {}) });
+
+  it('refuses to write a record recovery could not read back', () => {
+    const huge: JournalRecord = { ...prep(), plan: { note: 'x'.repeat(MAX_JSON + 1) } } as JournalRecord;
+    expect(() => encodeRecord(huge)).toThrow(JournalTooLargeError);
+  });
+
+  it('a commit record carries undo bytes beside the redo bytes (relocating conversions)', () => {
+    const undo = [{ offset: 512, bytes: new Uint8Array([9, 9, 9]) }];
+    const [rec] = decodeJournal(encodeRecord(commit(undo))).records;
+    expect(rec).toEqual(commit(undo));
+    const st = journalState(decodeJournal(concat([encodeRecord(prep()), encodeRecord(commit(undo))])));
+    expect(st.state).toBe('committed');
+    if (st.state !== 'committed') return;
+    expect(undoOf(st.prepare, st.commit)).toEqual({ undo, length: 4096 });
+    expect(undoOf(st.prepare)).toEqual({ undo: st.prepare.undo, length: 1024 });
+  });
+
+  it('a two-step journal is in the state of its last step, and remembers the first', () => {
+    const first = prep({ to: 'raw', options: {} });
+    const second: JournalRecord = { ...prep(), sourceFormat: 'vmdk', targetFormat: 'raw' } as JournalRecord;
+    const one = journalState(decodeJournal(concat([encodeRecord(first), encodeRecord(commit()), encodeRecord({ type: 'done' })])));
+    expect(one).toMatchObject({ state: 'done', step: 1 });
+    const two = journalState(decodeJournal(concat([encodeRecord(first), encodeRecord(commit()), encodeRecord({ type: 'done' }), encodeRecord(second)])));
+    expect(two).toMatchObject({ state: 'prepared', step: 2, prepare: { sourceFormat: 'vmdk' }, first: { then: { to: 'raw' } } });
+    const twoDone = journalState(decodeJournal(concat([encodeRecord(first), encodeRecord(commit()), encodeRecord({ type: 'done' }), encodeRecord(second), encodeRecord(commit()), encodeRecord({ type: 'done' })])));
+    expect(twoDone).toMatchObject({ state: 'done', step: 2 });
   });
 });
