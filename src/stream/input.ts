@@ -64,16 +64,16 @@ export class ReadableInput implements SequentialInput {
   async readUpTo(length: number): Promise<Uint8Array> {
     const first = await this.take(length);
     if (first.length === length || first.length === 0) return first.slice();
-    const out = new Uint8Array(length);
-    out.set(first, 0);
+    // Gathered piece by piece: a damaged length field costs what the stream holds, not what it claims.
+    const pieces = [first.slice()];
     let done = first.length;
     while (done < length) {
       const piece = await this.take(length - done);
-      if (piece.length === 0) return out.subarray(0, done);
-      out.set(piece, done);
+      if (piece.length === 0) break;
+      pieces.push(piece.slice());
       done += piece.length;
     }
-    return out;
+    return Buffer.concat(pieces, done);
   }
 
   private ended_(what: string, got: number, wanted: number): FormatError {
