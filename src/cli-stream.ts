@@ -38,6 +38,10 @@ function growPipe(fd: number): void {
   }
 }
 
+/** -o may be given several times; each value is key=value[,key=value] (not variadic: IMAGE follows). */
+const collect = (v: string, prev: string[]) => [...prev, v];
+const targetOption = () => new Option('-o, --options <opts>', 'target options key=value[,key=value] (qemu-img names); repeatable').argParser(collect).default([]);
+
 const progressOption = () =>
   new Option('--progress <mode>', 'progress on stderr: auto (= plain), plain (a line per phase and per 10%), json (one object per line), none')
     .choices(STREAM_PROGRESS_MODES)
@@ -99,7 +103,7 @@ export function registerStreamCommands(program: Command, drivers: readonly Forma
     .description('write IMAGE (its backing chain collapsed) as FMT to stdout, strictly sequentially (pipe or redirect it)')
     .argument('<image>')
     .requiredOption('--to <fmt>', 'format of the stream: qcow2, vhd, vmdk (streamOptimized) or raw')
-    .option('-o, --options <opts...>', 'target options key=value[,key=value] (qemu-img names)')
+    .addOption(targetOption())
     .addOption(new Option('-f, --format <fmt>', 'source format (skips probing)'))
     .option('--tar <name>', 'wrap the image as member NAME of a one-member tar stream (for assembling an OVA)')
     .addOption(progressOption())
@@ -132,7 +136,7 @@ export function registerStreamCommands(program: Command, drivers: readonly Forma
     .description('the exact size `imgconv stream` writes for IMAGE, and the size with every cluster allocated')
     .argument('<image>')
     .requiredOption('--to <fmt>', 'format of the stream')
-    .option('-o, --options <opts...>', 'target options key=value[,key=value] (qemu-img names)')
+    .addOption(targetOption())
     .addOption(new Option('-f, --format <fmt>', 'source format (skips probing)'))
     .option('--tar <name>', 'measure the one-member tar stream `stream --tar NAME` writes')
     .addOption(new Option('--output <fmt>', 'output format').choices(['human', 'json']).default('human'))

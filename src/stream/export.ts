@@ -194,7 +194,9 @@ export async function measureExport(path: string, opts: ExportOptions): Promise<
  * then `measure` when the size must be known first and depends on the data, then `write`.
  */
 export async function streamExport(path: string, sink: StreamSink, opts: ExportOptions): Promise<ExportReport> {
-  if (opts.tar) tarHeader(opts.tar, 0); // refuses a bad member name before anything is opened
+  // Refusals that need no image come before the first progress event.
+  if (opts.tar) tarHeader(opts.tar, 0);
+  streamTargetOf(opts.drivers, opts.to);
   opts.onProgress?.({ phase: 'map', bytesDone: 0, bytesTotal: 1 });
   const p = await prepareExport(path, opts);
   try {
