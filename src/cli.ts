@@ -23,6 +23,14 @@ import { formatBatchPlan, formatBatchReport } from './progress/batch-table.js';
 import { registerStreamCommands } from './cli-stream.js';
 import { resultFields } from './progress/batch-json.js';
 
+/**
+ * `-o` takes one value and may be repeated (as qemu-img's does): a variadic option would swallow the
+ * image names that follow it (`-o subformat=fixed disk.vhd`).
+ */
+function collectOption(value: string, previous: string[] | undefined): string[] {
+  return [...(previous ?? []), value];
+}
+
 /** Parses qemu-img style `-o key=value,key=value` (repeatable). */
 export function parseTargetOptions(values: string[] | undefined): TargetOptions {
   const out: TargetOptions = {};
@@ -294,7 +302,7 @@ export function buildProgram(): Command {
     .description('show what an in-place conversion would do, without writing anything (several images: one table)')
     .argument('<image...>')
     .requiredOption('--to <fmt>', 'target format')
-    .option('-o, --options <opts...>', 'target options key=value[,key=value] (qemu-img names)')
+    .option('-o, --options <opts>', 'target options key=value[,key=value] (qemu-img names; repeatable)', collectOption)
     .addOption(formatOption())
     .addOption(outputOption())
     .action(async (images: string[], o: { to: string; options?: string[]; format?: string; output: string }) => {
@@ -312,7 +320,7 @@ export function buildProgram(): Command {
     .description('convert images to another format in place (metadata only; data stays where it is)')
     .argument('[image...]', 'one or more images (with --manifest, none: continue the manifest\'s batch)')
     .requiredOption('--to <fmt>', 'target format')
-    .option('-o, --options <opts...>', 'target options key=value[,key=value] (qemu-img names)')
+    .option('-o, --options <opts>', 'target options key=value[,key=value] (qemu-img names; repeatable)', collectOption)
     .option('--dry-run', 'only print the plan')
     .addOption(formatOption())
     .addOption(outputOption())

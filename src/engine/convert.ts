@@ -123,7 +123,10 @@ async function prepare(path: string, dev: BlockDevice, opts: ConvertOptions, int
   try {
     const source = chain.layers[0]!;
     const info = source.info;
-    if (info.format === opts.to) throw new UsageError(`${path} is already ${opts.to}; nothing to do`);
+    // Within one format only a change the options ask for (VHD dynamic → fixed, VMDK streamOptimized →
+    // monolithicSparse, a qcow2 option) is a conversion.
+    const sameFormat = info.format === opts.to;
+    if (sameFormat && Object.keys(opts.options ?? {}).length === 0) throw new UsageError(`${path} is already ${opts.to} (options such as -o subformat=… convert within a format); nothing to do`);
     if (info.corrupt) throw new UnsupportedError(info.format, 'corrupt image', 'the image is marked corrupt; repair it first (qemu-img check -r all)');
     if (info.dirty) throw new UnsupportedError(info.format, 'dirty image', 'the image was not closed cleanly; run qemu-img check -r all on it first');
     for (const f of info.notCarried ?? []) {
@@ -139,6 +142,9 @@ async function prepare(path: string, dev: BlockDevice, opts: ConvertOptions, int
     const planInfo = backingDriver ? { ...info, backing: { ...info.backing!, format: backingDriver.qemuName ?? backingDriver.name } } : info;
     const input: PlanInput = { info: planInfo, mapping, hostSpace, fileSize: fileLength, options: opts.options ?? {} };
     const targetPlan = targetDriver.target.plan(input);
+    if (sameFormat && targetPlan.parameters.subformat !== undefined && targetPlan.parameters.subformat === info.subformat) {
+      throw new UsageError(`${path} is already ${opts.to} ${info.subformat}; nothing to do`);
+    }
     const identity = targetPlan.placement === 'identity' ? await planIdentity(source, mapping, hostSpace, fileLength, targetPlan, opts.to) : undefined;
 
     const reserved = [...targetPlan.fixedRegions, ...(targetPlan.reserved ?? [])]
@@ -561,6 +567,12 @@ async function runStage(
     progress('commit', 1, 1);
   } catch (e) {
     await prepared.chain.close();
+    // Did anything reach the bytes of the original file? (Writes past its end are truncated away.)
+    const writesInside =
+      identity !== undefined ||
+      moves.some((m) => m.to < plan.source.fileLength) ||
+      writes.some((w) => w.offset < plan.source.fileLength);
+    const touched = jh.end > 0 && (writesInside || intermediateOf !== undefined);
     if (!committed) {
       // Before the commit: undo what was written (only free space and the tail) and drop the journal.
       try {
@@ -582,6 +594,7 @@ async function runStage(
         await dev.close();
       } catch (rollbackError) {
         await dev.close().catch(() => {});
+        await journal?.close().catch(() => {});
         throw new ConversionFailedError(
           'needs-recover',
           `conversion failed (${(e as Error).message}) and so did the clean-up (${(rollbackError as Error).message}); the image is still a valid ${plan.source.format} image or is made one by: imgconv recover ${path}`,
@@ -595,8 +608,12 @@ async function runStage(
           e,
         );
       }
-      if (isAbort(e)) throw new ConversionFailedError('untouched', `cancelled before the commit point; ${path} is unchanged (${plan.source.format})`, e);
-      throw new ConversionFailedError(journal === undefined && !(await storage.exists(jpath)) ? 'rolled-back' : 'needs-recover', `conversion failed before the commit point: ${(e as Error).message}; ${path} is unchanged (${plan.source.format})`, e);
+      // Untouched only if nothing was written yet; after the PREPARE record, the rollback restored the
+      // source (relocation leaves its data where the last round put it, the guest content the same).
+      const state = touched ? 'rolled-back' : 'untouched';
+      const what = identity && touched ? `is a valid ${plan.source.format} image with the same guest content (part of its data was relocated)` : `is unchanged (${plan.source.format})`;
+      if (isAbort(e)) throw new ConversionFailedError(state, `cancelled before the commit point; ${path} ${what}`, e);
+      throw new ConversionFailedError(journal === undefined && !(await storage.exists(jpath)) ? 'rolled-back' : 'needs-recover', `conversion failed before the commit point: ${(e as Error).message}; ${path} ${what}`, e);
     }
     await dev.close().catch(() => {});
     await journal?.close().catch(() => {});
