@@ -126,7 +126,7 @@ async function prepare(path: string, dev: BlockDevice, opts: ConvertOptions, int
     // Within one format only a change the options ask for (VHD dynamic → fixed, VMDK streamOptimized →
     // monolithicSparse, a qcow2 option) is a conversion.
     const sameFormat = info.format === opts.to;
-    if (sameFormat && Object.keys(opts.options ?? {}).length === 0) throw new UsageError(`${path} is already ${opts.to} (options such as -o subformat=… convert within a format); nothing to do`);
+    if (sameFormat && Object.keys(opts.options ?? {}).length === 0) throw new UsageError(`${path} is already ${opts.to}; nothing to do`);
     if (info.corrupt) throw new UnsupportedError(info.format, 'corrupt image', 'the image is marked corrupt; repair it first (qemu-img check -r all)');
     if (info.dirty) throw new UnsupportedError(info.format, 'dirty image', 'the image was not closed cleanly; run qemu-img check -r all on it first');
     for (const f of info.notCarried ?? []) {
