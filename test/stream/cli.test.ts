@@ -66,6 +66,11 @@ describe.skipIf(!haveQemu)('imgconv stream / measure / unstream (CLI, pipes)', (
     expect(json.required).toBe(statSync(join(T, 'child.qcow2')).size);
     expect(human.out).toContain(`required size: ${json.required}\n`);
     expect(json['fully-allocated']).toBeGreaterThan(json.required);
+    // -o repeated, IMAGE after it.
+    const o = sh('$IC stream --to qcow2 -o cluster_size=4k -o refcount_bits=8 --progress none "$F/qcow2-child.qcow2" | cat > "$T/child4k.qcow2"', env);
+    expect(o.code, o.err).toBe(0);
+    expect(qemu(['info', join(T, 'child4k.qcow2')]).out).toMatch(/cluster_size: 4096[\s\S]*refcount bits: 8/);
+    expect(qemu(['compare', '-f', 'qcow2', '-F', 'qcow2', join(F, 'qcow2-child.qcow2'), join(T, 'child4k.qcow2')]).code).toBe(0);
   });
 
   it('--tar: GNU tar lists the member with the measured size, its content is a clean VMDK, and an OVA can be assembled in one pipe', () => {

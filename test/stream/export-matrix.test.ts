@@ -56,6 +56,30 @@ describe.skipIf(!haveQemu)('stream: the fixture matrix to every stream format', 
     expect(rows.length).toBeGreaterThanOrEqual(40);
   });
 
+  it('target options: qcow2 v2 with 512 B clusters, qcow2 with 2 MiB clusters and 1-bit refcounts, fixed VHD, VMDK for lsilogic', { timeout: 120_000 }, async () => {
+    const variants: [string, string, Record<string, string>, (info: Record<string, unknown>) => void][] = [
+      ['qcow2', 'qcow2', { compat: '0.10', cluster_size: '512' }, (i) => expect(i['cluster-size']).toBe(512)],
+      ['qcow2', 'qcow2', { cluster_size: '2M', refcount_bits: '1' }, (i) => expect(i['cluster-size']).toBe(2 << 20)],
+      ['vhd', 'vpc', { subformat: 'fixed' }, () => {}],
+      ['vmdk', 'vmdk', { adapter_type: 'lsilogic', hwversion: '21' }, () => {}],
+    ];
+    const src = join(dir, 'qcow2-child.qcow2');
+    for (const [to, qf, options, more] of variants) {
+      const out = join(tmp.dir, `options-${to}-${Object.values(options).join('-')}`);
+      const ws = createWriteStream(out);
+      const sink = new WritableSink(ws, out);
+      await streamExport(src, sink, { to, options, drivers: allDrivers });
+      await sink.flush();
+      await new Promise<void>((resolve) => ws.end(() => resolve()));
+      expect((await measureExport(src, { to, options, drivers: allDrivers })).required).toBe(statSync(out).size);
+      expect(spawnSync('qemu-img', ['compare', '-f', 'qcow2', '-F', qf, src, out]).status).toBe(0);
+      if (qf !== 'vpc') expect(spawnSync('qemu-img', ['check', '-f', qf, out], { encoding: 'utf8' }).stdout).toContain('No errors were found');
+      const info = JSON.parse(execFileSync('qemu-img', ['info', '--output=json', '-f', qf, out], { encoding: 'utf8' })) as Record<string, unknown>;
+      expect(info['virtual-size']).toBe(1 << 20);
+      more(info);
+    }
+  });
+
   for (const row of rows) {
     it(row.name, { timeout: 120_000 }, async () => {
       const file = join(dir, row.path);
