@@ -36,7 +36,7 @@ export interface Qcow2StreamCounts {
   total: number;
 }
 
-/** The refcount structures for `others` clusters of everything else, to a fixed point. */
+/** The clusters of each kind, the refcount structures found to a fixed point (they count themselves). */
 export function qcow2StreamCounts(cs: number, refcountOrder: number, l1Entries: number, l2Tables: number, dataClusters: number): Qcow2StreamCounts {
   const l1Clusters = Math.ceil((l1Entries * 8) / cs);
   const perBlock = (cs * 8) / (1 << refcountOrder);
