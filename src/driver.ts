@@ -57,7 +57,16 @@ export interface ImageInfo {
    * 'drop' when losing them is harmless and is only reported (dirty bitmaps, feature-name tables).
    */
   notCarried?: { feature: string; action: 'refuse' | 'drop'; detail: string }[];
+  /**
+   * Identity of the disk that a target may carry over (TargetPlan.kept says which it did; the engine
+   * lists the others as dropped): the disk UUID (canonical 8-4-4-4-12 hex), the controller type, the
+   * CHS geometry ("C/H/S"), the application that created it.
+   */
+  carried?: Partial<Record<CarriedField, string>>;
 }
+
+export type CarriedField = 'uuid' | 'adapterType' | 'geometry' | 'creator';
+export const CARRIED_LABELS: Record<CarriedField, string> = { uuid: 'disk UUID', adapterType: 'adapter type', geometry: 'geometry', creator: 'creator application' };
 
 /** The result of a structural check, shaped like `qemu-img check --output=json`. */
 export interface CheckReport {
@@ -199,6 +208,8 @@ export interface TargetPlan {
   placement?: 'identity';
   /** Source features that do not survive (listed in the output), e.g. "dirty bitmaps". */
   dropped: string[];
+  /** Which of the source's `info.carried` fields the new image keeps; the engine lists the rest as dropped. */
+  kept?: CarriedField[];
   /** Estimated bytes of new metadata (exact after build). */
   metadataBytes: number;
 }

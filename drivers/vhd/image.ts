@@ -262,7 +262,14 @@ export function buildInfo(lf: LocatedFooter, subformat: Subformat, virtualSize: 
     'saved-state': f.savedState !== 0,
     timestamp: vhdTimestampIso(f.timestamp),
   };
-  const info: ImageInfo = { format: FORMAT, subformat, virtualSize, dirty: false, corrupt: false, features, details };
+  const uuid = formatUuid(f.uuid);
+  const creator = printable(f.creatorApp).trim();
+  const carried: ImageInfo['carried'] = {
+    ...(/^[0-]+$/.test(uuid) ? {} : { uuid: uuid.toLowerCase() }),
+    geometry: `${g.cylinders}/${g.heads}/${g.sectorsPerTrack}`,
+    ...(creator ? { creator } : {}),
+  };
+  const info: ImageInfo = { format: FORMAT, subformat, virtualSize, dirty: false, corrupt: false, features, details, carried };
   if (!d) return info;
   info.clusterSize = d.blockSize;
   let allocated = 0;

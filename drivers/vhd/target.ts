@@ -36,7 +36,7 @@
  */
 import { randomUUID } from 'node:crypto';
 import { alignUp } from '../../src/binary.js';
-import type { Allocator, HostWrite, PlanInput, TargetBuild, TargetDriver, TargetOptions, TargetPlan } from '../../src/driver.js';
+import type { Allocator, CarriedField, HostWrite, PlanInput, TargetBuild, TargetDriver, TargetOptions, TargetPlan } from '../../src/driver.js';
 import { clusterize, type ClusterRun, type MustMove } from '../../src/engine/clusters.js';
 import { UnsupportedError, UsageError } from '../../src/errors.js';
 import type { ExtentMap } from '../../src/extent-map.js';
@@ -148,8 +148,7 @@ function parseGeometry(s: string): Geometry {
 }
 
 /** 16 random bytes as a version-4 UUID, or the source's own when it has one. */
-function uuidFor(details: PlanInput['info']['details']): string {
-  const carried = details.uuid;
+function uuidFor(carried: string | undefined): string {
   if (typeof carried === 'string' && /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i.test(carried) && !/^[0-]+$/.test(carried)) return carried.toLowerCase();
   return randomUUID();
 }
@@ -339,9 +338,16 @@ export const vhdTarget: TargetDriver = {
       force_size: size.creatorApp === CREATOR_CURRENT_SIZE,
       creator_app: size.creatorApp,
       geometry: geometryText(size.geometry),
-      uuid: uuidFor(input.info.details),
+      uuid: uuidFor(input.info.carried?.uuid),
       timestamp: Math.max(0, Math.floor(Date.now() / 1000) - VHD_EPOCH) >>> 0,
     };
+    // The source's identity that survives: its UUID; its geometry and creator only where the size rule
+    // picks the same ones (they decide the virtual size QEMU reads).
+    const carried = input.info.carried ?? {};
+    const kept: CarriedField[] = [];
+    if (carried.uuid && parameters.uuid === carried.uuid) kept.push('uuid');
+    if (carried.geometry === parameters.geometry) kept.push('geometry');
+    if (carried.creator !== undefined && carried.creator === String(parameters.creator_app).trim()) kept.push('creator');
     if (opts.subformat === 'fixed') {
       return {
         format: FORMAT,
@@ -351,6 +357,7 @@ export const vhdTarget: TargetDriver = {
         dataAlignment: VHD_SECTOR,
         placement: 'identity',
         dropped: [],
+        kept,
         metadataBytes: FOOTER_SIZE,
       };
     }
@@ -367,6 +374,7 @@ export const vhdTarget: TargetDriver = {
       movePrefix: BITMAP_SIZE,
       reserved: placed.reserved,
       dropped: [],
+      kept,
       metadataBytes: dynamicMetadataBytes(virtualSize, placed.allocated),
     };
   },

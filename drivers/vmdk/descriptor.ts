@@ -189,3 +189,35 @@ export function looksLikeDescriptor(head: Uint8Array): boolean {
     return false;
   }
 }
+
+/**
+ * The disk's identity as the descriptor's disk database states it (ddb.uuid.image, ddb.adapterType,
+ * ddb.geometry.*), for conversions to carry over.
+ */
+export function carriedFromDescriptor(d: Descriptor | undefined): Partial<Record<'uuid' | 'adapterType' | 'geometry', string>> {
+  const out: Partial<Record<'uuid' | 'adapterType' | 'geometry', string>> = {};
+  const uuid = vmdkUuidToCanonical(ddbValue(d, 'ddb.uuid.image'));
+  if (uuid) out.uuid = uuid;
+  const adapter = ddbValue(d, 'ddb.adapterType');
+  if (adapter) out.adapterType = adapter;
+  const g = [ddbValue(d, 'ddb.geometry.cylinders'), ddbValue(d, 'ddb.geometry.heads'), ddbValue(d, 'ddb.geometry.sectors')];
+  if (g.every((x) => x !== undefined && /^\d+$/.test(x))) out.geometry = g.join('/');
+  return out;
+}
+
+/**
+ * VMware writes a UUID as 16 hex bytes separated by spaces, with a dash after the eighth
+ * ("60 00 C2 9b 3c 1b 27 5e-a3 52 4e 9f 40 2f 3a c5"). Undefined when the text is not that (or is all zero).
+ */
+export function vmdkUuidToCanonical(text: string | undefined): string | undefined {
+  if (text === undefined) return undefined;
+  const hex = text.replace(/[\s-]/g, '');
+  if (!/^[0-9a-fA-F]{32}$/.test(hex) || /^0+$/.test(hex)) return undefined;
+  const h = hex.toLowerCase();
+  return `${h.slice(0, 8)}-${h.slice(8, 12)}-${h.slice(12, 16)}-${h.slice(16, 20)}-${h.slice(20)}`;
+}
+
+export function canonicalToVmdkUuid(uuid: string): string {
+  const bytes = uuid.replace(/-/g, '').toLowerCase().match(/../g)!;
+  return `${bytes.slice(0, 8).join(' ')}-${bytes.slice(8).join(' ')}`;
+}

@@ -11,7 +11,7 @@ import type { BackingRef, CheckReport, ImageInfo, OpenContext, SourceImage } fro
 import { FormatError, UnsupportedError } from '../../src/errors.js';
 import { ExtentMap } from '../../src/extent-map.js';
 import { HostSpace } from '../../src/host-space.js';
-import { ddbValue, NO_PARENT_CID, type Descriptor, type DescriptorExtent } from './descriptor.js';
+import { carriedFromDescriptor, ddbValue, NO_PARENT_CID, type Descriptor, type DescriptorExtent } from './descriptor.js';
 import { FORMAT, SECTOR } from './header.js';
 import { checkParentCid } from './sparse.js';
 
@@ -107,6 +107,7 @@ export async function openDescriptorFile(dev: BlockDevice, ctx: OpenContext, d: 
     format: FORMAT,
     subformat: createType,
     virtualSize,
+    carried: carriedFromDescriptor(d),
     ...(backing ? { backing } : {}),
     dirty: false,
     corrupt: false,

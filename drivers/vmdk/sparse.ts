@@ -9,7 +9,7 @@ import type { BackingRef, CheckReport, ImageInfo, OpenContext, Relocatable, Sour
 import { FormatError, ImgconvError } from '../../src/errors.js';
 import type { Extent, ExtentMap } from '../../src/extent-map.js';
 import { HostSpace, type HostRole } from '../../src/host-space.js';
-import { ddbValue, decodeDescriptor, NO_PARENT_CID, type Descriptor } from './descriptor.js';
+import { carriedFromDescriptor, ddbValue, decodeDescriptor, NO_PARENT_CID, type Descriptor } from './descriptor.js';
 import {
   decodeSparseHeader,
   FLAG_RGD,
@@ -324,6 +324,7 @@ export async function openSparse(dev: BlockDevice, ctx: OpenContext, fileSize: n
     subformat: createType,
     virtualSize: g.virtualSize,
     clusterSize: g.grainBytes,
+    carried: carriedFromDescriptor(descriptor),
     ...(backing ? { backing } : {}),
     dirty: g.dirty,
     corrupt: false,

@@ -30,12 +30,12 @@
 import { createHash } from 'node:crypto';
 import { basename } from 'node:path';
 import { alignUp } from '../../src/binary.js';
-import type { Allocator, HostWrite, ImageInfo, PlanInput, TargetBuild, TargetDriver, TargetPlan } from '../../src/driver.js';
+import type { Allocator, CarriedField, HostWrite, ImageInfo, PlanInput, TargetBuild, TargetDriver, TargetPlan } from '../../src/driver.js';
 import { GapAllocator } from '../../src/engine/allocator.js';
 import { cheapestClusterSize, clusterize, powersOfTwo, type ClusterRun, type MustMove } from '../../src/engine/clusters.js';
 import { UnsupportedError, UsageError } from '../../src/errors.js';
 import type { ExtentMap } from '../../src/extent-map.js';
-import { encodeDescriptor, NO_PARENT_CID, type Descriptor } from './descriptor.js';
+import { canonicalToVmdkUuid, encodeDescriptor, NO_PARENT_CID, type Descriptor } from './descriptor.js';
 import {
   COMPRESSION_NONE,
   encodeSparseHeader,
@@ -249,6 +249,9 @@ function refuseBeyondLimit(end: number): void {
 // Descriptor and header.
 
 interface DescriptorFields {
+  /** Carried from the source: ddb.uuid.image, and the geometry ("C/H/S") in place of the computed one. */
+  uuid?: string;
+  geometry?: string;
   cid: number;
   parentCid: number;
   parentHint?: string;
@@ -263,6 +266,7 @@ interface DescriptorFields {
 /** The descriptor QEMU's vmdk_co_do_create writes, NUL-padded to the 20-sector area. */
 export function encodeEmbeddedDescriptor(f: DescriptorFields): Uint8Array {
   const heads = f.adapterType === 'ide' ? 16 : 255;
+  const [cyl, hd, sec] = f.geometry?.split('/') ?? [String(Math.floor(f.virtualSize / (63 * heads * SECTOR))), String(heads), '63'];
   const d: Descriptor = {
     version: 1,
     cid: f.cid,
@@ -271,11 +275,12 @@ export function encodeEmbeddedDescriptor(f: DescriptorFields): Uint8Array {
     extents: [{ access: 'RW', sectors: f.capacitySectors, type: 'SPARSE', file: f.extentName }],
     ddb: [
       ['ddb.virtualHWVersion', f.hwVersion],
-      ['ddb.geometry.cylinders', String(Math.floor(f.virtualSize / (63 * heads * SECTOR)))],
-      ['ddb.geometry.heads', String(heads)],
-      ['ddb.geometry.sectors', '63'],
+      ['ddb.geometry.cylinders', cyl!],
+      ['ddb.geometry.heads', hd!],
+      ['ddb.geometry.sectors', sec!],
       ['ddb.adapterType', f.adapterType],
       ['ddb.toolsVersion', f.toolsVersion],
+      ...(f.uuid ? ([['ddb.uuid.image', canonicalToVmdkUuid(f.uuid)]] as [string, string][]) : []),
     ],
     other: [],
   };
@@ -395,7 +400,19 @@ export const vmdkTarget: TargetDriver = {
     if (virtualSize === 0) throw new UnsupportedError(FORMAT, 'virtual size', 'a sparse extent of capacity 0 is read as a descriptor of other extents');
     const parentCid = parentCidOf(vin);
     const hasBacking = backing !== undefined;
+    // The source's identity where the descriptor has a place for it (the engine lists the rest as dropped).
+    const carried = input.info.carried ?? {};
+    const kept: CarriedField[] = [];
+    if (carried.uuid) kept.push('uuid');
+    if (input.options.adapter_type === undefined && carried.adapterType && ADAPTER_TYPES.includes(carried.adapterType)) {
+      opts.adapterType = carried.adapterType;
+      kept.push('adapterType');
+    }
+    const geometry = carried.geometry && /^\d+\/\d+\/\d+$/.test(carried.geometry) ? carried.geometry : undefined;
+    if (geometry) kept.push('geometry');
     const descriptorFields = {
+      ...(carried.uuid ? { uuid: carried.uuid } : {}),
+      ...(geometry ? { geometry } : {}),
       cid: contentId(input),
       parentCid: parentCid ?? NO_PARENT_CID,
       ...(backing ? { parentHint: backing.filename } : {}),
@@ -445,6 +462,8 @@ export const vmdkTarget: TargetDriver = {
         cid: hex(descriptorFields.cid),
         ...(parentCid !== undefined ? { parent_cid: hex(parentCid) } : {}),
         extent: descriptorFields.extentName,
+        ...(descriptorFields.uuid ? { uuid: descriptorFields.uuid } : {}),
+        ...(descriptorFields.geometry ? { geometry: descriptorFields.geometry } : {}),
       },
       fixedRegions: [
         { start: 0, length: HEADER_BYTES, what: 'VMDK sparse extent header' },
@@ -455,6 +474,7 @@ export const vmdkTarget: TargetDriver = {
       // to a qcow2/QED of the same cluster size later.
       dataAlignment: gs,
       dropped: [],
+      kept,
       metadataBytes: chosen.metadataBytes,
     };
   },
@@ -531,6 +551,8 @@ export const vmdkTarget: TargetDriver = {
       compressAlgorithm: COMPRESSION_NONE,
     });
     const descriptor = encodeEmbeddedDescriptor({
+      ...(plan.parameters.uuid !== undefined ? { uuid: plan.parameters.uuid as string } : {}),
+      ...(plan.parameters.geometry !== undefined ? { geometry: plan.parameters.geometry as string } : {}),
       cid: p.cid,
       parentCid: p.parentCid,
       ...(backing ? { parentHint: backing.filename } : {}),

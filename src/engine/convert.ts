@@ -6,7 +6,7 @@
  */
 import type { BlockDevice } from '../blockdev/types.js';
 import { fileStorage, type Storage } from '../blockdev/storage.js';
-import type { FormatDriver, HostWrite, PlanInput, SourceImage, TargetDriver, TargetOptions, TargetPlan } from '../driver.js';
+import { CARRIED_LABELS, type CarriedField, type FormatDriver, type HostWrite, type PlanInput, type SourceImage, type TargetDriver, type TargetOptions, type TargetPlan } from '../driver.js';
 import { ExtentMap, type Extent } from '../extent-map.js';
 import { ImgconvError, IoError, UnsupportedError, UsageError } from '../errors.js';
 import { alignUp } from '../binary.js';
@@ -202,7 +202,13 @@ async function prepare(path: string, dev: BlockDevice, opts: ConvertOptions, int
         : Math.max(0, finalLength - fileLength) + compaction.tablesBytes / 2,
       ...(identity ? { relocation: { rounds: identity.relocation.rounds.length, scratchPeakBytes: identity.relocation.scratchPeak, commitBytes } } : {}),
       finalLength,
-      dropped: [...(info.notCarried ?? []).filter((f) => f.action === 'drop').map((f) => f.feature), ...targetPlan.dropped],
+      dropped: [
+        ...(info.notCarried ?? []).filter((f) => f.action === 'drop').map((f) => f.feature),
+        ...targetPlan.dropped,
+        ...Object.entries(info.carried ?? {})
+          .filter(([k]) => !(targetPlan.kept ?? []).includes(k as CarriedField))
+          .map(([k, v]) => `${CARRIED_LABELS[k as CarriedField]} (${v})`),
+      ],
     };
     return { chain, source, target: targetDriver.target, targetPlan, input, moves, movedMapping, writes: build.writes, fixed: build.fixed, finalLength, plan, undo: [], holesAsData: holesToData, ...(identity ? { identity } : {}) };
   } catch (e) {
