@@ -59,3 +59,15 @@ export {
   type FileFacts,
   type ScheduleLimits,
 } from './batch/index.js';
+export {
+  measureExport,
+  streamExport,
+  prepareExport,
+  StreamInterruptedError,
+  type ExportOptions,
+  type MeasureReport,
+  type ExportReport,
+  type PreparedExport,
+} from './stream/export.js';
+export { unstreamImage, type UnstreamOptions, type UnstreamReport } from './stream/import.js';
+export type { StreamSink, StreamTarget } from './stream/types.js';
