@@ -24,6 +24,8 @@ export interface Fixture {
   qemuFormat: string;
   /** False when QEMU cannot read the source format variant (it reads differencing VHDs as dynamic). */
   qemuReadsSource: boolean;
+  /** The targets this fixture is converted to (undefined: every target). */
+  targets?: string[];
 }
 
 const K = 1024;
@@ -34,6 +36,11 @@ interface Spec {
   format: string;
   traits: string[];
   qemuReadsSource?: false;
+  /**
+   * Only these targets (undefined: every target). Fixtures added to give a pair with short conversions
+   * more distinct crash states say so, so they do not lengthen the run for pairs that have plenty.
+   */
+  targets?: string[];
   /** Creates the image (and its backing files) in `dir`; returns the image's file name and the others'. */
   make: (dir: string) => { image: string; others: string[] };
 }
@@ -232,9 +239,12 @@ export const SPECS: Spec[] = [
 ];
 
 /**
- * Two more per source format, run by the full set (IMGCONV_CRASH_SET=extra runs only these): other
+ * Run by the full set (IMGCONV_CRASH_SET=extra runs only these). Two more per source format: other
  * qcow2 versions and refcount widths, QED table sizes and a qcow2 backing file, dense and tail-only
- * raw, zeroed VMDK grains, a dense fixed VHD and a dynamic VHD with data only mid-disk.
+ * raw, zeroed VMDK grains, a dense fixed VHD and a dynamic VHD with data only mid-disk. Then fixtures
+ * for the pairs whose conversions are short, each limited to those pairs' targets: layouts that make a
+ * conversion copy or relocate many units (reverse-ordered clusters and grains: → raw relocates in
+ * several rounds through scratch, → VMDK copies every 512 B-cluster grain), and the families below.
  */
 export const EXTRA_SPECS: Spec[] = [
   {
@@ -337,7 +347,149 @@ export const EXTRA_SPECS: Spec[] = [
       return { image: 'dmid.vhd', others: [] };
     },
   },
+  // ---- Added for pairs whose conversions are short (issue 5: ≥ 10,000 distinct states per pair) ----
+  {
+    name: 'qcow2-c512-spread',
+    format: 'qcow2',
+    targets: ['vmdk'],
+    traits: ['relocation (512 B clusters, data in 24 grains written in reverse guest order: every grain is copied)'],
+    make: (d) => {
+      create(d, ['-f', 'qcow2', '-o', 'cluster_size=512', 'c512s.qcow2', '3M']);
+      const cmds: string[] = [];
+      for (let i = 23; i >= 0; i--) cmds.push(`write -P ${0x20 + i} ${i * 128 + 8}k 6k`);
+      io(d, 'c512s.qcow2', 'qcow2', cmds);
+      return { image: 'c512s.qcow2', others: [] };
+    },
+  },
+  {
+    name: 'qed-c4k-spread',
+    format: 'qed',
+    targets: ['qcow2', 'vmdk'],
+    traits: ['4 KiB clusters, 16 MiB: data in every 512 KiB, written in reverse order (4 QED L2 tables; 8 qcow2 L2 tables)'],
+    make: (d) => {
+      create(d, ['-f', 'qed', '-o', 'cluster_size=4096,table_size=2', 'c4ks.qed', '16M']);
+      const cmds: string[] = [];
+      for (let i = 31; i >= 0; i--) cmds.push(`write -P ${0x40 + i} ${i * 512 + 4}k 4k`);
+      io(d, 'c4ks.qed', 'qed', cmds);
+      return { image: 'c4ks.qed', others: [] };
+    },
+  },
+  {
+    name: 'qed-c64k-shuffled',
+    format: 'qed',
+    targets: ['raw', 'vhd'],
+    traits: ['relocation (64 KiB clusters written in reverse guest order: → raw moves every cluster, some through scratch)'],
+    make: (d) => {
+      create(d, ['-f', 'qed', 'c64ks.qed', '4M']);
+      const cmds: string[] = [];
+      for (let i = 15; i >= 0; i--) cmds.push(`write -P ${0x60 + i} ${i * 256}k 64k`);
+      io(d, 'c64ks.qed', 'qed', cmds);
+      return { image: 'c64ks.qed', others: [] };
+    },
+  },
+  {
+    name: 'vmdk-shuffled',
+    format: 'vmdk',
+    targets: ['raw', 'qcow2'],
+    traits: ['relocation (grains written in reverse guest order: → raw moves every grain, some through scratch)'],
+    make: (d) => {
+      create(d, ['-f', 'vmdk', 'shuf.vmdk', '2M']);
+      const cmds: string[] = [];
+      for (let i = 15; i >= 0; i--) cmds.push(`write -P ${0x70 + i} ${i * 128}k 64k`);
+      io(d, 'shuf.vmdk', 'vmdk', cmds);
+      return { image: 'shuf.vmdk', others: [] };
+    },
+  },
+  {
+    name: 'raw-head-spread',
+    format: 'raw',
+    targets: ['vmdk', 'qcow2'],
+    traits: ['data under the target header region and in every 64 KiB of 4 MiB'],
+    make: (d) => {
+      const runs: [number, number, number][] = [[0, 60 * K, 0x88]];
+      for (let i = 1; i < 64; i++) runs.push([i * 64 * K + 512 * (i % 8), 4 * K, 0x89 + (i % 16)]);
+      raw(d, 'hspread.raw', 4 * M, runs);
+      return { image: 'hspread.raw', others: [] };
+    },
+  },
+  {
+    name: 'vhd-fixed-spread',
+    format: 'vhd',
+    targets: ['vmdk'],
+    traits: ['fixed, data under the target header region and in every 64 KiB of 4 MiB'],
+    make: (d) => {
+      create(d, ['-f', 'vpc', '-o', 'subformat=fixed,force_size=on', 'fspread.vhd', '4M']);
+      const cmds = ['write -P 0x1a 0 60k'];
+      for (let i = 1; i < 64; i++) cmds.push(`write -P ${0x1b + (i % 16)} ${i * 65536 + (i % 8) * 512} 4k`);
+      io(d, 'fspread.vhd', 'vpc', cmds);
+      return { image: 'fspread.vhd', others: [] };
+    },
+  },
 ];
+
+/**
+ * Families for the pairs whose conversions are short. A conversion to VMDK leaves the data where it
+ * lies (but for the grain under the header, or grains a source cannot give whole) and writes a header,
+ * a descriptor, a grain directory and the grain tables: about 20 operations and 300–900 distinct crash
+ * states a fixture; QED → qcow2 is alike. Those pairs reach 10,000 states over many layouts instead of
+ * more sampling of the same states. Members vary the cluster size, table size, disk size and where the
+ * data runs lie (so headers, tables and journals differ); some have zero clusters.
+ */
+function family(prefix: string, format: string, count: number, targets: (i: number) => string[], trait: (i: number) => string, make: (d: string, i: number) => string): Spec[] {
+  return Array.from({ length: count }, (_, i) => ({
+    name: `${prefix}-${i}`,
+    format,
+    targets: targets(i),
+    traits: [`${prefix} family: ${trait(i)}`],
+    make: (d: string) => ({ image: make(d, i), others: [] }),
+  }));
+}
+
+/** Two to four data runs of 4–20 KiB in a disk of `sizeK` KiB, at places that depend on `i`. */
+const runsOf = (i: number, sizeK: number): [number, number][] =>
+  Array.from({ length: 2 + (i % 3) }, (_, j) => [Math.floor((((j * 389 + i * 131) * 4) % (sizeK - 64)) / 4) * 4, 4 * (1 + ((i + j) % 5))] as [number, number]);
+
+const qedCluster = (i: number) => [4, 8, 16, 32, 64][i % 5]! * K;
+const qedTable = (i: number) => [2, 4, 8, 16][Math.floor(i / 5) % 4]!;
+const sizeKOf = (i: number) => (1 + (i % 4)) * 1024;
+
+EXTRA_SPECS.push(
+  // QED → qcow2 as well for the 64 KiB-cluster members (their qcow2 tables are whole 64 KiB clusters).
+  ...family('qed-family', 'qed', 42, (i) => (i % 5 === 4 ? ['vmdk', 'qcow2'] : ['vmdk']), (i) => `${qedCluster(i) / K} KiB clusters, ${qedTable(i)}-cluster tables, ${sizeKOf(i) / 1024} MiB${i % 3 === 0 ? ', zero clusters' : ''}`, (d, i) => {
+    const sizeK = sizeKOf(i);
+    create(d, ['-f', 'qed', '-o', `cluster_size=${qedCluster(i)},table_size=${qedTable(i)}`, `fam${i}.qed`, `${sizeK}k`]);
+    const cmds = runsOf(i, sizeK).map(([at, len], j) => `write -P ${0x30 + ((i * 4 + j) % 200)} ${at}k ${len}k`);
+    if (i % 3 === 0) cmds.push(`write -z ${sizeK - 128}k 64k`);
+    io(d, `fam${i}.qed`, 'qed', cmds);
+    return `fam${i}.qed`;
+  }),
+  // Raw and fixed VHD: data from offset 0 (the grain under the VMDK header moves) and elsewhere.
+  ...family('raw-family', 'raw', 11, (i) => (i < 2 ? ['vmdk', 'qcow2'] : ['vmdk']), (i) => `${sizeKOf(i) / 1024} MiB, ${6 + 3 * i} KiB from offset 0 (under the target header)`, (d, i) => {
+    const sizeK = sizeKOf(i);
+    raw(d, `fam${i}.raw`, sizeK * K, [[0, (6 + 3 * i) * K, 0xa0 + i], ...runsOf(i, sizeK).map(([at, len], j): [number, number, number] => [(at + 64) * K, len * K - 512 * j, 0xb0 + i + j])].map(([o, l, v]) => [o, Math.min(l, sizeK * K - o), v]));
+    return `fam${i}.raw`;
+  }),
+  ...family('vhd-fixed-family', 'vhd', 11, () => ['vmdk'], (i) => `fixed, ${sizeKOf(i) / 1024} MiB, ${6 + 3 * i} KiB from offset 0 (under the target header)`, (d, i) => {
+    const sizeK = sizeKOf(i);
+    create(d, ['-f', 'vpc', '-o', 'subformat=fixed,force_size=on', `fam${i}.vhd`, `${sizeK}k`]);
+    io(d, `fam${i}.vhd`, 'vpc', [`write -P ${0xc0 + i} 0 ${6 + 3 * i}k`, ...runsOf(i, sizeK).map(([at, len], j) => `write -P ${0xd0 + i + j} ${Math.min(at + 64, sizeK - len)}k ${len}k`)]);
+    return `fam${i}.vhd`;
+  }),
+  // qcow2 with 512 B clusters: every grain a VMDK target points at is copied whole.
+  ...family('qcow2-c512-family', 'qcow2', 3, (i) => (i === 0 ? ['vmdk', 'vhd'] : ['vmdk']), (i) => `512 B clusters, ${sizeKOf(i + 1) / 1024} MiB, runs written in reverse order`, (d, i) => {
+    const sizeK = sizeKOf(i + 1);
+    create(d, ['-f', 'qcow2', '-o', 'cluster_size=512', `fam${i}.qcow2`, `${sizeK}k`]);
+    io(d, `fam${i}.qcow2`, 'qcow2', runsOf(i + 7, sizeK).reverse().map(([at, len], j) => `write -P ${0xe0 + i + j} ${at}k ${len}k`));
+    return `fam${i}.qcow2`;
+  }),
+  // monolithicSparse VMDK → qcow2.
+  ...family('vmdk-family', 'vmdk', 2, () => ['qcow2'], (i) => `monolithicSparse, ${sizeKOf(i + 1) / 1024} MiB`, (d, i) => {
+    const sizeK = sizeKOf(i + 1);
+    create(d, ['-f', 'vmdk', `fam${i}.vmdk`, `${sizeK}k`]);
+    io(d, `fam${i}.vmdk`, 'vmdk', runsOf(i + 3, sizeK).map(([at, len], j) => `write -P ${0xf0 + i + j} ${at}k ${len}k`));
+    return `fam${i}.vmdk`;
+  }),
+);
 
 export type FixtureSet = 'base' | 'extra' | 'all';
 
@@ -362,7 +514,7 @@ export function buildFixtures(format?: string, set: FixtureSet = fixtureSet()): 
       const files: Files = new Map();
       const memDir = `/mem/${s.name}`;
       for (const f of [image, ...others]) files.set(`${memDir}/${f}`, new Uint8Array(readFileSync(join(dir, f))));
-      return { name: s.name, format: s.format, image: `${memDir}/${image}`, files, traits: s.traits, qemuFormat: QEMU_FORMAT[s.format]!, qemuReadsSource: s.qemuReadsSource ?? true };
+      return { name: s.name, format: s.format, image: `${memDir}/${image}`, files, traits: s.traits, qemuFormat: QEMU_FORMAT[s.format]!, qemuReadsSource: s.qemuReadsSource ?? true, ...(s.targets ? { targets: s.targets } : {}) };
     });
   } finally {
     tmp.cleanup();
