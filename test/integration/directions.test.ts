@@ -1,0 +1,213 @@
+/**
+ * Every direction (issue 4's acceptance criterion): each fixture of the matrix (fixtures/generate.sh:
+ * every format and subformat, VMDK streamOptimized and monolithicFlat, VHD fixed/dynamic with both
+ * kinds of size field, qcow2 with 512 B … 2 MiB clusters, backing chains, odd sizes) converted in place
+ * by the library to every target — qcow2, QED, VMDK monolithicSparse, VMDK monolithicFlat, VHD dynamic,
+ * VHD fixed, raw — except the source's own format and subformat. VHD dynamic ⇄ fixed and VMDK
+ * streamOptimized/monolithicFlat → monolithicSparse are conversions too (asked for with -o subformat).
+ * Judged by qemu-img (directions.ts, runCase): a case either converts — compare identical, check clean,
+ * info probing the target, virtual size unchanged, plan = measured, disk usage bounded — or is refused
+ * before any write (byte-identical, no journal) for a reason listed in REFUSALS below (and in README,
+ * "Every direction").
+ *
+ * What runs: the full product is 319 cases and took 9.4 min here (2 shared cores; four cases of the
+ * multi-GiB fixtures to identity targets alone take 1–4 min each, see BUGS in the report), so the
+ * default suite runs a deterministic subset (directions.ts, defaultSubset: every fixture at least once,
+ * every source kind × target at least once, none of those slow cases); IMGCONV_DIRECTIONS_FULL=1 runs
+ * every case. IMGCONV_DIRECTIONS_REPORT=1 writes test/directions-report.md from the cases that ran
+ * (the committed one is from a full run).
+ *
+ * Engine bugs this test found are marked `it.fails` with the bug's key (KNOWN_BUGS): such a case must
+ * fail exactly that judgement. If it passes, or fails another one too, the test goes red (the reason
+ * is printed on stderr): unmark a fixed bug, classify a new one.
+ */
+import { execFileSync } from 'node:child_process';
+import { mkdirSync, rmSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { qemuAvailable, withTmpDir } from '../support/qemu.js';
+import { allCases, defaultSubset, renderReport, runCase, sourceKind, TARGETS, type Case, type ExpectedRefusal, type KnownBug, type Outcome } from './directions.js';
+import { generateMatrix, listMatrix, REPO } from './matrix.js';
+
+const haveQemu = qemuAvailable();
+const FULL = process.env.IMGCONV_DIRECTIONS_FULL === '1';
+const REPORT = process.env.IMGCONV_DIRECTIONS_REPORT === '1';
+
+/** Fixtures whose images have backing files, and the formats of their backing files. */
+const CHILDREN: Record<string, string> = { 'qcow2-child': 'qcow2', 'qcow2-child-raw': 'raw', 'qed-child': 'qed', 'qed-child-raw': 'raw', 'vmdk-child': 'vmdk' };
+const identityOrVhd = (c: Case) => c.target.to === 'raw' || c.target.to === 'vhd';
+
+/** Refusals the matrix expects: each case they apply to must be refused with one of these reasons. */
+const REFUSALS: ExpectedRefusal[] = [
+  {
+    tag: 'VMDK monolithicFlat target not built',
+    applies: (c) => c.target.key === 'vmdk flat',
+    reason: /subformat=monolithicFlat: .*zero-copy path.*not done yet/,
+    instead: 'convert to monolithicSparse in place (`--to vmdk`, the default subformat), or copy with `qemu-img convert -O vmdk -o subformat=monolithicFlat`.',
+  },
+  {
+    tag: 'internal snapshots',
+    applies: (c) => c.row.name === 'qcow2-snapshot',
+    reason: /internal snapshots.*export or delete them first/,
+    instead: 'list them with `qemu-img snapshot -l`, keep what you need (`qemu-img convert -l` exports one), delete them with `qemu-img snapshot -d`, then convert.',
+  },
+  {
+    tag: 'data in another file',
+    applies: (c) => c.row.name === 'qcow2-datafile' || c.row.name === 'qcow2-datafile-raw' || c.row.name === 'vmdk-flat',
+    reason: /external data file/,
+    instead: 'the guest data lives in a second file (qcow2 data_file, VMDK flat extent): copy with `qemu-img convert`; a VMDK monolithicFlat disk\'s extent is itself a raw image (`-f raw`) that converts in place.',
+  },
+  {
+    tag: 'backing file: target has none',
+    applies: (c) => c.row.name in CHILDREN && identityOrVhd(c),
+    reason: /backing file.*(rebase -b ""|flatten)/,
+    instead: 'flatten first (`qemu-img rebase -b "" IMAGE` merges the backing data in), or convert to qcow2 or QED, which keep the backing file.',
+  },
+  {
+    tag: 'VMDK parent must be VMDK',
+    applies: (c) => c.row.name in CHILDREN && CHILDREN[c.row.name] !== 'vmdk' && c.target.key === 'vmdk',
+    reason: /parent.*rebase the image first/,
+    instead: 'QEMU reads a VMDK delta only through a VMDK parent: convert the parent to VMDK first and `qemu-img rebase -u` onto it, flatten (`qemu-img rebase -b ""`), or convert to qcow2 or QED.',
+  },
+];
+
+/** Engine bugs: the judgement each fails (a problem line it produces). */
+const BUGS: KnownBug[] = [
+  {
+    key: 'qed-final-length',
+    problem: /^final length \d+, plan said \d+/,
+    summary:
+      'To QED, `plan` reports `finalLength` as the file length before compaction (src/engine/convert.ts prepare: `max(build.finalLength, fileLength)`), but reclaim then compacts the QED and the file ends shorter by up to ~10 MiB (qcow2-c2m: plan 15204352, file 4784128), so the plan\'s final size is not within one cluster of what the conversion did. `estimateCompaction` already knows the compacted length (E0); the plan should report it.',
+  },
+  {
+    key: 'dense-copies',
+    problem: /^disk usage \d+ above/,
+    summary:
+      'Every copy the engine makes writes all bytes of the range, including the parts the source kept as file holes: the pre-commit moves (convert.ts step 3, whole 2 MiB VHD blocks when a block is not cluster-aligned), the relocation rounds of identity targets (relocate.ts executeRelocation, whole clusters/grains/blocks) and QED compaction (compact.ts). The result then allocates zeros the source did not: vhd-large → qcow2 4.9 MB for 71 KB of data (source 96 KiB allocated), qcow2-prealloc-meta → raw 4.0 MiB (source 204 KiB), qed-c64k → raw five whole 64 KiB clusters. Writing only the non-zero 4 KiB blocks into space that reads zeros (past EOF, or punched) would keep the result as sparse as the source.',
+  },
+  {
+    key: 'probe-trap-fixed-vhd',
+    problem: /rolled-back|plan predicted a conversion/,
+    summary:
+      'A raw disk whose first sector carries QED or VHD magic (a probe trap) → VHD fixed: `plan` succeeds, `inplace` relocates nothing, commits, then its own verification fails ("the file probes as qed, not vhd" / "footer checksum … at offset 0") and rolls back. The image ends byte-identical, but the refusal comes after the commit point instead of before any write (ConversionFailedError imageState rolled-back). The guest\'s first sector is the fixed VHD\'s first sector, so the result would be a probe trap for imgconv itself; plan should refuse it upfront (or verification should open the result with the target format, as QEMU users must with -f vpc).',
+  },
+];
+
+/** Cases marked it.fails, by bug key (from the full run; fixture ids are `fixture → target`). */
+const KNOWN_BUGS: Record<string, string[]> = {
+  'qed-final-length': [
+    'qcow2-c512 → qed', 'qcow2-c4k → qed', 'qcow2-c64k → qed', 'qcow2-c2m → qed', 'qcow2-v2 → qed', 'qcow2-rc1 → qed', 'qcow2-rc64 → qed',
+    'qcow2-lazy → qed', 'qcow2-prealloc-meta → qed', 'qcow2-prealloc-falloc → qed', 'qcow2-extl2 → qed', 'qcow2-compressed → qed',
+    'qcow2-base → qed', 'qcow2-child → qed', 'qcow2-child-raw → qed', 'qcow2-odd → qed', 'qcow2-bitmap → qed', 'vmdk-stream → qed',
+    'vhd-dynamic → qed', 'vhd-force → qed', 'vhd-odd → qed', 'vhd-large → qed',
+  ],
+  'dense-copies': [
+    'raw-odd → qed', 'qcow2-c512 → qed', 'qcow2-c512 → vmdk', 'qcow2-c64k → qed', 'qcow2-c2m → qed', 'qcow2-c2m → vhd fixed', 'qcow2-c2m → raw',
+    'qcow2-v2 → qed', 'qcow2-lazy → qed', 'qcow2-prealloc-meta → qed', 'qcow2-prealloc-meta → vhd fixed', 'qcow2-prealloc-meta → raw',
+    'qcow2-prealloc-falloc → qed', 'qcow2-prealloc-falloc → vhd fixed', 'qcow2-prealloc-falloc → raw', 'qcow2-extl2 → qed', 'qcow2-extl2 → vmdk',
+    'qcow2-compressed-c4k → qed', 'qcow2-compressed-c4k → vmdk', 'qcow2-odd → qed', 'qcow2-bitmap → qed', 'qed-c64k → vhd fixed', 'qed-c64k → raw',
+    'vmdk-sparse → vhd fixed', 'vmdk-sparse → raw', 'vmdk-sparse-8m → vhd fixed', 'vmdk-sparse-8m → raw', 'vmdk-zeroed → vhd fixed',
+    'vmdk-base → vhd fixed', 'vmdk-base → raw', 'vmdk-odd → vhd fixed', 'vmdk-odd → raw', 'vhd-dynamic → qed', 'vhd-dynamic → vhd fixed',
+    'vhd-dynamic → raw', 'vhd-force → qed', 'vhd-force → vhd fixed', 'vhd-force → raw', 'vhd-odd → qed', 'vhd-odd → vhd fixed', 'vhd-odd → raw',
+    'vhd-large → qcow2', 'vhd-large → qed', 'vhd-large → vhd fixed', 'vhd-large → raw',
+  ],
+  'probe-trap-fixed-vhd': ['raw-probe-qed → vhd fixed', 'raw-probe-vhd → vhd fixed'],
+};
+const MARKED = new Map<string, string[]>();
+for (const [key, ids] of Object.entries(KNOWN_BUGS)) for (const id of ids) MARKED.set(id, [...(MARKED.get(id) ?? []), key]);
+
+/** Multi-GiB fixtures to identity targets: 1–4 minutes each (verification reads every zero byte). */
+const SLOW_FIXTURES = new Set(['qed-sparse-10g', 'vhd-large']);
+const isSlow = (c: Case) => SLOW_FIXTURES.has(c.row.name) && (c.target.to === 'raw' || c.target.subformat === 'fixed');
+
+const rows = listMatrix();
+const cases = allCases(rows);
+const selected = FULL ? cases : defaultSubset(cases, isSlow);
+const outcomes = new Map<string, Outcome>();
+
+/** The expectation on top of runCase's judgement: refused exactly when REFUSALS says so, for that reason. */
+function expectationProblems(c: Case, o: Outcome): string[] {
+  const expected = REFUSALS.filter((r) => r.applies(c));
+  if (o.kind === 'ok') return expected.length ? [`converted, but REFUSALS expects a refusal (${expected.map((r) => r.tag).join(', ')}): update REFUSALS and README`] : [];
+  if (o.problems.length) return []; // already a failed judgement
+  const msg = o.error?.message ?? '';
+  if (expected.length === 0) return [`refused, and no refusal is expected: ${o.error?.name}: ${msg}`];
+  if (!expected.some((r) => r.reason.test(msg))) return [`refused for another reason than ${expected.map((r) => r.tag).join(', ')}: ${o.error?.name}: ${msg}`];
+  return [];
+}
+
+describe.runIf(haveQemu)('every direction: fixture matrix × targets, judged by qemu-img', () => {
+  let tmp: ReturnType<typeof withTmpDir>;
+  let orig = '';
+  let work = '';
+  let started = 0;
+
+  beforeAll(() => {
+    started = performance.now();
+    tmp = withTmpDir('imgconv-directions-');
+    orig = join(tmp.dir, 'orig');
+    work = join(tmp.dir, 'work');
+    const built = generateMatrix(orig);
+    expect(built.map((r) => r.name)).toEqual(rows.map((r) => r.name));
+    // The untouched originals stay in orig/; cases work on sparse copies in work/, beside copies of
+    // their backing files (relative names resolve there), so nothing a case does reaches orig/.
+    mkdirSync(work);
+    execFileSync('cp', ['-a', '--sparse=always', `${orig}/.`, work]);
+  }, 120_000);
+
+  afterAll(() => {
+    tmp?.cleanup();
+    if (!REPORT) return;
+    const qemuVersion = execFileSync('qemu-img', ['--version'], { encoding: 'utf8' }).split('\n')[0]!.trim();
+    const report = renderReport({ cases, ran: selected, outcomes, refusals: REFUSALS, bugs: BUGS, marked: MARKED, full: FULL, wallMs: performance.now() - started, qemuVersion });
+    writeFileSync(join(REPO, 'test/directions-report.md'), report);
+  });
+
+  it('the cases cover every fixture and every source kind × target; marked bugs name real cases', () => {
+    expect(rows.length).toBeGreaterThanOrEqual(53);
+    const ids = new Set(cases.map((c) => c.id));
+    for (const id of MARKED.keys()) expect(ids.has(id), `${id} in KNOWN_BUGS is not a case`).toBe(true);
+    for (const key of Object.keys(KNOWN_BUGS)) expect(BUGS.map((b) => b.key)).toContain(key);
+    expect(new Set(selected.map((c) => c.row.name))).toEqual(new Set(rows.map((r) => r.name)));
+    const pairs = (list: readonly Case[]) => new Set(list.map((c) => `${sourceKind(c.row)} → ${c.target.key}`));
+    expect(pairs(selected)).toEqual(pairs(cases));
+    // Every target is reached from every other format, and from its own when it has another subformat.
+    const formats = [...new Set(rows.map((r) => r.imgconvFormat))];
+    for (const t of TARGETS) {
+      const from = new Set(cases.filter((c) => c.target.key === t.key).map((c) => c.row.imgconvFormat));
+      expect([...from].sort(), t.key).toEqual(formats.filter((f) => t.subformat !== undefined || f !== t.to).sort());
+    }
+    if (!FULL) expect(selected.some(isSlow)).toBe(false);
+  });
+
+  for (const c of selected) {
+    const marks = MARKED.get(c.id);
+    const body = async () => {
+      const original = join(orig, c.row.path);
+      const file = join(work, `${c.row.path}.to-${c.target.key.replace(/ /g, '-')}`);
+      execFileSync('cp', ['--sparse=always', join(work, c.row.path), file]);
+      let o: Outcome;
+      try {
+        o = await runCase(c, original, file);
+      } finally {
+        rmSync(file, { force: true });
+        rmSync(`${file}.imgconv-journal`, { force: true });
+      }
+      o.problems.push(...expectationProblems(c, o));
+      outcomes.set(c.id, o);
+      if (!marks) {
+        if (o.problems.length) expect.fail(o.problems.join('\n'));
+        return;
+      }
+      // Marked it.fails: fail exactly as the marked bugs do, or return (it.fails then goes red).
+      const bugs = BUGS.filter((b) => marks.includes(b.key));
+      const other = o.problems.filter((p) => !bugs.some((b) => b.problem.test(p)));
+      if (o.problems.length === 0) return console.error(`${c.id}: marked ${marks.join(', ')}, but every judgement holds: the bug is fixed; remove it from KNOWN_BUGS`);
+      if (other.length) return console.error(`${c.id}: fails beyond the marked ${marks.join(', ')}:\n${other.join('\n')}`);
+      expect.fail(o.problems.join('\n'));
+    };
+    const timeout = isSlow(c) ? 600_000 : 60_000;
+    if (marks) it.fails(`${c.id} [BUG ${marks.join(', ')}]`, body, timeout);
+    else it(c.id, body, timeout);
+  }
+});
