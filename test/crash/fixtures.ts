@@ -24,8 +24,10 @@ export interface Fixture {
   qemuFormat: string;
   /** False when QEMU cannot read the source format variant (it reads differencing VHDs as dynamic). */
   qemuReadsSource: boolean;
-  /** The targets this fixture is converted to (undefined: every target). */
+  /** The targets this fixture is converted to (undefined: every other format). */
   targets?: string[];
+  /** Target options per target (`-o`); with them a target may be the source's own format (a subformat change). */
+  options?: Record<string, Record<string, string>>;
 }
 
 const K = 1024;
@@ -41,6 +43,8 @@ interface Spec {
    * more distinct crash states say so, so they do not lengthen the run for pairs that have plenty.
    */
   targets?: string[];
+  /** Target options per target; a within-format conversion (VHD fixed → dynamic) names its format in `targets` and its options here. */
+  options?: Record<string, Record<string, string>>;
   /** Creates the image (and its backing files) in `dir`; returns the image's file name and the others'. */
   make: (dir: string) => { image: string; others: string[] };
 }
@@ -491,6 +495,17 @@ EXTRA_SPECS.push(
   }),
 );
 
+// VHD fixed → dynamic, within the format (-o subformat=dynamic): every block gets a bitmap sector in
+// front of it, so the data moves. Full set only.
+EXTRA_SPECS.push(
+  ...family('vhd-fixed-to-dynamic', 'vhd', 3, () => ['vhd'], (i) => `fixed → dynamic (-o subformat=dynamic), ${sizeKOf(i) / 1024} MiB`, (d, i) => {
+    const sizeK = sizeKOf(i);
+    create(d, ['-f', 'vpc', '-o', 'subformat=fixed,force_size=on', `f2d${i}.vhd`, `${sizeK}k`]);
+    io(d, `f2d${i}.vhd`, 'vpc', runsOf(i + 11, sizeK).map(([at, len], j) => `write -P ${0x40 + i + j} ${at}k ${len}k`));
+    return `f2d${i}.vhd`;
+  }).map((s) => ({ ...s, options: { vhd: { subformat: 'dynamic' } } })),
+);
+
 export type FixtureSet = 'base' | 'extra' | 'all';
 
 /** The CI sample uses the base set; the full set both (IMGCONV_CRASH_SET overrides). */
@@ -501,6 +516,12 @@ export function fixtureSet(): FixtureSet {
 }
 
 export const QEMU_FORMAT: Record<string, string> = { qcow2: 'qcow2', qed: 'qed', raw: 'raw', vmdk: 'vmdk', vhd: 'vpc' };
+
+/** Formats a fixture of `format` in the current set converts to within its own format (with options). */
+export function withinFormatTargets(format: string, set: FixtureSet = fixtureSet()): string[] {
+  const specs = set === 'base' ? SPECS : set === 'extra' ? EXTRA_SPECS : [...SPECS, ...EXTRA_SPECS];
+  return [...new Set(specs.filter((s) => s.format === format && s.targets?.includes(format)).map(() => format))];
+}
 
 /** Builds the fixtures of one source format (all formats when `format` is undefined) of a set. */
 export function buildFixtures(format?: string, set: FixtureSet = fixtureSet()): Fixture[] {
@@ -514,7 +535,7 @@ export function buildFixtures(format?: string, set: FixtureSet = fixtureSet()): 
       const files: Files = new Map();
       const memDir = `/mem/${s.name}`;
       for (const f of [image, ...others]) files.set(`${memDir}/${f}`, new Uint8Array(readFileSync(join(dir, f))));
-      return { name: s.name, format: s.format, image: `${memDir}/${image}`, files, traits: s.traits, qemuFormat: QEMU_FORMAT[s.format]!, qemuReadsSource: s.qemuReadsSource ?? true, ...(s.targets ? { targets: s.targets } : {}) };
+      return { name: s.name, format: s.format, image: `${memDir}/${image}`, files, traits: s.traits, qemuFormat: QEMU_FORMAT[s.format]!, qemuReadsSource: s.qemuReadsSource ?? true, ...(s.targets ? { targets: s.targets } : {}), ...(s.options ? { options: s.options } : {}) };
     });
   } finally {
     tmp.cleanup();

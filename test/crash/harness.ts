@@ -125,6 +125,15 @@ export async function describeImage(storage: MemoryStorage, image: string): Prom
   }
 }
 
+async function subformatOf(storage: MemoryStorage, image: string): Promise<string | undefined> {
+  const chain = await openImage(image, { drivers: allDrivers, opener: (p, o) => storage.open(p, o) });
+  try {
+    return chain.layers[0]!.info.subformat;
+  } finally {
+    await chain.close();
+  }
+}
+
 export type Verdict = { ok: true; clearError?: string; format?: string } | { ok: false; why: string };
 
 /** The check every crash state must pass (see the file comment). */
@@ -168,9 +177,21 @@ export async function originalOf(fx: Fixture): Promise<Original> {
   return { format: d.format, virtualSize: d.virtualSize, sha: d.sha };
 }
 
+/** The fixture's target options for `to`, as convertInPlace takes them. */
+export function optionsFor(fx: Fixture, to: string): { options?: Record<string, string> } {
+  const o = fx.options?.[to];
+  return o ? { options: o } : {};
+}
+
+/** "vhd → qcow2"; with target options "vhd → vhd -o subformat=dynamic" (a within-format pair is its own row). */
+export function pairName(fx: Fixture, to: string): string {
+  const o = fx.options?.[to];
+  return `${fx.format} → ${to}${o ? ` -o ${Object.entries(o).map(([k, v]) => `${k}=${v}`).join(',')}` : ''}`;
+}
+
 export async function recordConversion(files: Files, fx: Fixture, to: string): Promise<RecordingStorage> {
   const rec = new RecordingStorage(files);
-  await convertInPlace(fx.image, { to, format: fx.format, drivers: allDrivers, storage: rec });
+  await convertInPlace(fx.image, { to, format: fx.format, drivers: allDrivers, storage: rec, ...optionsFor(fx, to) });
   return rec;
 }
 
@@ -256,7 +277,7 @@ export async function runFixture(fx: Fixture, to: string, opts: RunOptions = {})
   const rnd = prng(seed);
   const orig = await originalOf(fx);
   const tally: Tally = {
-    pair: `${fx.format} → ${to}`,
+    pair: pairName(fx, to),
     fixture: fx.name,
     states: Object.fromEntries(CATEGORIES.map((c) => [c, 0])) as Record<Category, number>,
     clearErrors: 0,
@@ -279,6 +300,12 @@ export async function runFixture(fx: Fixture, to: string, opts: RunOptions = {})
   // The uncut conversion must itself end as a clean target image.
   const done = await checkState(rec.live, fx, to, orig, false);
   if (!done.ok || done.format !== to) tally.failures.push(`${where}: the uncut conversion: ${done.ok ? `ended as ${done.format}` : done.why}`);
+  // Within a format the format name says nothing: the subformat asked for must be there.
+  const wanted = fx.options?.[to]?.subformat;
+  if (done.ok && wanted !== undefined) {
+    const sub = await subformatOf(rec.live, fx.image);
+    if (sub !== wanted) tally.failures.push(`${where}: the uncut conversion ended as subformat ${sub}, not ${wanted}`);
+  }
 
   const seen = new Set<string>();
   // States for qemu-img: alternately one in the source format and one in the target format.
@@ -449,7 +476,7 @@ export async function runFaults(fx: Fixture, to: string, tally: Tally, opts: Run
   const counts: Record<FaultCode, number> = { EIO: 0, ENOSPC: 0 };
   for (const code of ['EIO', 'ENOSPC'] as FaultCode[]) {
     const dry = new FaultyStorage(memoryStorageOf(fx.files), code, -1, false);
-    await convertInPlace(fx.image, { to, format: fx.format, drivers: allDrivers, storage: dry });
+    await convertInPlace(fx.image, { to, format: fx.format, drivers: allDrivers, storage: dry, ...optionsFor(fx, to) });
     counts[code] = dry.count;
   }
   const runs: { code: FaultCode; at: number; persistent: boolean }[] = [];
@@ -462,7 +489,7 @@ export async function runFaults(fx: Fixture, to: string, tally: Tally, opts: Run
     opts.onState?.('fault');
     let err: unknown;
     try {
-      await convertInPlace(fx.image, { to, format: fx.format, drivers: allDrivers, storage: faulty });
+      await convertInPlace(fx.image, { to, format: fx.format, drivers: allDrivers, storage: faulty, ...optionsFor(fx, to) });
     } catch (e) {
       err = e;
     }
