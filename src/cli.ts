@@ -60,6 +60,7 @@ function planHuman(p: ConversionPlan): string {
   if (p.compactionMoveBytes) lines.push(`to move after the commit, compacting: ${humanSize(p.compactionMoveBytes)} (${p.compactionMoveBytes} bytes; the old tables' space would otherwise count as leaked)`);
   lines.push(`peak extra disk space: ${humanSize(p.peakExtraBytes)} (${p.peakExtraBytes} bytes)`);
   lines.push(`file size: ${p.source.fileLength} → at most ${p.finalLength} bytes before reclaim`);
+  if (p.companion) lines.push(`creates: ${p.companion} (the ${p.target.format} image to open; ${p.image} becomes its data)`);
   if (p.relocation) lines.push(`relocation: ${p.relocation.rounds} rounds, scratch window ${humanSize(p.relocation.scratchPeakBytes)}, commit record carries ${humanSize(p.relocation.commitBytes)} of guest bytes`);
   if (p.dropped.length) lines.push(`not carried over: ${p.dropped.join(', ')}`);
   if (p.steps) {
@@ -374,6 +375,7 @@ export function buildProgram(): Command {
               ...(r.written.compactionBytes ? [`moved to compact the file: ${humanSize(r.written.compactionBytes)} (${r.written.compactionBytes} bytes)`] : []),
               `old metadata reclaimed: ${humanSize(r.reclaimedBytes)}`,
               `file size: ${r.source.fileLength} → ${r.finalLength} bytes`,
+              ...(r.companion ? [`open as ${r.target.format}: ${r.companion} (its data is ${image})`] : []),
               `verified: ${r.verified.join(', ')}`,
               ...(r.dropped.length ? [`not carried over: ${r.dropped.join(', ')}`] : []),
             ].join('\n') + '\n',

@@ -159,6 +159,8 @@ export interface HostWrite {
 }
 
 export interface PlanInput {
+  /** The image's path (names written into the new metadata: VMDK extent lines). */
+  path?: string;
   /** The source's top layer. */
   info: ImageInfo;
   mapping: ExtentMap;
@@ -206,6 +208,11 @@ export interface TargetPlan {
    * engine relocates the source's data there before building (src/engine/relocate.ts), or refuses.
    */
   placement?: 'identity';
+  /**
+   * A file the conversion creates beside the image (relative to its directory): VMDK monolithicFlat's
+   * descriptor, whose extent is the image file itself, now raw. The image is then the companion's data.
+   */
+  companion?: string;
   /** Source features that do not survive (listed in the output), e.g. "dirty bitmaps". */
   dropped: string[];
   /** Which of the source's `info.carried` fields the new image keeps; the engine lists the rest as dropped. */
@@ -229,6 +236,8 @@ export interface TargetBuild {
   /** File length once committed (≥ the end of every structure; e.g. whole clusters for QED). */
   finalLength: number;
   metadataBytes: number;
+  /** The companion file's bytes (TargetPlan.companion), written at the commit point. */
+  companion?: Uint8Array;
 }
 
 export interface TargetDriver {

@@ -73,7 +73,8 @@ const MIN_GRAIN = 8 * SECTOR;
 const MAX_GRAIN = 1 << 20;
 
 const SUBFORMAT = 'monolithicSparse';
-const KNOWN_OPTIONS = ['subformat', 'zeroed_grain', 'adapter_type', 'hwversion', 'toolsversion', 'compat6'];
+const KNOWN_OPTIONS = ['subformat', 'zeroed_grain', 'adapter_type', 'hwversion', 'toolsversion', 'compat6', 'descriptor'];
+const FLAT = 'monolithicFlat';
 /** qemu-img create options this in-place writer does not do: refused by name rather than ignored. */
 const REFUSED_OPTIONS: Record<string, string> = {
   backing_file: 'changing the backing file',
@@ -82,7 +83,6 @@ const REFUSED_OPTIONS: Record<string, string> = {
 };
 /** QEMU's other subformats, and why they are not made in place (yet). */
 const REFUSED_SUBFORMATS: Record<string, string> = {
-  monolithicFlat: 'planned as a zero-copy path (a descriptor file naming the data where it lies), not done yet',
   twoGbMaxExtentSparse: 'it splits the disk into 2 GiB extent files',
   twoGbMaxExtentFlat: 'it splits the disk into 2 GiB extent files',
   streamOptimized: 'every grain would be compressed: nothing could stay in place',
@@ -105,6 +105,10 @@ export interface VmdkPlanInput extends PlanInput {
 const FALLBACK_EXTENT_NAME = 'disk.vmdk';
 
 export interface VmdkOptions {
+  /** monolithicFlat: the image becomes the raw extent of a descriptor file created beside it. */
+  flat?: boolean;
+  /** The descriptor's file name (monolithicFlat), relative to the image's directory. */
+  descriptor?: string;
   zeroedGrain?: boolean;
   adapterType: string;
   hwVersion: string;
@@ -133,11 +137,19 @@ export function parseVmdkOptions(options: Record<string, string>): VmdkOptions {
     const s = options.subformat.trim();
     const why = REFUSED_SUBFORMATS[s];
     if (why) throw optionError('subformat', options.subformat, `in-place conversion makes only ${SUBFORMAT}; ${s}: ${why}`);
-    if (s !== SUBFORMAT) {
-      throw optionError('subformat', options.subformat, `unknown subformat (QEMU's are ${[SUBFORMAT, ...Object.keys(REFUSED_SUBFORMATS)].join(', ')})`);
+    if (s !== SUBFORMAT && s !== FLAT) {
+      throw optionError('subformat', options.subformat, `unknown subformat (QEMU's are ${[SUBFORMAT, FLAT, ...Object.keys(REFUSED_SUBFORMATS)].join(', ')})`);
     }
   }
   const out: VmdkOptions = { adapterType: 'ide', hwVersion: '4', toolsVersion: '2147483647' };
+  if (options.subformat?.trim() === FLAT) out.flat = true;
+  if (options.descriptor !== undefined) {
+    const d = options.descriptor.trim();
+    // eslint-disable-next-line no-control-regex
+    if (!out.flat) throw optionError('descriptor', options.descriptor, `only monolithicFlat has a separate descriptor file (add -o subformat=${FLAT})`);
+    if (d === '' || d.includes('/') || /["\x00-\x1f\x7f]/.test(d)) throw optionError('descriptor', options.descriptor, 'must be a plain file name (no directory, quotes or control characters)');
+    out.descriptor = d;
+  }
   if (options.zeroed_grain !== undefined) out.zeroedGrain = parseBool('zeroed_grain', options.zeroed_grain);
   if (options.adapter_type !== undefined) {
     const a = options.adapter_type.trim();
@@ -389,10 +401,122 @@ interface Candidate extends Grainized {
 
 const reservedRegion: HostRange[] = [{ start: 0, length: FIXED_BYTES }];
 
+/**
+ * The descriptor's name beside `image`: QEMU names a flat pair X.vmdk + X-flat.vmdk, so an image called
+ * X-flat.* gets X.vmdk; any other gets its own stem + .vmdk, or stem-descriptor.vmdk when that is the image.
+ */
+export function flatDescriptorName(image: string): string {
+  const base = basename(image);
+  const stem = base.includes('.') ? base.slice(0, base.lastIndexOf('.')) : base;
+  const name = `${stem.endsWith('-flat') ? stem.slice(0, -5) : stem}.vmdk`;
+  return name === base ? `${stem}-descriptor.vmdk` : name;
+}
+
+/** The descriptor of a monolithicFlat VMDK whose one extent is the image file, from its first byte. */
+function flatDescriptor(f: { cid: number; extent: string; sectors: number; adapterType: string; hwVersion: string; toolsVersion: string; virtualSize: number; uuid?: string; geometry?: string }): Uint8Array {
+  const heads = f.adapterType === 'ide' ? 16 : 255;
+  const [cyl, hd, sec] = f.geometry?.split('/') ?? [String(Math.floor(f.virtualSize / (63 * heads * SECTOR))), String(heads), '63'];
+  const d: Descriptor = {
+    version: 1,
+    cid: f.cid,
+    parentCid: NO_PARENT_CID,
+    createType: FLAT,
+    extents: [{ access: 'RW', sectors: f.sectors, type: 'FLAT', file: f.extent, offset: 0 }],
+    ddb: [
+      ['ddb.virtualHWVersion', f.hwVersion],
+      ['ddb.geometry.cylinders', cyl!],
+      ['ddb.geometry.heads', hd!],
+      ['ddb.geometry.sectors', sec!],
+      ['ddb.adapterType', f.adapterType],
+      ['ddb.toolsVersion', f.toolsVersion],
+      ...(f.uuid ? ([['ddb.uuid.image', canonicalToVmdkUuid(f.uuid)]] as [string, string][]) : []),
+    ],
+    other: [],
+  };
+  return Buffer.from(encodeDescriptor(d), 'utf8');
+}
+
+/**
+ * monolithicFlat: a zero-copy layout for data at host = guest (raw, VHD fixed; other sources are
+ * relocated there first). The image file becomes the flat extent, unchanged but for its length; the
+ * descriptor is a new file beside it, created at the commit point.
+ */
+function planFlat(input: PlanInput, opts: VmdkOptions): TargetPlan {
+  const { virtualSize, backing } = input.info;
+  if (backing) {
+    throw new UnsupportedError(FORMAT, 'backing file', `a monolithicFlat VMDK made in place has no parent, and this image reads part of its content from ${backing.filename}; flatten it first (qemu-img rebase -b ""), or make a monolithicSparse VMDK`);
+  }
+  if (virtualSize % SECTOR !== 0 || virtualSize === 0) throw new UnsupportedError(FORMAT, 'virtual size', `${virtualSize} bytes is not a positive multiple of 512 (VMDK counts the capacity in sectors)`);
+  if (input.path === undefined) throw new UsageError('monolithicFlat needs the image path (the descriptor names it)');
+  const extent = basename(input.path);
+  // eslint-disable-next-line no-control-regex
+  if (/["\x00-\x1f\x7f]/.test(extent)) throw new UnsupportedError(FORMAT, 'extent file name', `${JSON.stringify(extent)}: a descriptor cannot name a file with quotes or control characters; rename the image first`);
+  const descriptor = opts.descriptor ?? flatDescriptorName(input.path);
+  const carried = input.info.carried ?? {};
+  const kept: CarriedField[] = [];
+  if (carried.uuid) kept.push('uuid');
+  if (input.options.adapter_type === undefined && carried.adapterType && ADAPTER_TYPES.includes(carried.adapterType)) {
+    opts.adapterType = carried.adapterType;
+    kept.push('adapterType');
+  }
+  const geometry = carried.geometry && /^\d+\/\d+\/\d+$/.test(carried.geometry) ? carried.geometry : undefined;
+  if (geometry) kept.push('geometry');
+  const fields = {
+    cid: contentId(input),
+    extent,
+    sectors: virtualSize / SECTOR,
+    adapterType: opts.adapterType,
+    hwVersion: opts.hwVersion,
+    toolsVersion: opts.toolsVersion,
+    virtualSize,
+    ...(carried.uuid ? { uuid: carried.uuid } : {}),
+    ...(geometry ? { geometry } : {}),
+  };
+  return {
+    format: FORMAT,
+    parameters: {
+      subformat: FLAT,
+      descriptor,
+      extent,
+      adapter_type: fields.adapterType,
+      hwversion: fields.hwVersion,
+      toolsversion: fields.toolsVersion,
+      cid: hex(fields.cid),
+      ...(fields.uuid ? { uuid: fields.uuid } : {}),
+      ...(geometry ? { geometry } : {}),
+    },
+    fixedRegions: [],
+    mustMove: [],
+    dataAlignment: SECTOR,
+    placement: 'identity',
+    companion: descriptor,
+    dropped: [],
+    kept,
+    metadataBytes: flatDescriptor(fields).length,
+  };
+}
+
+function buildFlat(plan: TargetPlan, input: PlanInput): TargetBuild {
+  const q = plan.parameters;
+  const bytes = flatDescriptor({
+    cid: parseInt(q.cid as string, 16),
+    extent: q.extent as string,
+    sectors: input.info.virtualSize / SECTOR,
+    adapterType: q.adapter_type as string,
+    hwVersion: q.hwversion as string,
+    toolsVersion: q.toolsversion as string,
+    virtualSize: input.info.virtualSize,
+    ...(q.uuid !== undefined ? { uuid: q.uuid as string } : {}),
+    ...(q.geometry !== undefined ? { geometry: q.geometry as string } : {}),
+  });
+  return { writes: [], fixed: [], finalLength: input.info.virtualSize, metadataBytes: bytes.length, companion: bytes };
+}
+
 export const vmdkTarget: TargetDriver = {
   plan(input: PlanInput): TargetPlan {
     const vin = input as VmdkPlanInput;
     const opts = parseVmdkOptions(input.options);
+    if (opts.flat) return planFlat(input, opts);
     const { virtualSize, backing } = input.info;
     if (virtualSize % SECTOR !== 0) {
       throw new UnsupportedError(FORMAT, 'virtual size', `${virtualSize} bytes is not a multiple of 512 (VMDK counts the capacity in sectors)`);
@@ -480,6 +604,7 @@ export const vmdkTarget: TargetDriver = {
   },
 
   build(plan: TargetPlan, input: PlanInput, alloc: Allocator): TargetBuild {
+    if (plan.parameters.subformat === FLAT) return buildFlat(plan, input);
     const p = paramsOf(plan);
     const gs = p.grainSize;
     const { virtualSize, backing } = input.info;

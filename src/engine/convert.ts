@@ -4,7 +4,8 @@
  * out and encodes new metadata, and this file decides ordering — what is written where, when it is
  * flushed, and the single commit point (the durable COMMIT record in the journal).
  */
-import type { BlockDevice } from '../blockdev/types.js';
+import type { BlockDevice, DeviceOpener } from '../blockdev/types.js';
+import { dirname, join } from 'node:path';
 import { fileStorage, type Storage } from '../blockdev/storage.js';
 import { CARRIED_LABELS, type CarriedField, type FormatDriver, type HostWrite, type PlanInput, type SourceImage, type TargetDriver, type TargetOptions, type TargetPlan } from '../driver.js';
 import { ExtentMap, type Extent } from '../extent-map.js';
@@ -83,6 +84,8 @@ export interface ConversionPlan {
   steps?: ConversionPlan[];
   finalLength: number;
   dropped: string[];
+  /** A file the conversion creates beside the image (VMDK monolithicFlat: the descriptor; the image becomes its raw extent). */
+  companion?: string;
 }
 
 export interface ConversionReport extends Omit<ConversionPlan, 'steps'> {
@@ -111,6 +114,8 @@ interface Prepared {
   undo: Region[];
   /** Identity targets: the relocation and what the commit carries. */
   identity?: IdentityPlan;
+  /** The file created beside the image at the commit point, and its bytes. */
+  companion?: { path: string; bytes: Uint8Array };
   /** Whether zero runs over file holes were mapped as data (recovery must derive the same mapping). */
   holesAsData: boolean;
 }
@@ -140,8 +145,15 @@ async function prepare(path: string, dev: BlockDevice, opts: ConvertOptions, int
     // Targets write the backing format into the new image, where QEMU reads it: QEMU's name for it.
     const backingDriver = info.backing?.format !== undefined ? findDriver(opts.drivers, info.backing.format) : undefined;
     const planInfo = backingDriver ? { ...info, backing: { ...info.backing!, format: backingDriver.qemuName ?? backingDriver.name } } : info;
-    const input: PlanInput = { info: planInfo, mapping, hostSpace, fileSize: fileLength, options: opts.options ?? {} };
+    const input: PlanInput = { path, info: planInfo, mapping, hostSpace, fileSize: fileLength, options: opts.options ?? {} };
     const targetPlan = targetDriver.target.plan(input);
+    const companionPath = targetPlan.companion !== undefined ? join(dirname(path), targetPlan.companion) : undefined;
+    if (companionPath !== undefined) {
+      if (targetPlan.placement !== 'identity') throw new Error(`${opts.to}: a companion file needs identity placement of the data`);
+      if (await (opts.storage ?? fileStorage).exists(companionPath)) {
+        throw new UsageError(`${companionPath} exists; the conversion would create it (name another with the target's options, e.g. -o descriptor=NAME)`);
+      }
+    }
     if (sameFormat && targetPlan.parameters.subformat !== undefined && targetPlan.parameters.subformat === info.subformat) {
       throw new UsageError(`${path} is already ${opts.to} ${info.subformat}; nothing to do`);
     }
@@ -201,6 +213,7 @@ async function prepare(path: string, dev: BlockDevice, opts: ConvertOptions, int
         ? identity.relocation.largestRound + identity.relocation.scratchPeak + 2 * commitBytes
         : Math.max(0, finalLength - fileLength) + compaction.tablesBytes / 2,
       ...(identity ? { relocation: { rounds: identity.relocation.rounds.length, scratchPeakBytes: identity.relocation.scratchPeak, commitBytes } } : {}),
+      ...(companionPath !== undefined ? { companion: companionPath } : {}),
       finalLength,
       dropped: [
         ...(info.notCarried ?? []).filter((f) => f.action === 'drop').map((f) => f.feature),
@@ -210,7 +223,7 @@ async function prepare(path: string, dev: BlockDevice, opts: ConvertOptions, int
           .map(([k, v]) => `${CARRIED_LABELS[k as CarriedField]} (${v})`),
       ],
     };
-    return { chain, source, target: targetDriver.target, targetPlan, input, moves, movedMapping, writes: build.writes, fixed: build.fixed, finalLength, plan, undo: [], holesAsData: holesToData, ...(identity ? { identity } : {}) };
+    return { chain, source, target: targetDriver.target, targetPlan, input, moves, movedMapping, writes: build.writes, fixed: build.fixed, finalLength, plan, undo: [], holesAsData: holesToData, ...(identity ? { identity } : {}), ...(companionPath !== undefined ? { companion: { path: companionPath, bytes: build.companion ?? new Uint8Array() } } : {}) };
   } catch (e) {
     await chain.close();
     throw e;
@@ -259,7 +272,8 @@ async function chooseRoute(path: string, dev: BlockDevice, opts: ConvertOptions)
     let bestCost = Infinity;
     const tried: string[] = [];
     for (const d of opts.drivers) {
-      if (!d.target || d.name === opts.to || d.name === e.format) continue;
+      // The target's own format with default options may serve (VMDK sparse on the way to VMDK flat).
+      if (!d.target || d.name === e.format) continue;
       let first: Prepared | undefined;
       try {
         first = await prepare(path, dev, { ...opts, to: d.name, options: {} }, true);
@@ -567,9 +581,19 @@ async function runStage(
 
     // 5. THE COMMIT POINT: once this record is durable, recovery rolls forward.
     progress('commit', 0, 1);
-    await appendRecord(encodeRecord({ type: 'commit', redo: fixed, finalLength: prepared.finalLength, ...(commitUndo ?? {}) }));
+    const companion = prepared.companion;
+    await appendRecord(
+      encodeRecord({
+        type: 'commit',
+        redo: fixed,
+        finalLength: prepared.finalLength,
+        ...(commitUndo ?? {}),
+        ...(companion ? { companion: { path: companion.path, data: Buffer.from(companion.bytes).toString('base64') } } : {}),
+      }),
+    );
     committed = true;
     await applyRedo(dev, fixed, prepared.finalLength);
+    if (companion) await writeCompanion(storage, companion.path, companion.bytes);
     progress('commit', 1, 1);
   } catch (e) {
     await prepared.chain.close();
@@ -645,6 +669,7 @@ async function runStage(
       identity: identity !== undefined,
       intermediate: then !== undefined,
       redo: fixed,
+      ...(prepared.companion ? { companion: prepared.companion.path } : {}),
       onProgress: opts.onProgress,
     });
     const finalLength = await dev.size();
@@ -699,6 +724,8 @@ export interface FinishArgs {
   intermediate?: boolean;
   /** The bytes the commit wrote in place: an identity target punches their all-zero blocks (it is sparse where the guest reads zeros). */
   redo?: Region[];
+  /** The companion file the commit created (VMDK flat descriptor): verified as the image; removed on rollback. */
+  companion?: string;
   onProgress?: (e: ProgressEvent) => void;
 }
 
@@ -711,13 +738,27 @@ export async function finishCommitted(a: FinishArgs): Promise<{ verified: string
   a.onProgress?.({ phase: 'verify', bytesDone: 0, bytesTotal: 1 });
   let verified: string[];
   try {
-    // An identity target is its length: verify it as it will be once reclaim cuts the scratch space off.
-    const view = a.identity ? new OverlayDevice(a.dev, [], a.finalLength) : a.dev;
-    verified = await verifyTarget(a.path, view, a.drivers, a.to, a.expected, a.virtualSize, a.backing, a.identity);
+    if (a.companion) {
+      // The image is the companion's data now: open the companion, which reads the image through storage.
+      const cdev = await a.storage.open(a.companion, { write: false });
+      try {
+        verified = await verifyTarget(a.companion, cdev, a.drivers, a.to, a.expected, a.virtualSize, a.backing, true, (p, o) => a.storage.open(p, o));
+      } finally {
+        await cdev.close();
+      }
+    } else {
+      // An identity target is its length: verify it as it will be once reclaim cuts the scratch space off.
+      const view = a.identity ? new OverlayDevice(a.dev, [], a.finalLength) : a.dev;
+      verified = await verifyTarget(a.path, view, a.drivers, a.to, a.expected, a.virtualSize, a.backing, a.identity);
+    }
   } catch (e) {
     if (!(e instanceof VerificationError)) throw e;
     await a.append(encodeRecord({ type: 'abort', reason: e.message }));
     await rollBack(a.dev, a.undo, a.originalLength);
+    if (a.companion && (await a.storage.exists(a.companion))) {
+      await a.storage.remove(a.companion);
+      await a.storage.syncDir(a.companion);
+    }
     throw new ConversionFailedError('rolled-back', `the converted image failed verification (${e.message}); ${a.path} was restored to its original format`, e);
   }
   a.onProgress?.({ phase: 'verify', bytesDone: 1, bytesTotal: 1 });
@@ -732,6 +773,7 @@ export async function finishCommitted(a: FinishArgs): Promise<{ verified: string
     a.identity ? a.finalLength : undefined,
     !a.intermediate,
     a.identity ? a.redo : undefined,
+    a.companion !== undefined,
   );
   a.onProgress?.({ phase: 'reclaim', bytesDone: 1, bytesTotal: 1 });
   return { verified, reclaimedBytes, compactMovedBytes };
@@ -739,6 +781,19 @@ export async function finishCommitted(a: FinishArgs): Promise<{ verified: string
 
 function isAbort(e: unknown): boolean {
   return e instanceof Error && (e.name === 'AbortError' || (e as { code?: string }).code === 'ABORT_ERR');
+}
+
+/** Creates (or re-creates) the companion file with its bytes, durably. Idempotent: recovery repeats it. */
+export async function writeCompanion(storage: Storage, path: string, bytes: Uint8Array): Promise<void> {
+  if (await storage.exists(path)) await storage.remove(path);
+  const d = await storage.create(path);
+  try {
+    await d.write(bytes, 0);
+    await d.flush();
+  } finally {
+    await d.close();
+  }
+  await storage.syncDir(path);
 }
 
 /** Writes the fixed regions and sets the committed length. Idempotent: recovery repeats it. */
@@ -771,12 +826,13 @@ export async function verifyTarget(
   virtualSize: number,
   backing: string | undefined,
   identity = false,
+  opener?: DeviceOpener,
 ): Promise<string[]> {
   const probed = await probe(dev, drivers);
   if (probed.driver.name !== to) throw new VerificationError(`the file probes as ${probed.driver.name}, not ${to}`);
   let chain: ImageChain;
   try {
-    chain = await openImage(path, { drivers, format: to, topDevice: dev, backing: false });
+    chain = await openImage(path, { drivers, format: to, topDevice: dev, backing: false, ...(opener ? { opener } : {}) });
   } catch (e) {
     if (e instanceof ImgconvError) throw new VerificationError(`the new image does not open: ${e.message}`);
     throw e;
@@ -832,6 +888,8 @@ export async function reclaim(
   compactLeaks = true,
   /** Bytes written in place at the commit: their all-zero 4 KiB blocks are punched (identity targets). */
   sparsify?: Region[],
+  /** The image is a companion's raw data (VMDK flat): nothing in it to open as the target format. */
+  dataOnly = false,
 ): Promise<{ reclaimedBytes: number; compactMovedBytes: number }> {
   let compactMovedBytes = 0;
   let cut = 0;
@@ -850,6 +908,10 @@ export async function reclaim(
   if (compactLeaks && findDriver(drivers, to).target?.unreferencedIsLeak) {
     const c = await compact(path, dev, drivers, to, onProgress);
     compactMovedBytes = c.dataMovedBytes + c.tablesMovedBytes;
+  }
+  if (dataOnly) {
+    await dev.flush();
+    return { reclaimedBytes: cut, compactMovedBytes };
   }
   const chain = await openImage(path, { drivers, format: to, topDevice: dev, backing: false });
   try {

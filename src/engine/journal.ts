@@ -64,6 +64,8 @@ export interface CommitRecord {
   /** Relocating conversions: the old bytes of the redo regions, and the file length, just before the commit. */
   undo?: Region[];
   undoLength?: number;
+  /** A file created beside the image at the commit point (VMDK flat descriptor): its path and bytes (base64). */
+  companion?: { path: string; data: string };
 }
 
 export interface DoneRecord {

@@ -9,7 +9,7 @@ import { OverlayDevice } from '../blockdev/overlay.js';
 import type { FormatDriver } from '../driver.js';
 import { ImgconvError } from '../errors.js';
 import { openImage } from '../image.js';
-import { applyRedo, continueStages, finishCommitted, overlayMoves, reclaim, rollBack, type DataMove, type JournalHandle, type ProgressEvent } from './convert.js';
+import { applyRedo, continueStages, writeCompanion, finishCommitted, overlayMoves, reclaim, rollBack, type DataMove, type JournalHandle, type ProgressEvent } from './convert.js';
 import { holesAsData, scanHoles } from './holes.js';
 import { decodeJournal, journalPath, journalState, undoOf, type JournalState, type Region } from './journal.js';
 import { identityMapping } from './identity.js';
@@ -141,6 +141,11 @@ async function recoverStep(path: string, dev: BlockDevice, storage: Storage, st:
       const { undo, length } = undoOf(prepare, st.state === 'aborted' ? st.commit : undefined);
       await requireJournalMatches(dev, undo, st.state === 'aborted' ? st.redo : [], path);
       await rollBack(dev, undo, length);
+      const companion = st.state === 'aborted' ? st.commit?.companion?.path : undefined;
+      if (companion !== undefined && (await storage.exists(companion))) {
+        await storage.remove(companion);
+        await storage.syncDir(companion);
+      }
       await removeJournal(st.state === 'aborted' || st.step < 2);
       return {
         image: path,
@@ -153,7 +158,7 @@ async function recoverStep(path: string, dev: BlockDevice, storage: Storage, st:
       // Verified already; only reclaim may be unfinished. The fixed regions were written and flushed
       // before DONE, and compaction may since have changed them (a moved table's pointer in the
       // header): they must not be rewritten from the journal now.
-      await reclaim(path, dev, opts.drivers, prepare.targetFormat, undefined, identity ? st.commit.finalLength : undefined, !prepare.then, identity ? st.commit.redo : undefined);
+      await reclaim(path, dev, opts.drivers, prepare.targetFormat, undefined, identity ? st.commit.finalLength : undefined, !prepare.then, identity ? st.commit.redo : undefined, st.commit.companion !== undefined);
       await removeJournal();
       return { image: path, action: 'rolled-forward', format: prepare.targetFormat, detail: `the conversion to ${prepare.targetFormat} was complete; finished reclaiming space` };
     }
@@ -162,6 +167,8 @@ async function recoverStep(path: string, dev: BlockDevice, storage: Storage, st:
     const { undo, length } = undoOf(prepare, st.commit);
     await requireJournalMatches(dev, undo, st.commit.redo, path);
     await applyRedo(dev, st.commit.redo, st.commit.finalLength);
+    const companion = st.commit.companion;
+    if (companion) await writeCompanion(storage, companion.path, Uint8Array.from(Buffer.from(companion.data, 'base64')));
     const sourceMap = await sourceMappingFromUndo(path, dev, opts.drivers, prepare.sourceFormat, undo, length, journalMoves(prepare.plan.moves), prepare.plan.holesAsData !== false && !identity);
     const expected = identity ? identityMapping(sourceMap) : sourceMap;
     const journal = await storage.open(jpath, { write: true });
@@ -189,6 +196,7 @@ async function recoverStep(path: string, dev: BlockDevice, storage: Storage, st:
         identity,
         intermediate: prepare.then !== undefined,
         redo: st.commit.redo,
+        ...(companion ? { companion: companion.path } : {}),
         onProgress: opts.onProgress,
       });
     } catch (e) {

@@ -276,7 +276,8 @@ describe.runIf(haveQemu)('vmdk target: conversions judged by qemu-img', () => {
 
 describe.runIf(haveQemu)('vmdk target: refusals leave the file byte-identical', () => {
   const cases: [Record<string, string>, string][] = [
-    [{ subformat: 'monolithicFlat' }, 'monolithicFlat'],
+    // monolithicFlat is a target now (test/drivers/vmdk-flat-target.test.ts); its descriptor option alone is not
+    [{ descriptor: 'x.vmdk' }, 'descriptor'],
     [{ subformat: 'streamOptimized' }, 'streamOptimized'],
     [{ subformat: 'twoGbMaxExtentSparse' }, 'twoGbMaxExtentSparse'],
     [{ subformat: 'bogus' }, 'bogus'],
