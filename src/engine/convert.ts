@@ -496,6 +496,11 @@ async function runStage(
   };
   let committed = false;
   let commitUndoLength: number | undefined;
+  /** Set before the first write below the original length: until then a rollback leaves the file byte-identical. */
+  let wroteInside = false;
+  const inside = (offset: number) => {
+    if (offset < plan.source.fileLength) wroteInside = true;
+  };
   try {
     opts.signal?.throwIfAborted();
     // 2. Journal: the old bytes of every fixed region, and the original length. Durable before any
@@ -539,6 +544,7 @@ async function runStage(
     let commitUndo: { undo: Region[]; undoLength: number } | undefined;
     if (identity) {
       progress('move', 0, plan.dataMoveBytes);
+      wroteInside = true;
       await executeRelocation(dev, identity.units, identity.relocation, (done) => progress('move', done, plan.dataMoveBytes), opts.signal);
       const redo = await readGuestRanges(path, dev, opts.drivers, plan.source.format, identity.redo);
       for (const r of identity.punch) await dev.punchHole(r.start, r.length);
@@ -559,6 +565,7 @@ async function runStage(
         opts.signal?.throwIfAborted();
         const len = Math.min(COPY_CHUNK, m.length - off);
         const bytes = await readTopLayer(source, prepared.input.mapping, m.guest + off, len);
+        inside(m.to + off);
         await dev.write(bytes, m.to + off);
         moved += len;
         progress('move', moved, plan.dataMoveBytes);
@@ -572,6 +579,7 @@ async function runStage(
     progress('write', 0, writeTotal);
     for (const w of writes) {
       opts.signal?.throwIfAborted();
+      inside(w.offset);
       await dev.write(w.bytes, w.offset);
       written += w.bytes.length;
       progress('write', written, writeTotal);
@@ -598,11 +606,7 @@ async function runStage(
   } catch (e) {
     await prepared.chain.close();
     // Did anything reach the bytes of the original file? (Writes past its end are truncated away.)
-    const writesInside =
-      identity !== undefined ||
-      moves.some((m) => m.to < plan.source.fileLength) ||
-      writes.some((w) => w.offset < plan.source.fileLength);
-    const touched = jh.end > 0 && (writesInside || intermediateOf !== undefined);
+    const touched = wroteInside || intermediateOf !== undefined;
     if (!committed) {
       // Before the commit: undo what was written (only free space and the tail) and drop the journal.
       try {
