@@ -67,6 +67,10 @@ function planHuman(p: ConversionPlan): string {
     const [a, b] = p.steps as [ConversionPlan, ConversionPlan];
     lines.push(`in two steps (${a.source.format} cannot move its data where ${b.target.format} needs it, ${a.target.format} can; the second step is estimated):`);
     for (const step of p.steps) lines.push(...planHuman(step).split('\n').filter((l) => !l.startsWith('image: ')).map((l) => `  ${l}`));
+    if (p.alternatives) {
+      lines.push('routes compared:');
+      for (const a of p.alternatives) lines.push(`  through ${a.via}: ${a.movedBytes !== undefined ? `${humanSize(a.movedBytes)} moved` : `not possible (${a.refused})`}`);
+    }
   }
   return lines.join('\n');
 }

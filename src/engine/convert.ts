@@ -86,6 +86,8 @@ export interface ConversionPlan {
   dropped: string[];
   /** A file the conversion creates beside the image (VMDK monolithicFlat: the descriptor; the image becomes its raw extent). */
   companion?: string;
+  /** Two-step conversions: every intermediate format compared, with the bytes it would move or why it cannot serve. */
+  alternatives?: RouteAlternative[];
 }
 
 export interface ConversionReport extends Omit<ConversionPlan, 'steps'> {
@@ -255,6 +257,14 @@ interface Route {
   prepared: Prepared;
   /** Second step, when the first converts to an intermediate format. */
   then?: { to: string; options: TargetOptions; estimate: ConversionPlan };
+  /** The routes compared (two-step conversions): moved bytes through each intermediate, or why it cannot serve. */
+  alternatives?: RouteAlternative[];
+}
+
+export interface RouteAlternative {
+  via: string;
+  movedBytes?: number;
+  refused?: string;
 }
 
 /**
@@ -271,6 +281,7 @@ async function chooseRoute(path: string, dev: BlockDevice, opts: ConvertOptions)
     let best: Route | undefined;
     let bestCost = Infinity;
     const tried: string[] = [];
+    const alternatives: RouteAlternative[] = [];
     for (const d of opts.drivers) {
       // The target's own format with default options may serve (VMDK sparse on the way to VMDK flat).
       if (!d.target || d.name === e.format) continue;
@@ -281,6 +292,7 @@ async function chooseRoute(path: string, dev: BlockDevice, opts: ConvertOptions)
         const second = await prepare(path, view, { ...opts, format: d.name });
         await second.chain.close();
         const cost = first.plan.dataMoveBytes + first.plan.compactionMoveBytes + second.plan.dataMoveBytes;
+        alternatives.push({ via: d.name, movedBytes: cost });
         if (cost < bestCost) {
           if (best) await best.prepared.chain.close();
           best = { prepared: first, then: { to: opts.to, options: opts.options ?? {}, estimate: second.plan } };
@@ -291,12 +303,13 @@ async function chooseRoute(path: string, dev: BlockDevice, opts: ConvertOptions)
         // Only a refusal rules a route out; an I/O error stops the conversion (before any write).
         if (!(err instanceof ImgconvError) || err instanceof IoError) throw err;
         tried.push(`through ${d.name}: ${(err as Error).message}`);
+        alternatives.push({ via: d.name, refused: (err as Error).message });
       } finally {
         if (first) await first.chain.close();
       }
     }
     if (!best) throw new UnsupportedError(e.format, e.feature, `${e.message}; no intermediate format works either (${tried.join('; ')})`);
-    return best;
+    return { ...best, alternatives };
   }
 }
 
@@ -340,7 +353,7 @@ export async function planConversion(path: string, opts: ConvertOptions): Promis
   try {
     const route = await chooseRoute(path, dev, opts);
     await route.prepared.chain.close();
-    return route.then ? combinePlans(route.prepared.plan, route.then.estimate) : route.prepared.plan;
+    return route.then ? { ...combinePlans(route.prepared.plan, route.then.estimate), ...(route.alternatives ? { alternatives: route.alternatives } : {}) } : route.prepared.plan;
   } finally {
     await dev.close();
   }
