@@ -233,10 +233,11 @@ function firstFit(free: FreeRange[], length: number, align: number): number | un
  * each cluster-aligned) by the same rules: the tables reaching above the window go out and back in,
  * data above the window's start moves into holes below it.
  */
-export function estimateCompaction(p: { cs: number; header: FreeRange[]; tables: FreeRange[]; data: FreeRange[]; fileLength: number }): { tablesBytes: number; dataBytes: number } {
+export function estimateCompaction(p: { cs: number; header: FreeRange[]; tables: FreeRange[]; data: FreeRange[]; fileLength: number }): { tablesBytes: number; dataBytes: number; finalLength: number } {
   const { cs } = p;
   const E0 = clustersCovered([...p.header, ...p.tables, ...p.data], cs) * cs;
-  if (E0 >= alignUp(p.fileLength, cs)) return { tablesBytes: 0, dataBytes: 0 };
+  // Compaction packs everything below E0 and cuts the file there; with nothing to reclaim it leaves the length.
+  if (E0 >= alignUp(p.fileLength, cs)) return { tablesBytes: 0, dataBytes: 0, finalLength: p.fileLength };
   let T = 0;
   for (;;) {
     const next = p.tables.filter((t) => t.start + t.length > E0 - T).reduce((s, t) => s + alignUp(t.length, cs), 0);
@@ -247,5 +248,5 @@ export function estimateCompaction(p: { cs: number; header: FreeRange[]; tables:
   const above = (rs: FreeRange[]) => rs.reduce((s, r) => s + Math.max(0, alignUp(r.start + r.length, cs) - Math.max(r.start, limit)), 0);
   const below = (rs: FreeRange[]) => rs.reduce((s, r) => s + Math.max(0, Math.min(alignUp(r.start + r.length, cs), limit) - r.start), 0);
   const holesBelow = limit - below(p.header) - below(p.tables) - below(p.data);
-  return { tablesBytes: 2 * T, dataBytes: Math.min(above(p.data), Math.max(0, holesBelow)) };
+  return { tablesBytes: 2 * T, dataBytes: Math.min(above(p.data), Math.max(0, holesBelow)), finalLength: E0 };
 }

@@ -188,7 +188,7 @@ async function prepare(path: string, dev: BlockDevice, opts: ConvertOptions, int
     if (2 * commitBytes > MAX_BINARY) {
       throw new UnsupportedError(info.format, 'metadata inside the disk', `${commitBytes} bytes of the source's tables lie where ${opts.to} puts guest data; the commit record would carry them twice, beyond the journal's ${MAX_BINARY}-byte limit`);
     }
-    let compaction = { tablesBytes: 0, dataBytes: 0 };
+    let compaction = { tablesBytes: 0, dataBytes: 0, finalLength };
     if (targetDriver.target.unreferencedIsLeak && !intermediate) {
       const cs = targetPlan.dataAlignment;
       const data: { start: number; length: number }[] = [];
@@ -216,7 +216,8 @@ async function prepare(path: string, dev: BlockDevice, opts: ConvertOptions, int
         : Math.max(0, finalLength - fileLength) + compaction.tablesBytes / 2,
       ...(identity ? { relocation: { rounds: identity.relocation.rounds.length, scratchPeakBytes: identity.relocation.scratchPeak, commitBytes } } : {}),
       ...(companionPath !== undefined ? { companion: companionPath } : {}),
-      finalLength,
+      // After compaction (QED) the file is cut to what it holds.
+      finalLength: compaction.finalLength,
       dropped: [
         ...(info.notCarried ?? []).filter((f) => f.action === 'drop').map((f) => f.feature),
         ...targetPlan.dropped,
