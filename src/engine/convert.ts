@@ -7,7 +7,7 @@
 import type { BlockDevice, DeviceOpener } from '../blockdev/types.js';
 import { dirname, join } from 'node:path';
 import { fileStorage, type Storage } from '../blockdev/storage.js';
-import { CARRIED_LABELS, type CarriedField, type FormatDriver, type HostWrite, type PlanInput, type SourceImage, type TargetDriver, type TargetOptions, type TargetPlan } from '../driver.js';
+import { CARRIED_LABELS, type CarriedField, type FormatDriver, type HostWrite, type PlanInput, type SourceImage, type TargetDriver, type TargetOptions, type TargetPlan, type TargetBuild } from '../driver.js';
 import { ExtentMap, type Extent } from '../extent-map.js';
 import { ImgconvError, IoError, UnsupportedError, UsageError } from '../errors.js';
 import { alignUp } from '../binary.js';
@@ -185,6 +185,7 @@ async function prepare(path: string, dev: BlockDevice, opts: ConvertOptions, int
     // the relocation's scratch space off once the result is verified.
     const finalLength = identity ? build.finalLength : Math.max(build.finalLength, fileLength);
     const commitBytes = identity ? identity.redo.reduce((s, r) => s + r.length, 0) + build.fixed.reduce((s, f) => s + f.bytes.length, 0) : 0;
+    if (identity && companionPath === undefined) await refuseProbeTrap(path, dev, source, mapping, build, opts);
     if (2 * commitBytes > MAX_BINARY) {
       throw new UnsupportedError(info.format, 'metadata inside the disk', `${commitBytes} bytes of the source's tables lie where ${opts.to} puts guest data; the commit record would carry them twice, beyond the journal's ${MAX_BINARY}-byte limit`);
     }
@@ -230,6 +231,46 @@ async function prepare(path: string, dev: BlockDevice, opts: ConvertOptions, int
   } catch (e) {
     await chain.close();
     throw e;
+  }
+}
+
+/**
+ * An identity target's first and last bytes are the guest's. When they look like another format (the
+ * guest disk holds an image, or a boot sector with a magic), the result would be taken for that format
+ * by anything that probes it — and our own verification would roll it back after the commit. Checked
+ * before any write instead: the result's head and tail (and the target's fixed regions) must probe and
+ * open as the target.
+ */
+async function refuseProbeTrap(path: string, dev: BlockDevice, source: SourceImage, mapping: ExtentMap, build: TargetBuild, opts: ConvertOptions): Promise<void> {
+  const V = mapping.virtualSize;
+  const headLength = Math.min(V, 65536);
+  const tailStart = Math.max(0, V - 512);
+  const view = new OverlayDevice(
+    dev,
+    [
+      { offset: 0, bytes: await readTopLayer(source, mapping, 0, headLength) },
+      { offset: tailStart, bytes: await readTopLayer(source, mapping, tailStart, V - tailStart) },
+      ...build.fixed,
+    ],
+    build.finalLength,
+  );
+  const probed = await probe(view, opts.drivers);
+  let opens = probed.driver.name === opts.to;
+  if (opens) {
+    try {
+      const chain = await openImage(path, { drivers: opts.drivers, format: opts.to, topDevice: view, backing: false });
+      await chain.close();
+    } catch (e) {
+      if (!(e instanceof ImgconvError) || e instanceof IoError) throw e;
+      opens = false;
+    }
+  }
+  if (!opens) {
+    throw new UnsupportedError(
+      source.format,
+      'guest data that looks like another format',
+      `the disk's first or last bytes ${probed.driver.name !== opts.to ? `read as a ${probed.driver.name} image` : `stop a ${opts.to} reader (the guest's bytes come first in a ${opts.to} file)`}; converted in place to ${opts.to}, the file would be taken for something else by anything that probes it (imgconv, qemu-img). Convert to a format with its own header (qcow2, QED, VMDK, VHD dynamic) instead`,
+    );
   }
 }
 
