@@ -22,6 +22,7 @@ import { NeedsIntermediateError, planIdentity, type IdentityPlan } from './ident
 import { executeRelocation } from './relocate.js';
 import { identityEquivalent } from './mapping.js';
 import { OverlayDevice } from '../blockdev/overlay.js';
+import { writeIntoFree } from '../blockdev/sparse.js';
 
 export type Phase = 'analyse' | 'plan' | 'move' | 'write' | 'commit' | 'verify' | 'reclaim';
 export const PHASES: readonly Phase[] = ['analyse', 'plan', 'move', 'write', 'commit', 'verify', 'reclaim'];
@@ -621,7 +622,8 @@ async function runStage(
         const len = Math.min(COPY_CHUNK, m.length - off);
         const bytes = await readTopLayer(source, prepared.input.mapping, m.guest + off, len);
         inside(m.to + off);
-        await dev.write(bytes, m.to + off);
+        // Free space may hold stale bytes; the copy keeps the source's zeros as holes.
+        await writeIntoFree(dev, m.to + off, bytes);
         moved += len;
         progress('move', moved, plan.dataMoveBytes);
       }

@@ -24,6 +24,7 @@ import type { Relocatable } from '../driver.js';
 import { alignUp } from '../binary.js';
 import type { FreeRange } from '../host-space.js';
 import { IntervalSet } from './intervals.js';
+import { writeIntoFree } from '../blockdev/sparse.js';
 
 /** One movable data unit of the source (a cluster, grain or block), with where its pointer lives. */
 export interface Unit extends Relocatable {
@@ -224,7 +225,8 @@ export async function executeRelocation(
         if (n === 0) break; // past the end of the file: the rest reads as zeros
         got += n;
       }
-      await dev.write(buf, steps[i]!.to);
+      // Into free space, as sparse as the source: zero blocks become (or stay) holes.
+      await writeIntoFree(dev, steps[i]!.to, buf);
       done += len;
       onBytes(done);
       i = j;

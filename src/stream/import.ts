@@ -18,7 +18,8 @@ import { findDriver, openImage } from '../image.js';
 import { convertInPlace, type ConversionReport } from '../engine/convert.js';
 import { journalPath } from '../engine/journal.js';
 import { StreamInterruptedError } from './export.js';
-import { isAllZero, ReadableInput } from './input.js';
+import { ReadableInput } from './input.js';
+import { writeSparse } from '../blockdev/sparse.js';
 import type { StreamProgressEvent } from './progress.js';
 
 export interface UnstreamOptions {
@@ -45,30 +46,6 @@ export interface UnstreamReport {
   fileLength: number;
   /** When the destination was converted in place from the raw disk. */
   conversion?: { metadataBytes: number; dataMovedBytes: number };
-}
-
-/** Granularity of holes in the destination: the usual file system block. */
-const HOLE_BLOCK = 4096;
-
-/**
- * Writes `bytes` at `offset`, leaving out every aligned all-zero block so the destination stays
- * sparse; neighbouring blocks with data go out as one write.
- */
-export async function writeSparse(dev: BlockDevice, offset: number, bytes: Uint8Array): Promise<void> {
-  let runStart = -1;
-  let at = 0;
-  while (at < bytes.length) {
-    // Blocks follow the destination's alignment, so a hole is a whole file system block.
-    const end = Math.min(bytes.length, at + HOLE_BLOCK - ((offset + at) % HOLE_BLOCK));
-    const zero = isAllZero(bytes.subarray(at, end));
-    if (!zero && runStart < 0) runStart = at;
-    if (zero && runStart >= 0) {
-      await dev.write(bytes.subarray(runStart, at), offset + runStart);
-      runStart = -1;
-    }
-    at = end;
-  }
-  if (runStart >= 0) await dev.write(bytes.subarray(runStart), offset + runStart);
 }
 
 function checkAborted(signal: AbortSignal | undefined): void {

@@ -200,14 +200,4 @@ export class StreamDevice implements BlockDevice {
   async close(): Promise<void> {}
 }
 
-const ZEROS = Buffer.alloc(1 << 20);
-
-/** Whether every byte is zero (a data piece that need not be written to a sparse destination). */
-export function isAllZero(bytes: Uint8Array): boolean {
-  for (let at = 0; at < bytes.length; at += ZEROS.length) {
-    const n = Math.min(ZEROS.length, bytes.length - at);
-    // memcmp against zeros: far faster than a byte loop.
-    if (Buffer.compare(Buffer.from(bytes.buffer, bytes.byteOffset + at, n), ZEROS.subarray(0, n)) !== 0) return false;
-  }
-  return true;
-}
+export { isAllZero } from '../blockdev/sparse.js';
