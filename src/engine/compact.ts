@@ -11,6 +11,8 @@
  * and it is reused only in a later round, after the image is re-read. A crash at any instant leaves a
  * valid image whose only defect can be a leak, and running reclaim again continues.
  */
+import { writeIntoFree } from '../blockdev/sparse.js';
+import { coalesce } from './relocate.js';
 import type { BlockDevice } from '../blockdev/types.js';
 import type { FormatDriver, Relocatable, SourceImage } from '../driver.js';
 import type { FreeRange } from '../host-space.js';
@@ -158,7 +160,8 @@ async function applyMoves(dev: BlockDevice, moves: { r: Relocatable; to: number 
         got += n;
       }
       piece.fill(0, got);
-      await dev.write(piece, to + off);
+      // Into a hole or past the end, as sparse as the source (zero blocks stay holes).
+      await writeIntoFree(dev, to + off, piece);
       onCopied?.(len);
     }
     bytes += length;
@@ -166,15 +169,8 @@ async function applyMoves(dev: BlockDevice, moves: { r: Relocatable; to: number 
   }
   await dev.flush();
   const pointers = moves.map(({ r, to }) => ({ offset: r.pointer.offset, bytes: r.pointer.encode(to) })).sort((a, b) => a.offset - b.offset);
-  for (let k = 0; k < pointers.length; ) {
-    let end = pointers[k]!.offset + pointers[k]!.bytes.length;
-    let m = k + 1;
-    while (m < pointers.length && pointers[m]!.offset === end) end += pointers[m++]!.bytes.length;
-    const run = new Uint8Array(end - pointers[k]!.offset);
-    for (let q = k; q < m; q++) run.set(pointers[q]!.bytes, pointers[q]!.offset - pointers[k]!.offset);
-    await dev.write(run, pointers[k]!.offset);
-    k = m;
-  }
+  // Neighbouring pointers as one write.
+  for (const w of coalesce(pointers)) await dev.write(w.bytes, w.offset);
   await dev.flush();
   return bytes;
 }
