@@ -108,6 +108,8 @@ export interface Tally {
   qemuConfirmed: number;
   /** The target refused this source (e.g. a VMDK target over a non-VMDK parent): nothing to crash. */
   refused?: string;
+  /** Not run: an extra fixture of a pair that already had IMGCONV_CRASH_QUOTA states (suite.ts). */
+  skipped?: string;
   opsRecorded: number;
   ms: number;
 }
