@@ -34,7 +34,7 @@
  * No differencing target: a source with a backing file is refused (rebase it or keep it as qcow2/QED).
  * No compaction: the old format's structures become space nothing references, which reclaim punches.
  */
-import { randomUUID } from 'node:crypto';
+import { createHash } from 'node:crypto';
 import { alignUp } from '../../src/binary.js';
 import type { Allocator, CarriedField, HostWrite, PlanInput, TargetBuild, TargetDriver, TargetOptions, TargetPlan } from '../../src/driver.js';
 import { clusterize, type ClusterRun, type MustMove } from '../../src/engine/clusters.js';
@@ -148,9 +148,20 @@ function parseGeometry(s: string): Geometry {
 }
 
 /** 16 random bytes as a version-4 UUID, or the source's own when it has one. */
-function uuidFor(carried: string | undefined): string {
+/**
+ * The source's own UUID when it has one; otherwise a version-4-shaped UUID derived from the image's
+ * layout, so that `plan` shows the UUID `inplace` writes (plan() is pure) while two disks still differ.
+ */
+function uuidFor(carried: string | undefined, input: PlanInput): string {
   if (typeof carried === 'string' && /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i.test(carried) && !/^[0-]+$/.test(carried)) return carried.toLowerCase();
-  return randomUUID();
+  const h = createHash('sha256');
+  h.update(`${input.path ?? ''}:${input.info.virtualSize}:${input.fileSize}:`);
+  for (const e of input.mapping) h.update(`${e.guest},${e.length},${e.kind},${e.host ?? ''};`);
+  const b = h.digest().subarray(0, 16);
+  b[6] = (b[6]! & 0x0f) | 0x40;
+  b[8] = (b[8]! & 0x3f) | 0x80;
+  const x = b.toString('hex');
+  return `${x.slice(0, 8)}-${x.slice(8, 12)}-${x.slice(12, 16)}-${x.slice(16, 20)}-${x.slice(20)}`;
 }
 
 function uuidBytes(s: string): Uint8Array {
@@ -338,7 +349,7 @@ export const vhdTarget: TargetDriver = {
       force_size: size.creatorApp === CREATOR_CURRENT_SIZE,
       creator_app: size.creatorApp,
       geometry: geometryText(size.geometry),
-      uuid: uuidFor(input.info.carried?.uuid),
+      uuid: uuidFor(input.info.carried?.uuid, input),
       timestamp: Math.max(0, Math.floor(Date.now() / 1000) - VHD_EPOCH) >>> 0,
     };
     // The source's identity that survives: its UUID; its geometry and creator only where the size rule
