@@ -12,8 +12,8 @@
  */
 import { execFileSync, spawnSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { existsSync, readFileSync, statSync } from 'node:fs';
-import { basename, dirname } from 'node:path';
+import { existsSync, readdirSync, readFileSync, statSync } from 'node:fs';
+import { basename, dirname, join } from 'node:path';
 import { allDrivers } from '../../drivers/index.js';
 import { checkExitCode, checkImage } from '../../src/check.js';
 import { ConversionFailedError, convertInPlace, planConversion, type ConversionPlan, type ConversionReport } from '../../src/engine/convert.js';
@@ -122,6 +122,8 @@ export interface Outcome {
   error?: { name: string; message: string; imageState?: string };
   /** One line per failed judgement; empty when the case holds. */
   problems: string[];
+  /** Files the case left beside the image (a VMDK flat descriptor); the caller removes them. */
+  created: string[];
   ms: number;
 }
 
@@ -227,7 +229,10 @@ export async function runCase(c: Case, original: string, file: string): Promise<
   const { row, target } = c;
   const format = isProbeTrap(row) ? 'raw' : undefined; // what QEMU needs too; probing names -f raw
   const opts = { to: target.to, options: c.options, drivers: allDrivers, ...(format ? { format } : {}) };
-  const done = (o: Omit<Outcome, 'id' | 'problems' | 'ms'>): Outcome => ({ id: c.id, ...o, problems, ms: Math.round(performance.now() - t0) });
+  const dir = dirname(file);
+  const filesBefore = new Set(readdirSync(dir));
+  const newFiles = () => readdirSync(dir).filter((n) => !filesBefore.has(n)).map((n) => join(dir, n));
+  const done = (o: Omit<Outcome, 'id' | 'problems' | 'ms' | 'created'>): Outcome => ({ id: c.id, ...o, problems, created: newFiles(), ms: Math.round(performance.now() - t0) });
 
   const hashBefore = sha(file);
   const sourceUsage = usageOf(file);
@@ -258,13 +263,14 @@ export async function runCase(c: Case, original: string, file: string): Promise<
     if (e instanceof ConversionFailedError && e.imageState !== 'untouched') problems.push(`conversion failed leaving the image ${e.imageState}: ${e.message}`);
     if (sha(file) !== hashBefore) problems.push('the refused image is not byte-identical');
     if (existsSync(journalPath(file))) problems.push('a journal was left beside the refused image');
+    else if (newFiles().length) problems.push(`the refused conversion left ${newFiles().map((f) => basename(f)).join(', ')}`);
     if (plan) problems.push(`plan predicted a conversion (${plan.dataMoveBytes} bytes moved), inplace refused`);
     return done({ kind: 'refused', error });
   }
   if (!plan) problems.push(`plan refused (${errorOf(planError)!.message}) but the conversion succeeded`);
   let measured: Measured | undefined;
   try {
-    measured = await judgeConverted(c, original, file, { plan, report, vsize, origInfo, sourceUsage, decompressed }, problems);
+    measured = await judgeConverted(c, original, file, { plan, report, vsize, origInfo, sourceUsage, decompressed, created: newFiles() }, problems);
   } catch (e) {
     problems.push(`judging the result failed: ${(e as Error).message}`);
   }
@@ -278,6 +284,8 @@ interface Facts {
   origInfo: Record<string, unknown>;
   sourceUsage: number;
   decompressed: number;
+  /** New files beside the image after the conversion. */
+  created: string[];
 }
 
 /** The judgement of a converted image; pushes a line per failed judgement. */
@@ -285,28 +293,38 @@ async function judgeConverted(c: Case, original: string, file: string, f: Facts,
   const { row, target } = c;
   const { plan, report, vsize, origInfo, sourceUsage, decompressed } = f;
   if (existsSync(journalPath(file))) problems.push('journal left after a successful conversion');
+  // VMDK monolithicFlat: the image becomes the raw extent of a descriptor created beside it; qemu-img
+  // and imgconv open the descriptor. Any other target leaves no file beside the image.
+  const companion = report.companion;
+  const flat = target.subformat === 'monolithicFlat';
+  if (flat && (companion === undefined || !existsSync(companion))) problems.push(`no descriptor file (report.companion ${companion})`);
+  if (plan && plan.companion !== companion) problems.push(`plan names the companion ${plan.companion}, the conversion made ${companion}`);
+  const expectedNew = companion !== undefined ? [companion] : [];
+  const stray = f.created.filter((n) => !expectedNew.includes(n));
+  if (stray.length) problems.push(`files left beside the image: ${stray.map((n) => basename(n)).join(', ')}`);
+  const judged = companion ?? file;
 
   // qemu-img compare against the untouched original (explicit formats on both sides).
-  const cmp = qemu(['compare', '-f', row.qemuFormat, '-F', target.qemuFormat, original, file], dirname(original));
+  const cmp = qemu(['compare', '-f', row.qemuFormat, '-F', target.qemuFormat, original, judged], dirname(original));
   if (cmp.status !== 0 || !cmp.out.includes('Images are identical')) problems.push(`qemu-img compare exit ${cmp.status}: ${cmp.out.trim().split('\n').slice(0, 3).join(' | ')}`);
 
   // qemu-img info: probes as the target, virtual size and backing file unchanged. An identity target
   // (raw, VHD fixed) begins with the guest's first sector: made from a probe trap (a raw disk whose
   // first sector carries another format's magic), it is one too, and QEMU may fail to probe it exactly
   // as it fails on the source; it must then open with -f.
-  const probed = qemuProbe(file);
+  const probed = qemuProbe(judged);
   const identityTarget = target.qemuProbe === 'raw';
   if (probed !== target.qemuProbe && !(isProbeTrap(row) && identityTarget && probed.startsWith('error'))) {
     problems.push(`qemu-img info probes ${probed}, expected ${target.qemuProbe}`);
   }
-  const infoF = qemuInfo(file, target.qemuFormat);
+  const infoF = qemuInfo(judged, target.qemuFormat);
   if (infoF['virtual-size'] !== vsize) problems.push(`virtual size ${String(infoF['virtual-size'])}, source ${vsize}`);
   if (infoF['backing-filename'] !== origInfo['backing-filename']) problems.push(`backing file ${String(infoF['backing-filename'])}, source ${String(origInfo['backing-filename'])}`);
-  const view = await imgconvView(file);
+  const view = await imgconvView(judged);
   if (view.format !== target.to) problems.push(`imgconv probes ${view.format}, expected ${target.to}`);
   if (target.subformat !== undefined && view.subformat !== target.subformat) problems.push(`subformat ${view.subformat}, expected ${target.subformat}`);
 
-  const check = await judgeCheck(file, target);
+  const check = await judgeCheck(judged, target);
   if (check.problem) problems.push(check.problem);
 
   // The plan is what was measurably done: moved bytes exactly, final size within one cluster.
@@ -323,7 +341,7 @@ async function judgeConverted(c: Case, original: string, file: string, f: Facts,
 
   // Disk usage: not above the source's plus the new metadata (VHD dynamic: plus each allocated
   // block's rounding to 2 MiB; compressed sources: plus their data decompressed) plus slack.
-  const usage = usageOf(file);
+  const usage = usageOf(file) + (companion !== undefined && existsSync(companion) ? usageOf(companion) : 0);
   const vhdRounding = target.to === 'vhd' && target.subformat === 'dynamic' ? view.dataBlocks * VHD_BLOCK : 0;
   const usageBound = sourceUsage + report.metadataBytes + vhdRounding + decompressed + USAGE_SLACK;
   if (usage > usageBound) {
@@ -447,7 +465,7 @@ function cell(c: Case, o: Outcome | undefined, input: ReportInput): string {
   if (!o) return 'not run';
   const marks = input.marked.get(c.id) ?? [];
   const bug = o.problems.length ? ` **BUG** (${marks.length ? marks.join(', ') : 'new'})` : '';
-  if (o.kind === 'refused') return `refused: ${refusalTag(o, c, input.refusals)}${bug}`;
+  if (o.kind === 'refused') return o.problems.length ? `failed:${bug}` : `refused: ${refusalTag(o, c, input.refusals)}`;
   const m = o.measured;
   if (!m) return `ok?${bug}`;
   return `ok, moved ${bytes(m.report.dataMoveBytes)}${m.report.via ? ` via ${m.report.via}` : ''}${bug}`;
@@ -469,7 +487,7 @@ export function kindCell(list: readonly Case[], input: ReportInput): string {
     parts.push(`${ok.length === os.length ? '' : `${ok.length}: `}${what}${via.length ? `, two steps via ${via.join('/')}` : ''}`);
   }
   if (refused.length) {
-    const tags = [...new Set(refused.map((x) => refusalTag(x.o, x.c, input.refusals)))];
+    const tags = [...new Set(refused.map((x) => (x.o.problems.length ? 'after the commit point' : refusalTag(x.o, x.c, input.refusals))))];
     parts.push(`${refused.length === os.length ? '' : `${refused.length}: `}refused (${tags.join(', ')})`);
   }
   const buggy = os.filter((x) => x.o.problems.length);
@@ -546,7 +564,7 @@ export function renderReport(input: ReportInput): string {
     L.push(`Instead: ${r.instead}`);
     L.push('');
   }
-  const unexpected = ran.filter((c) => outcomes.get(c.id)?.kind === 'refused' && refusalTag(outcomes.get(c.id)!, c, input.refusals) === 'unexpected');
+  const unexpected = ran.filter((c) => outcomes.get(c.id)?.kind === 'refused' && outcomes.get(c.id)!.problems.length === 0 && refusalTag(outcomes.get(c.id)!, c, input.refusals) === 'unexpected');
   if (unexpected.length) {
     L.push('### unexpected');
     L.push('');
