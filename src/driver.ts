@@ -161,6 +161,11 @@ export interface HostWrite {
 export interface PlanInput {
   /** The image's path (names written into the new metadata: VMDK extent lines). */
   path?: string;
+  /**
+   * The backing file as its own driver opened it, when it could be opened (a VMDK delta records its
+   * parent's CID). Absent without a backing file, or when it is missing: targets that need it refuse.
+   */
+  backingInfo?: ImageInfo;
   /** The source's top layer. */
   info: ImageInfo;
   mapping: ExtentMap;

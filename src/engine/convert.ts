@@ -7,7 +7,7 @@
 import type { BlockDevice, DeviceOpener } from '../blockdev/types.js';
 import { dirname, join } from 'node:path';
 import { fileStorage, type Storage } from '../blockdev/storage.js';
-import { CARRIED_LABELS, type CarriedField, type FormatDriver, type HostWrite, type PlanInput, type SourceImage, type TargetDriver, type TargetOptions, type TargetPlan, type TargetBuild } from '../driver.js';
+import { CARRIED_LABELS, type CarriedField, type FormatDriver, type HostWrite, type PlanInput, type SourceImage, type TargetDriver, type TargetOptions, type TargetPlan, type TargetBuild, type ImageInfo } from '../driver.js';
 import { ExtentMap, type Extent } from '../extent-map.js';
 import { ImgconvError, IoError, UnsupportedError, UsageError } from '../errors.js';
 import { alignUp } from '../binary.js';
@@ -148,7 +148,8 @@ async function prepare(path: string, dev: BlockDevice, opts: ConvertOptions, int
     // Targets write the backing format into the new image, where QEMU reads it: QEMU's name for it.
     const backingDriver = info.backing?.format !== undefined ? findDriver(opts.drivers, info.backing.format) : undefined;
     const planInfo = backingDriver ? { ...info, backing: { ...info.backing!, format: backingDriver.qemuName ?? backingDriver.name } } : info;
-    const input: PlanInput = { path, info: planInfo, mapping, hostSpace, fileSize: fileLength, options: opts.options ?? {} };
+    const backingInfo = info.backing ? await openBackingInfo(path, dev, opts) : undefined;
+    const input: PlanInput = { path, info: planInfo, mapping, hostSpace, fileSize: fileLength, options: opts.options ?? {}, ...(backingInfo ? { backingInfo } : {}) };
     const targetPlan = targetDriver.target.plan(input);
     const companionPath = targetPlan.companion !== undefined ? join(dirname(path), targetPlan.companion) : undefined;
     if (companionPath !== undefined) {
@@ -272,6 +273,25 @@ async function refuseProbeTrap(path: string, dev: BlockDevice, source: SourceIma
       'guest data that looks like another format',
       `the disk's first or last bytes ${probed.driver.name !== opts.to ? `read as a ${probed.driver.name} image` : `stop a ${opts.to} reader (the guest's bytes come first in a ${opts.to} file)`}; converted in place to ${opts.to}, the file would be taken for something else by anything that probes it (imgconv, qemu-img). Convert to a format with its own header (qcow2, QED, VMDK, VHD dynamic) instead`,
     );
+  }
+}
+
+/**
+ * The backing file's ImageInfo, read through the same storage (it is never written). Undefined when it
+ * cannot be opened: a conversion that only copies the backing reference does not need it.
+ */
+async function openBackingInfo(path: string, dev: BlockDevice, opts: ConvertOptions): Promise<ImageInfo | undefined> {
+  const storage = opts.storage ?? fileStorage;
+  try {
+    const chain = await openImage(path, { drivers: opts.drivers, format: opts.format, topDevice: dev, backing: true, opener: (p, o) => storage.open(p, { ...o, write: false }) });
+    try {
+      return chain.layers[1]?.info;
+    } finally {
+      await chain.close();
+    }
+  } catch (e) {
+    if (e instanceof ImgconvError && !(e instanceof IoError && e.code !== 'ENOENT')) return undefined;
+    throw e;
   }
 }
 

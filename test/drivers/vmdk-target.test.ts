@@ -2,7 +2,7 @@
  * VMDK monolithicSparse as a conversion target: the real engine (convertInPlace) on images qemu-img
  * made, judged by qemu-img itself (compare, check, info, and writes through QEMU afterwards); build()
  * alone on synthetic mappings, judged by the read driver; a delta over a VMDK parent built by hand
- * (the engine does not pass the parent's CID yet); option and parent refusals before any write.
+ * (the engine passes the parent's CID; a missing parent is refused); option and parent refusals before any write.
  */
 import { copyFileSync, readFileSync, statSync } from 'node:fs';
 import { describe, expect, it } from 'vitest';
@@ -325,20 +325,31 @@ describe.runIf(haveQemu)('vmdk target: refusals leave the file byte-identical', 
     }
   });
 
-  it('a qcow2 over a VMDK parent: refused while the engine does not pass the parent\'s CID', async () => {
+  it('a qcow2 over a VMDK parent becomes a VMDK delta through the engine (it passes the parent\'s CID); with the parent missing it is refused', async () => {
     const t = withTmpDir();
     try {
       const base = t.path('base.vmdk');
       qemuImg(['create', '-q', '-f', 'vmdk', base, '8M']);
+      qemuIo(base, 'vmdk', ['write -P 0xaa 0 2M']);
       const f = t.path('child.qcow2');
       qemuImg(['create', '-q', '-f', 'qcow2', '-b', 'base.vmdk', '-F', 'vmdk', f]);
       qemuIo(f, 'qcow2', ['write -P 0xab 1M 64k']);
-      const before = readFileSync(f);
-      const err = await convertInPlace(f, { to: 'vmdk', drivers: allDrivers }).catch((e: unknown) => e);
+      copyFileSync(f, `${f}.orig`);
+      const r = await convertInPlace(f, { to: 'vmdk', drivers: allDrivers });
+      expect(r.target.parameters.parent_cid).toBeDefined();
+      const cmp = qemuImgStatus(['compare', '-f', 'qcow2', '-F', 'vmdk', `${f}.orig`, f]);
+      expect(cmp.stdout + cmp.stderr).toContain('Images are identical');
+      const info = JSON.parse(qemuImg(['info', '--output=json', f])) as Record<string, unknown>;
+      expect(info['backing-filename']).toBe('base.vmdk');
+      // Without the parent its CID is unknown: refused before any write, naming the way out.
+      const g = t.path('orphan.qcow2');
+      qemuImg(['create', '-q', '-f', 'qcow2', '-b', 'gone.vmdk', '-F', 'vmdk', '-u', g, '8M']);
+      const before = readFileSync(g);
+      const err = await convertInPlace(g, { to: 'vmdk', drivers: allDrivers }).catch((e: unknown) => e);
       expect(err).toBeInstanceOf(UnsupportedError);
       expect((err as Error).message).toContain('CID');
       expect((err as Error).message).toContain('qemu-img rebase');
-      expect(readFileSync(f).equals(before)).toBe(true);
+      expect(readFileSync(g).equals(before)).toBe(true);
     } finally {
       t.cleanup();
     }
