@@ -456,27 +456,87 @@ EXTRA_SPECS.push(
   }).map((s) => ({ ...s, options: { vhd: { subformat: 'dynamic' } } })),
 );
 
-export type FixtureSet = 'base' | 'extra' | 'all';
+/**
+ * Run by IMGCONV_CRASH_SET=more (and by 'all'): since copies stay as sparse as their source (only data
+ * sectors are written), a conversion to VHD writes little for a fixture with little data, and the
+ * → VHD pairs fell short. These hold 1.5–2 MiB of data that the VHD target must copy into its blocks
+ * (clusters and grains in reverse guest order, or raw data under the VHD header and block bitmap).
+ */
+export const MORE_SPECS: Spec[] = [0, 1].flatMap((i): Spec[] => {
+  const chunks = 24 + 8 * i; // 64 KiB chunks of a 2 MiB disk: 1.5 or 2 MiB of data
+  const reversed = (fill: number) => Array.from({ length: chunks }, (_, k) => chunks - 1 - k).map((k) => `write -P ${fill + (k % 32)} ${k * 64}k 64k`);
+  return [
+    {
+      name: `qcow2-dense-reversed-${i}`,
+      format: 'qcow2',
+      targets: ['vhd'],
+      traits: [`64 KiB clusters, ${chunks * 64} KiB written in reverse guest order (→ VHD copies every cluster)`],
+      make: (d) => {
+        create(d, ['-f', 'qcow2', `dense${i}.qcow2`, '2M']);
+        io(d, `dense${i}.qcow2`, 'qcow2', reversed(0x20 + i));
+        return { image: `dense${i}.qcow2`, others: [] };
+      },
+    },
+    {
+      name: `qed-dense-reversed-${i}`,
+      format: 'qed',
+      targets: ['vhd'],
+      traits: [`64 KiB clusters, ${chunks * 64} KiB written in reverse guest order (→ VHD copies every cluster)`],
+      make: (d) => {
+        create(d, ['-f', 'qed', `dense${i}.qed`, '2M']);
+        io(d, `dense${i}.qed`, 'qed', reversed(0x40 + i));
+        return { image: `dense${i}.qed`, others: [] };
+      },
+    },
+    {
+      name: `vmdk-dense-reversed-${i}`,
+      format: 'vmdk',
+      targets: ['vhd'],
+      traits: [`monolithicSparse, ${chunks * 64} KiB written in reverse guest order (→ VHD copies every grain)`],
+      make: (d) => {
+        create(d, ['-f', 'vmdk', `dense${i}.vmdk`, '2M']);
+        io(d, `dense${i}.vmdk`, 'vmdk', reversed(0x60 + i));
+        return { image: `dense${i}.vmdk`, others: [] };
+      },
+    },
+    {
+      name: `raw-dense-${i}`,
+      format: 'raw',
+      targets: ['vhd'],
+      traits: [`${chunks * 64} KiB of data from offset 0 (under the VHD header; → VHD copies it into blocks)`],
+      make: (d) => {
+        raw(d, `dense${i}.raw`, 2 * M, Array.from({ length: chunks }, (_, k): [number, number, number] => [k * 64 * K, 64 * K, 0x80 + i + (k % 32)]));
+        return { image: `dense${i}.raw`, others: [] };
+      },
+    },
+  ];
+});
+
+export type FixtureSet = 'base' | 'extra' | 'more' | 'all';
 
 /** The CI sample uses the base set; the full set both (IMGCONV_CRASH_SET overrides). */
 export function fixtureSet(): FixtureSet {
   const env = process.env.IMGCONV_CRASH_SET;
-  if (env === 'base' || env === 'extra' || env === 'all') return env;
+  if (env === 'base' || env === 'extra' || env === 'more' || env === 'all') return env;
   return process.env.IMGCONV_CRASH_FULL === '1' ? 'all' : 'base';
 }
 
 export const QEMU_FORMAT: Record<string, string> = { qcow2: 'qcow2', qed: 'qed', raw: 'raw', vmdk: 'vmdk', vhd: 'vpc' };
 
+function specsOf(set: FixtureSet): Spec[] {
+  return set === 'base' ? SPECS : set === 'extra' ? EXTRA_SPECS : set === 'more' ? MORE_SPECS : [...SPECS, ...EXTRA_SPECS, ...MORE_SPECS];
+}
+
 /** Formats a fixture of `format` in the current set converts to within its own format (with options). */
 export function withinFormatTargets(format: string, set: FixtureSet = fixtureSet()): string[] {
-  const specs = set === 'base' ? SPECS : set === 'extra' ? EXTRA_SPECS : [...SPECS, ...EXTRA_SPECS];
+  const specs = specsOf(set);
   return [...new Set(specs.filter((s) => s.format === format && s.targets?.includes(format)).map(() => format))];
 }
 
 /** Builds the fixtures of one source format (all formats when `format` is undefined) of a set. */
 export function buildFixtures(format?: string, set: FixtureSet = fixtureSet()): Fixture[] {
   const tmp = withTmpDir('imgconv-crashfx-');
-  const specs = set === 'base' ? SPECS : set === 'extra' ? EXTRA_SPECS : [...SPECS, ...EXTRA_SPECS];
+  const specs = specsOf(set);
   try {
     return specs.filter((s) => format === undefined || s.format === format).map((s) => {
       const dir = join(tmp.dir, s.name);
