@@ -571,6 +571,8 @@ async function runStage(
     await journal!.flush();
   };
   let committed = false;
+  /** The COMMIT record was written but neither its flush nor taking it back succeeded. */
+  let commitUncertain = false;
   let commitUndoLength: number | undefined;
   /** Set before the first write below the original length: until then a rollback leaves the file byte-identical. */
   let wroteInside = false;
@@ -667,15 +669,29 @@ async function runStage(
     // 5. THE COMMIT POINT: once this record is durable, recovery rolls forward.
     progress('commit', 0, 1);
     const companion = prepared.companion;
-    await appendRecord(
-      encodeRecord({
-        type: 'commit',
-        redo: fixed,
-        finalLength: prepared.finalLength,
-        ...(commitUndo ?? {}),
-        ...(companion ? { companion: { path: companion.path, data: Buffer.from(companion.bytes).toString('base64') } } : {}),
-      }),
-    );
+    const beforeCommit = jh.end;
+    try {
+      await appendRecord(
+        encodeRecord({
+          type: 'commit',
+          redo: fixed,
+          finalLength: prepared.finalLength,
+          ...(commitUndo ?? {}),
+          ...(companion ? { companion: { path: companion.path, data: Buffer.from(companion.bytes).toString('base64') } } : {}),
+        }),
+      );
+    } catch (e) {
+      // The record may or may not have reached the disk. Take it back (durably) before anything is
+      // undone; if even that fails, touch nothing more: recover decides from what the journal holds.
+      try {
+        await journal!.truncate(beforeCommit);
+        await journal!.flush();
+        jh.end = beforeCommit;
+      } catch {
+        commitUncertain = true;
+      }
+      throw e;
+    }
     committed = true;
     await applyRedo(dev, fixed, prepared.finalLength);
     if (companion) await writeCompanion(storage, companion.path, companion.bytes);
@@ -684,6 +700,11 @@ async function runStage(
     await prepared.chain.close();
     // Did anything reach the bytes of the original file? (Writes past its end are truncated away.)
     const touched = wroteInside || intermediateOf !== undefined;
+    if (commitUncertain) {
+      await dev.close().catch(() => {});
+      await journal?.close().catch(() => {});
+      throw new ConversionFailedError('needs-recover', `conversion failed at its commit point (${(e as Error).message}); the image is a valid ${plan.source.format} image or, once committed, a ${plan.target.format} one — finish it with: imgconv recover ${path}`, e);
+    }
     if (!committed) {
       // Before the commit: undo what was written (only free space and the tail) and drop the journal.
       try {

@@ -104,10 +104,14 @@ export async function recover(path: string, opts: RecoverOptions): Promise<Recov
           ? then
           : undefined;
     if (!next) return report;
+    // Appended records must follow the last valid one, not a torn tail — as the journal is *now*: the
+    // step just recovered may have appended (DONE), and cutting that off would send the next recovery
+    // back to a state whose source reclaim has already destroyed.
+    const now = await readJournal(storage, jpath);
     const journal = await storage.open(jpath, { write: true });
-    // Appended records must follow the last valid one, not a torn tail.
-    await journal.truncate(st.validLength ?? (await journal.size()));
-    const handle: JournalHandle = { dev: journal, end: st.validLength ?? (await journal.size()) };
+    const validEnd = now.validLength ?? (await journal.size());
+    await journal.truncate(validEnd);
+    const handle: JournalHandle = { dev: journal, end: validEnd };
     const via = report.action === 'rolled-forward' ? prepare.targetFormat : prepare.sourceFormat;
     const done = await continueStages(path, dev, storage, { to: next.to, options: next.options, drivers: opts.drivers, storage, onProgress: opts.onProgress }, handle, undefined, via);
     return { image: path, action: 'rolled-forward', format: done.target.format, detail: `${report.detail}; then converted ${via} → ${done.target.format}, the second of two steps` };

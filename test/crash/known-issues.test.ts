@@ -36,7 +36,8 @@ describe.runIf(qemuAvailable())('known defects found by the crash harness', () =
 
   // Found by the full crash run of 2026-11-22 (commit 896a444, seed 20261122): the two-step conversion of
   // a streamOptimized VMDK to raw (through an intermediate format, one shared journal) fails three ways.
-  // Engine bugs, kept visible here until the integrator fixes them (then drop .fails).
+  // Fixed (the COMMIT record is taken back before a rollback when its flush fails; recovery no longer
+  // cuts off the DONE record it just appended before continuing with the second step); kept as regressions.
   const streamFixture = () => buildFixtures('vmdk', 'base').find((f) => f.name === 'vmdk-stream')!;
 
   // "EIO at operation 147 (hit flush …stream.vmdk.imgconv-journal@0)" and "ENOSPC at operation 31
@@ -44,7 +45,7 @@ describe.runIf(qemuAvailable())('known defects found by the crash harness', () =
   // before nor after the interrupted conversion; the image was changed since" — the journal no longer
   // describes what the failed step left in the image.
   for (const [code, at] of [['EIO', 147], ['ENOSPC', 31]] as [FaultCode, number][]) {
-    it.fails(`vmdk streamOptimized → raw: ${code} once at operation ${at} (a journal flush), then recover gives a valid image`, async () => {
+    it(`vmdk streamOptimized → raw: ${code} once at operation ${at} (a journal flush), then recover gives a valid image`, async () => {
       const fx = streamFixture();
       const orig = await originalOf(fx);
       const disk = memoryStorageOf(fx.files);
@@ -61,7 +62,7 @@ describe.runIf(qemuAvailable())('known defects found by the crash harness', () =
   // entry 0/0) = 0": recover of a killed two-step conversion, itself killed part-way, leaves a file
   // the next recover reads as the streamOptimized source and cannot. Every kill state of the conversion
   // that holds a journal, recover recorded on it, killed after each of its operations, recovered again.
-  it.fails('vmdk streamOptimized → raw: recover killed part-way, then recover again gives a valid image', async () => {
+  it('vmdk streamOptimized → raw: recover killed part-way, then recover again gives a valid image', async () => {
     const fx = streamFixture();
     const orig = await originalOf(fx);
     const rec = await recordConversion(fx.files, fx, 'raw');
