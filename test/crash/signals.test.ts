@@ -117,6 +117,13 @@ describe.runIf(qemuAvailable())('SIGINT and SIGTERM to the real CLI during inpla
       const o = await runWithSignal(['inplace', '--to', 'qed', img], img, signal, trigger);
       const label = `${signal} ${'ms' in trigger ? `after ${trigger.ms} ms` : `once the journal shows ${trigger.journal}`} (uncut ${full} ms): exit ${o.code}\n${o.stdout}${o.stderr}`;
       expect(existsSync(`${img}.imgconv-journal`), `${label}: journal left`).toBe(false);
+      if (o.code === null && /converted qcow2 → qed in place/.test(o.stdout)) {
+        // The signal arrived after the conversion had finished and the CLI had removed its handler:
+        // the default action ended a process that was only exiting. The image must be the target.
+        expect(judge(orig, 'qcow2', img), label).toBe('qed');
+        outcomes.finishedBefore++;
+        return;
+      }
       if (o.code === null) {
         // The signal arrived while node was still starting, before the CLI installed its handler:
         // the default action ended the process before it opened the image, which must be unchanged.
