@@ -51,6 +51,9 @@ describe.runIf(qemuAvailable())('known defects found by the crash harness', () =
     ['vmdk', 'vmdk-stream', 'ENOSPC', 31],
     ['vhd', 'vhd-dynamic', 'EIO', 292],
     ['vhd', 'vhd-dynamic', 'ENOSPC', 27],
+    // And qcow2 with 512 B clusters (two steps to raw): "EIO at operation 181", "ENOSPC at operation 33".
+    ['qcow2', 'qcow2-c512', 'EIO', 181],
+    ['qcow2', 'qcow2-c512', 'ENOSPC', 33],
   ];
   for (const [format, name, code, at] of faults) {
     it(`${name} → raw: ${code} once at operation ${at} (a journal flush), then recover gives a valid image`, async () => {
