@@ -10,11 +10,11 @@
  * before any write (byte-identical, no journal) for a reason listed in REFUSALS below (and in README,
  * "Every direction").
  *
- * What runs: the full product is 319 cases and took 9.4 min here (2 shared cores; four cases of the
- * multi-GiB fixtures to identity targets alone take 1–4 min each, see BUGS in the report), so the
- * default suite runs a deterministic subset (directions.ts, defaultSubset: every fixture at least once,
- * every source kind × target at least once, none of those slow cases); IMGCONV_DIRECTIONS_FULL=1 runs
- * every case. IMGCONV_DIRECTIONS_REPORT=1 writes test/directions-report.md from the cases that ran
+ * What runs: the full product is 319 cases and took 10.2 min here (2 shared cores); the six cases of
+ * the multi-GiB fixtures to identity targets (raw, VHD fixed, VMDK flat) take 38–149 s each, 9 min of
+ * it (SLOW_FIXTURES). So the default suite runs a deterministic subset (directions.ts, defaultSubset:
+ * every fixture at least once, every source kind × target at least once, none of the slow cases: 69
+ * cases, 19 s); IMGCONV_DIRECTIONS_FULL=1 runs every case. IMGCONV_DIRECTIONS_REPORT=1 writes test/directions-report.md from the cases that ran
  * (the committed one is from a full run), IMGCONV_DIRECTIONS_JSON=FILE every outcome as JSON.
  *
  * Engine bugs this test found are marked `it.fails` with the bug's key (KNOWN_BUGS): such a case must
@@ -72,25 +72,29 @@ const REFUSALS: ExpectedRefusal[] = [
   },
 ];
 
-/** Engine bugs: the judgement each fails (a problem line it produces). */
+/**
+ * Engine bugs this test found: the judgement each failed (a problem line it produces). All three are
+ * fixed (d3056ea, d1c5a8a + 642c79d, fd82c8c) and no case is marked; they stay here so that a
+ * recurrence is named in the report, and as the place to describe the next one.
+ */
 const BUGS: KnownBug[] = [
   {
     key: 'qed-final-length',
     problem: /^final length \d+, plan said \d+/,
     summary:
-      'To QED, `plan` reports `finalLength` as the file length before compaction (src/engine/convert.ts prepare: `max(build.finalLength, fileLength)`), but reclaim then compacts the QED and the file ends shorter by up to ~10 MiB (qcow2-c2m: plan 15204352, file 4784128), so the plan\'s final size is not within one cluster of what the conversion did. `estimateCompaction` already knows the compacted length (E0); the plan should report it.',
+      'To QED, `plan` reports `finalLength` as the file length before compaction (src/engine/convert.ts prepare: `max(build.finalLength, fileLength)`), but reclaim then compacts the QED and the file ends shorter by up to ~10 MiB (qcow2-c2m: plan 15204352, file 4784128), so the plan\'s final size is not within one cluster of what the conversion did (22 cases to QED). Fixed in d3056ea: the plan reports the compacted length.',
   },
   {
     key: 'dense-copies',
     problem: /^disk usage \d+ above/,
     summary:
-      'Every copy the engine makes writes all bytes of the range, including the parts the source kept as file holes: the pre-commit moves (convert.ts step 3, whole 2 MiB VHD blocks when a block is not cluster-aligned), the relocation rounds of identity targets (relocate.ts executeRelocation, whole clusters/grains/blocks) and QED compaction (compact.ts). The result then allocates zeros the source did not: vhd-large → qcow2 4.9 MB for 71 KB of data (source 96 KiB allocated), qcow2-prealloc-meta → raw 4.0 MiB (source 204 KiB), qed-c64k → raw five whole 64 KiB clusters. Writing only the non-zero 4 KiB blocks into space that reads zeros (past EOF, or punched) would keep the result as sparse as the source.',
+      'Every copy the engine makes writes all bytes of the range, including the parts the source kept as file holes: the pre-commit moves (convert.ts step 3, whole 2 MiB VHD blocks when a block is not cluster-aligned), the relocation rounds of identity targets (relocate.ts executeRelocation, whole clusters/grains/blocks) and QED compaction (compact.ts). The result then allocates zeros the source did not: vhd-large → qcow2 4.9 MB for 71 KB of data (source 96 KiB allocated), qcow2-prealloc-meta → raw 4.0 MiB (source 204 KiB), qed-c64k → raw five whole 64 KiB clusters. (56 cases). Fixed in d1c5a8a and 642c79d: copies punch their destination and write only non-zero 4 KiB blocks.',
   },
   {
     key: 'probe-trap-fixed-vhd',
     problem: /rolled-back|plan predicted a conversion/,
     summary:
-      'A raw disk whose first sector carries QED or VHD magic (a probe trap) → VHD fixed: `plan` succeeds, `inplace` relocates nothing, commits, then its own verification fails ("the file probes as qed, not vhd" / "footer checksum … at offset 0") and rolls back. The image ends byte-identical, but the refusal comes after the commit point instead of before any write (ConversionFailedError imageState rolled-back). The guest\'s first sector is the fixed VHD\'s first sector, so the result would be a probe trap for imgconv itself; plan should refuse it upfront (or verification should open the result with the target format, as QEMU users must with -f vpc).',
+      'A raw disk whose first sector carries QED or VHD magic (a probe trap) → VHD fixed: `plan` succeeds, `inplace` relocates nothing, commits, then its own verification fails ("the file probes as qed, not vhd" / "footer checksum … at offset 0") and rolls back. The image ends byte-identical, but the refusal comes after the commit point instead of before any write (ConversionFailedError imageState rolled-back). The guest\'s first sector is the fixed VHD\'s first sector, so the result would be a probe trap for imgconv itself; (2 cases). Fixed in fd82c8c: refused before any write (REFUSALS, "guest data looks like another format").',
   },
 ];
 
