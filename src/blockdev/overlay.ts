@@ -40,11 +40,19 @@ export class OverlayDevice implements BlockDevice {
     }
     return n;
   }
+  // With patches, everything is reported as data (a patch may cover a hole). Without them the view is the
+  // device cut (or extended with zeros) at `length`, and the device's own holes show through — so a
+  // verification of a large sparse raw result need not read every zero byte.
   async nextData(offset: number): Promise<number | null> {
-    return offset < this.length ? offset : null;
+    if (offset >= this.length) return null;
+    if (this.patches.length > 0) return offset;
+    const d = await this.inner.nextData(offset);
+    return d === null || d >= this.length ? null : d;
   }
   async nextHole(offset: number): Promise<number> {
-    return Math.max(offset, this.length);
+    if (offset >= this.length || this.patches.length > 0) return Math.max(offset, this.length);
+    // Past the device's end (a view longer than the file) reads zeros: a hole right there.
+    return Math.min(Math.max(await this.inner.nextHole(offset), offset), this.length);
   }
   private refuse(op: string): never {
     throw new IoError(op, this.path, 0, 'EROFS', 'read-only overlay');
