@@ -6,26 +6,14 @@
 import { fstatSync } from 'node:fs';
 import { Option, type Command } from 'commander';
 import { setPipeSize } from './blockdev/syscalls.js';
-import type { FormatDriver, TargetOptions } from './driver.js';
+import type { FormatDriver } from './driver.js';
 import { ImgconvError, UsageError } from './errors.js';
 import { measureExport, streamExport, type ExportOptions, type MeasureReport } from './stream/export.js';
 import { unstreamImage } from './stream/import.js';
 import { createStreamReporter, STREAM_PROGRESS_MODES, type StreamPhase, type StreamProgressMode, type StreamReporter } from './stream/progress.js';
 import { WritableSink } from './stream/sink.js';
+import { parseTargetOptions, targetOptionsOption } from './cli-options.js';
 
-/** qemu-img style `-o key=value,key=value` (repeatable). */
-function parseOptions(values: string[] | undefined): TargetOptions {
-  const out: TargetOptions = {};
-  for (const v of values ?? []) {
-    for (const part of v.split(',')) {
-      if (!part) continue;
-      const eq = part.indexOf('=');
-      if (eq <= 0) throw new UsageError(`-o ${part}: expected key=value`);
-      out[part.slice(0, eq)] = part.slice(eq + 1);
-    }
-  }
-  return out;
-}
 
 /** A pipe's buffer, when fd 0/1 is a pipe: larger than Linux's 64 KiB default, for throughput. */
 const PIPE_BYTES = 1 << 20;
@@ -39,8 +27,7 @@ function growPipe(fd: number): void {
 }
 
 /** -o may be given several times; each value is key=value[,key=value] (not variadic: IMAGE follows). */
-const collect = (v: string, prev: string[]) => [...prev, v];
-const targetOption = () => new Option('-o, --options <opts>', 'target options key=value[,key=value] (qemu-img names); repeatable').argParser(collect).default([]);
+const targetOption = () => targetOptionsOption().default([]);
 
 const progressOption = () =>
   new Option('--progress <mode>', 'progress on stderr: auto (= plain), plain (a line per phase and per 10%), json (one object per line), none')
@@ -92,7 +79,7 @@ function warn(lines: string[]): void {
 export function registerStreamCommands(program: Command, drivers: readonly FormatDriver[]): void {
   const exportOptions = (o: { to: string; options?: string[]; format?: string; tar?: string }): ExportOptions => ({
     to: o.to,
-    options: parseOptions(o.options),
+    options: parseTargetOptions(o.options),
     drivers,
     ...(o.format ? { format: o.format } : {}),
     ...(o.tar !== undefined ? { tar: o.tar } : {}),

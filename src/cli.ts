@@ -13,7 +13,6 @@ import { convertInPlace, planConversion, ConversionFailedError, type ConversionP
 import { recover } from './engine/recover.js';
 import { journalPath } from './engine/journal.js';
 import { fileStorage } from './blockdev/storage.js';
-import type { TargetOptions } from './driver.js';
 import { UsageError } from './errors.js';
 import { createReporter, PROGRESS_MODES, type ProgressMode } from './progress/reporter.js';
 import { convertMany, batchExitCode, type BatchReport } from './batch/run.js';
@@ -21,29 +20,10 @@ import { planMany } from './batch/plan.js';
 import { createBatchReporter } from './progress/batch-reporter.js';
 import { formatBatchPlan, formatBatchReport } from './progress/batch-table.js';
 import { registerStreamCommands } from './cli-stream.js';
+import { parseTargetOptions, targetOptionsOption } from './cli-options.js';
 import { resultFields } from './progress/batch-json.js';
 
-/**
- * `-o` takes one value and may be repeated (as qemu-img's does): a variadic option would swallow the
- * image names that follow it (`-o subformat=fixed disk.vhd`).
- */
-function collectOption(value: string, previous: string[] | undefined): string[] {
-  return [...(previous ?? []), value];
-}
-
-/** Parses qemu-img style `-o key=value,key=value` (repeatable). */
-export function parseTargetOptions(values: string[] | undefined): TargetOptions {
-  const out: TargetOptions = {};
-  for (const v of values ?? []) {
-    for (const part of v.split(',')) {
-      if (!part) continue;
-      const eq = part.indexOf('=');
-      if (eq <= 0) throw new UsageError(`-o ${part}: expected key=value`);
-      out[part.slice(0, eq)] = part.slice(eq + 1);
-    }
-  }
-  return out;
-}
+export { parseTargetOptions } from './cli-options.js';
 
 function planHuman(p: ConversionPlan): string {
   const params = Object.entries(p.target.parameters).map(([k, v]) => `${k}=${v}`).join(', ');
@@ -307,7 +287,7 @@ export function buildProgram(): Command {
     .description('show what an in-place conversion would do, without writing anything (several images: one table)')
     .argument('<image...>')
     .requiredOption('--to <fmt>', 'target format')
-    .option('-o, --options <opts>', 'target options key=value[,key=value] (qemu-img names; repeatable)', collectOption)
+    .addOption(targetOptionsOption())
     .addOption(formatOption())
     .addOption(outputOption())
     .action(async (images: string[], o: { to: string; options?: string[]; format?: string; output: string }) => {
@@ -325,7 +305,7 @@ export function buildProgram(): Command {
     .description('convert images to another format in place (metadata only; data stays where it is)')
     .argument('[image...]', 'one or more images (with --manifest, none: continue the manifest\'s batch)')
     .requiredOption('--to <fmt>', 'target format')
-    .option('-o, --options <opts>', 'target options key=value[,key=value] (qemu-img names; repeatable)', collectOption)
+    .addOption(targetOptionsOption())
     .option('--dry-run', 'only print the plan')
     .addOption(formatOption())
     .addOption(outputOption())

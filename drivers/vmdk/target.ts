@@ -275,25 +275,33 @@ interface DescriptorFields {
   virtualSize: number;
 }
 
-/** The descriptor QEMU's vmdk_co_do_create writes, NUL-padded to the 20-sector area. */
-export function encodeEmbeddedDescriptor(f: DescriptorFields): Uint8Array {
+/**
+ * The disk database both descriptors carry, as QEMU's vmdk_co_do_create writes it: geometry computed
+ * from the size (or the source's, carried), adapter, versions, and the source's UUID when it had one.
+ */
+function diskDatabase(f: { adapterType: string; hwVersion: string; toolsVersion: string; virtualSize: number; uuid?: string; geometry?: string }): [string, string][] {
   const heads = f.adapterType === 'ide' ? 16 : 255;
   const [cyl, hd, sec] = f.geometry?.split('/') ?? [String(Math.floor(f.virtualSize / (63 * heads * SECTOR))), String(heads), '63'];
+  return [
+    ['ddb.virtualHWVersion', f.hwVersion],
+    ['ddb.geometry.cylinders', cyl!],
+    ['ddb.geometry.heads', hd!],
+    ['ddb.geometry.sectors', sec!],
+    ['ddb.adapterType', f.adapterType],
+    ['ddb.toolsVersion', f.toolsVersion],
+    ...(f.uuid ? ([['ddb.uuid.image', canonicalToVmdkUuid(f.uuid)]] as [string, string][]) : []),
+  ];
+}
+
+/** The descriptor QEMU's vmdk_co_do_create writes, NUL-padded to the 20-sector area. */
+export function encodeEmbeddedDescriptor(f: DescriptorFields): Uint8Array {
   const d: Descriptor = {
     version: 1,
     cid: f.cid,
     parentCid: f.parentCid,
     createType: SUBFORMAT,
     extents: [{ access: 'RW', sectors: f.capacitySectors, type: 'SPARSE', file: f.extentName }],
-    ddb: [
-      ['ddb.virtualHWVersion', f.hwVersion],
-      ['ddb.geometry.cylinders', cyl!],
-      ['ddb.geometry.heads', hd!],
-      ['ddb.geometry.sectors', sec!],
-      ['ddb.adapterType', f.adapterType],
-      ['ddb.toolsVersion', f.toolsVersion],
-      ...(f.uuid ? ([['ddb.uuid.image', canonicalToVmdkUuid(f.uuid)]] as [string, string][]) : []),
-    ],
+    ddb: diskDatabase(f),
     other: [],
   };
   if (f.parentHint !== undefined) d.parentFileNameHint = f.parentHint;
@@ -414,26 +422,33 @@ export function flatDescriptorName(image: string): string {
 
 /** The descriptor of a monolithicFlat VMDK whose one extent is the image file, from its first byte. */
 function flatDescriptor(f: { cid: number; extent: string; sectors: number; adapterType: string; hwVersion: string; toolsVersion: string; virtualSize: number; uuid?: string; geometry?: string }): Uint8Array {
-  const heads = f.adapterType === 'ide' ? 16 : 255;
-  const [cyl, hd, sec] = f.geometry?.split('/') ?? [String(Math.floor(f.virtualSize / (63 * heads * SECTOR))), String(heads), '63'];
   const d: Descriptor = {
     version: 1,
     cid: f.cid,
     parentCid: NO_PARENT_CID,
     createType: FLAT,
     extents: [{ access: 'RW', sectors: f.sectors, type: 'FLAT', file: f.extent, offset: 0 }],
-    ddb: [
-      ['ddb.virtualHWVersion', f.hwVersion],
-      ['ddb.geometry.cylinders', cyl!],
-      ['ddb.geometry.heads', hd!],
-      ['ddb.geometry.sectors', sec!],
-      ['ddb.adapterType', f.adapterType],
-      ['ddb.toolsVersion', f.toolsVersion],
-      ...(f.uuid ? ([['ddb.uuid.image', canonicalToVmdkUuid(f.uuid)]] as [string, string][]) : []),
-    ],
+    ddb: diskDatabase(f),
     other: [],
   };
   return Buffer.from(encodeDescriptor(d), 'utf8');
+}
+
+/**
+ * The source's identity where a descriptor has a place for it (the engine lists the rest as dropped):
+ * its UUID, its adapter type unless -o adapter_type says otherwise (set into `opts`), its geometry.
+ */
+function carriedIdentity(input: PlanInput, opts: VmdkOptions): { kept: CarriedField[]; uuid?: string; geometry?: string } {
+  const carried = input.info.carried ?? {};
+  const kept: CarriedField[] = [];
+  if (carried.uuid) kept.push('uuid');
+  if (input.options.adapter_type === undefined && carried.adapterType && ADAPTER_TYPES.includes(carried.adapterType)) {
+    opts.adapterType = carried.adapterType;
+    kept.push('adapterType');
+  }
+  const geometry = carried.geometry && /^\d+\/\d+\/\d+$/.test(carried.geometry) ? carried.geometry : undefined;
+  if (geometry) kept.push('geometry');
+  return { kept, ...(carried.uuid ? { uuid: carried.uuid } : {}), ...(geometry ? { geometry } : {}) };
 }
 
 /**
@@ -452,15 +467,7 @@ function planFlat(input: PlanInput, opts: VmdkOptions): TargetPlan {
   // eslint-disable-next-line no-control-regex
   if (/["\x00-\x1f\x7f]/.test(extent)) throw new UnsupportedError(FORMAT, 'extent file name', `${JSON.stringify(extent)}: a descriptor cannot name a file with quotes or control characters; rename the image first`);
   const descriptor = opts.descriptor ?? flatDescriptorName(input.path);
-  const carried = input.info.carried ?? {};
-  const kept: CarriedField[] = [];
-  if (carried.uuid) kept.push('uuid');
-  if (input.options.adapter_type === undefined && carried.adapterType && ADAPTER_TYPES.includes(carried.adapterType)) {
-    opts.adapterType = carried.adapterType;
-    kept.push('adapterType');
-  }
-  const geometry = carried.geometry && /^\d+\/\d+\/\d+$/.test(carried.geometry) ? carried.geometry : undefined;
-  if (geometry) kept.push('geometry');
+  const { kept, uuid, geometry } = carriedIdentity(input, opts);
   const fields = {
     cid: contentId(input),
     extent,
@@ -469,7 +476,7 @@ function planFlat(input: PlanInput, opts: VmdkOptions): TargetPlan {
     hwVersion: opts.hwVersion,
     toolsVersion: opts.toolsVersion,
     virtualSize,
-    ...(carried.uuid ? { uuid: carried.uuid } : {}),
+    ...(uuid ? { uuid } : {}),
     ...(geometry ? { geometry } : {}),
   };
   return {
@@ -524,18 +531,9 @@ export const vmdkTarget: TargetDriver = {
     if (virtualSize === 0) throw new UnsupportedError(FORMAT, 'virtual size', 'a sparse extent of capacity 0 is read as a descriptor of other extents');
     const parentCid = parentCidOf(vin);
     const hasBacking = backing !== undefined;
-    // The source's identity where the descriptor has a place for it (the engine lists the rest as dropped).
-    const carried = input.info.carried ?? {};
-    const kept: CarriedField[] = [];
-    if (carried.uuid) kept.push('uuid');
-    if (input.options.adapter_type === undefined && carried.adapterType && ADAPTER_TYPES.includes(carried.adapterType)) {
-      opts.adapterType = carried.adapterType;
-      kept.push('adapterType');
-    }
-    const geometry = carried.geometry && /^\d+\/\d+\/\d+$/.test(carried.geometry) ? carried.geometry : undefined;
-    if (geometry) kept.push('geometry');
+    const { kept, uuid, geometry } = carriedIdentity(input, opts);
     const descriptorFields = {
-      ...(carried.uuid ? { uuid: carried.uuid } : {}),
+      ...(uuid ? { uuid } : {}),
       ...(geometry ? { geometry } : {}),
       cid: contentId(input),
       parentCid: parentCid ?? NO_PARENT_CID,

@@ -3,6 +3,7 @@
  * of one layer (for data that must be copied).
  */
 import type { BlockDevice } from '../blockdev/types.js';
+import { isAllZero } from '../blockdev/sparse.js';
 import type { SourceImage } from '../driver.js';
 import type { ExtentMap } from '../extent-map.js';
 
@@ -108,8 +109,8 @@ async function firstNonZero(dev: BlockDevice, start: number, length: number): Pr
       if (r === 0) break;
       got += r;
     }
-    const k = view.findIndex((x) => x !== 0);
-    if (k >= 0) return start + off + k;
+    // memcmp against zeros first; the byte scan only runs on the chunk that has data.
+    if (!isAllZero(view)) return start + off + view.findIndex((x) => x !== 0);
   }
   return null;
 }
