@@ -47,7 +47,25 @@ interface Spec {
   options?: Record<string, Record<string, string>>;
   /** Creates the image (and its backing files) in `dir`; returns the image's file name and the others'. */
   make: (dir: string) => { image: string; others: string[] };
+  /**
+   * Target subformats this fixture is also converted to, each its own fixture (`<name>@<label>`) of its
+   * own pair row (e.g. "raw → vmdk -o subformat=monolithicFlat"): the same files, one target, its options.
+   * `full`: only in the full run (IMGCONV_CRASH_FULL), not the CI sample.
+   */
+  variants?: Variant[];
 }
+
+interface Variant {
+  label: string;
+  to: string;
+  options: Record<string, string>;
+  full?: true;
+}
+
+const FLAT: Variant = { label: 'flat', to: 'vmdk', options: { subformat: 'monolithicFlat' } };
+const VHD_FIXED: Variant = { label: 'fixed', to: 'vhd', options: { subformat: 'fixed' } };
+/** Variants for the full run only: relocating and two-step conversions are long. */
+const full = (v: Variant): Variant => ({ ...v, full: true });
 
 const raw = (dir: string, name: string, size: number, runs: [number, number, number][]): void => {
   const b = new Uint8Array(size);
@@ -66,6 +84,7 @@ export const SPECS: Spec[] = [
   // ---- qcow2 sources ----
   {
     name: 'qcow2-c512',
+    variants: [full(FLAT), full(VHD_FIXED)],
     format: 'qcow2',
     traits: ['relocation (512 B clusters: QED needs ≥ 4 KiB)'],
     make: (d) => {
@@ -100,6 +119,7 @@ export const SPECS: Spec[] = [
   // ---- QED sources ----
   {
     name: 'qed-c4k',
+    variants: [full(FLAT), full(VHD_FIXED)],
     format: 'qed',
     traits: ['4 KiB clusters, 2-cluster tables', 'zero clusters'],
     make: (d) => {
@@ -132,6 +152,7 @@ export const SPECS: Spec[] = [
   // ---- raw sources ----
   {
     name: 'raw-head',
+    variants: [FLAT, VHD_FIXED],
     format: 'raw',
     traits: ['data under the target header region (offset 0)'],
     make: (d) => {
@@ -141,6 +162,7 @@ export const SPECS: Spec[] = [
   },
   {
     name: 'raw-odd',
+    variants: [FLAT, VHD_FIXED],
     format: 'raw',
     traits: ['length 100001 (partial last sector)', 'data under the target header region'],
     make: (d) => {
@@ -160,6 +182,7 @@ export const SPECS: Spec[] = [
   // ---- VMDK sources ----
   {
     name: 'vmdk-sparse',
+    variants: [full(FLAT), full(VHD_FIXED)],
     format: 'vmdk',
     traits: ['monolithicSparse'],
     make: (d) => {
@@ -193,6 +216,7 @@ export const SPECS: Spec[] = [
   // ---- VHD sources ----
   {
     name: 'vhd-fixed',
+    variants: [full(FLAT)],
     format: 'vhd',
     traits: ['data under the target header region (fixed: data from offset 0)'],
     make: (d) => {
@@ -203,6 +227,7 @@ export const SPECS: Spec[] = [
   },
   {
     name: 'vhd-dynamic',
+    variants: [full(FLAT), full(VHD_FIXED)],
     format: 'vhd',
     traits: ['relocation (dynamic: block data after a sector bitmap)'],
     make: (d) => {
@@ -334,6 +359,7 @@ export const EXTRA_SPECS: Spec[] = [
   },
   {
     name: 'vhd-fixed-dense',
+    variants: [full(FLAT)],
     format: 'vhd',
     traits: ['fixed, fully written', 'data under the target header region'],
     make: (d) => {
@@ -448,12 +474,36 @@ EXTRA_SPECS.push(
 // VHD fixed → dynamic, within the format (-o subformat=dynamic): every block gets a bitmap sector in
 // front of it, so the data moves. Full set only.
 EXTRA_SPECS.push(
-  ...family('vhd-fixed-to-dynamic', 'vhd', 2, () => ['vhd'], (i) => `fixed → dynamic (-o subformat=dynamic), ${sizeKOf(i) / 1024} MiB`, (d, i) => {
+  ...family('vhd-fixed-to-dynamic', 'vhd', 12, () => ['vhd'], (i) => `fixed → dynamic (-o subformat=dynamic), ${sizeKOf(i) / 1024} MiB`, (d, i) => {
     const sizeK = sizeKOf(i);
     create(d, ['-f', 'vpc', '-o', 'subformat=fixed,force_size=on', `f2d${i}.vhd`, `${sizeK}k`]);
     io(d, `f2d${i}.vhd`, 'vpc', runsOf(i + 11, sizeK).map(([at, len], j) => `write -P ${0x40 + i + j} ${at}k ${len}k`));
     return `f2d${i}.vhd`;
   }).map((s) => ({ ...s, options: { vhd: { subformat: 'dynamic' } } })),
+);
+
+/**
+ * The zero-copy targets (raw → VMDK monolithicFlat: a descriptor file beside the data; raw → VHD fixed: a
+ * footer appended; VHD fixed → monolithicFlat) write a journal, one small companion or footer and nothing
+ * else: 15–20 operations and about 100 distinct crash states a fixture. Their rows reach 10,000 states over
+ * many sizes and layouts (the descriptor's extent size, the footer's size and geometry, the file's length
+ * and sparseness differ), each stopped by the quota once its row has enough.
+ */
+EXTRA_SPECS.push(
+  ...family('raw-zero-copy', 'raw', 100, () => ['vmdk', 'vhd'], (i) => `${sizeKOf(i) + 4 * i} KiB${i % 7 === 3 ? ' + 300 B (partial last sector)' : ''}, zero-copy targets`, (d, i) => {
+    const size = (sizeKOf(i) + 4 * i) * K + (i % 7 === 3 ? 300 : 0);
+    raw(d, `zc${i}.raw`, size, [[0, (1 + (i % 5)) * 512, 0x10 + (i % 200)], ...runsOf(i, sizeKOf(i)).map(([at, len], j): [number, number, number] => [at * K, Math.min(len * K, size - at * K), 0x20 + ((i + j) % 200)])]);
+    return `zc${i}.raw`;
+  }).flatMap((s) => [
+    { ...s, name: `${s.name}@flat`, targets: ['vmdk'], options: { vmdk: FLAT.options } },
+    { ...s, name: `${s.name}@fixed`, targets: ['vhd'], options: { vhd: VHD_FIXED.options } },
+  ]),
+  ...family('vhd-fixed-zero-copy', 'vhd', 100, () => ['vmdk'], (i) => `fixed, ${sizeKOf(i) + 64 * (i % 20)} KiB → monolithicFlat`, (d, i) => {
+    const sizeK = sizeKOf(i) + 64 * (i % 20);
+    create(d, ['-f', 'vpc', '-o', 'subformat=fixed,force_size=on', `zc${i}.vhd`, `${sizeK}k`]);
+    io(d, `zc${i}.vhd`, 'vpc', runsOf(i + 5, sizeK).map(([at, len], j) => `write -P ${0x30 + ((i + j) % 200)} ${at}k ${len}k`));
+    return `zc${i}.vhd`;
+  }).map((s) => ({ ...s, options: { vmdk: FLAT.options } })),
 );
 
 /**
@@ -530,7 +580,9 @@ function specsOf(set: FixtureSet): Spec[] {
 /** Formats a fixture of `format` in the current set converts to within its own format (with options). */
 export function withinFormatTargets(format: string, set: FixtureSet = fixtureSet()): string[] {
   const specs = specsOf(set);
-  return [...new Set(specs.filter((s) => s.format === format && s.targets?.includes(format)).map(() => format))];
+  const fullRun = process.env.IMGCONV_CRASH_FULL === '1';
+  const within = (s: Spec) => s.targets?.includes(format) || (s.variants ?? []).some((v) => v.to === format && (fullRun || !v.full));
+  return specs.some((s) => s.format === format && within(s)) ? [format] : [];
 }
 
 /** Builds the fixtures of one source format (all formats when `format` is undefined) of a set. */
@@ -538,14 +590,17 @@ export function buildFixtures(format?: string, set: FixtureSet = fixtureSet()): 
   const tmp = withTmpDir('imgconv-crashfx-');
   const specs = specsOf(set);
   try {
-    return specs.filter((s) => format === undefined || s.format === format).map((s) => {
+    const fullRun = process.env.IMGCONV_CRASH_FULL === '1';
+    return specs.filter((s) => format === undefined || s.format === format).flatMap((s) => {
       const dir = join(tmp.dir, s.name);
       mkdirSync(dir, { recursive: true });
       const { image, others } = s.make(dir);
       const files: Files = new Map();
       const memDir = `/mem/${s.name}`;
       for (const f of [image, ...others]) files.set(`${memDir}/${f}`, new Uint8Array(readFileSync(join(dir, f))));
-      return { name: s.name, format: s.format, image: `${memDir}/${image}`, files, traits: s.traits, qemuFormat: QEMU_FORMAT[s.format]!, qemuReadsSource: s.qemuReadsSource ?? true, ...(s.targets ? { targets: s.targets } : {}), ...(s.options ? { options: s.options } : {}) };
+      const fx: Fixture = { name: s.name, format: s.format, image: `${memDir}/${image}`, files, traits: s.traits, qemuFormat: QEMU_FORMAT[s.format]!, qemuReadsSource: s.qemuReadsSource ?? true, ...(s.targets ? { targets: s.targets } : {}), ...(s.options ? { options: s.options } : {}) };
+      const variants = (s.variants ?? []).filter((v) => fullRun || !v.full);
+      return [fx, ...variants.map((v): Fixture => ({ ...fx, name: `${s.name}@${v.label}`, traits: [...s.traits, `→ ${v.to} -o ${Object.entries(v.options).map(([k, x]) => `${k}=${x}`).join(',')}`], targets: [v.to], options: { [v.to]: v.options } }))];
     });
   } finally {
     tmp.cleanup();

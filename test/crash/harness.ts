@@ -136,10 +136,16 @@ async function subformatOf(storage: MemoryStorage, image: string): Promise<strin
   }
 }
 
-export type Verdict = { ok: true; clearError?: string; format?: string } | { ok: false; why: string };
+/** `image`: the path that holds the valid image when it is not the fixture's own (a companion file). */
+export type Verdict = { ok: true; clearError?: string; format?: string; image?: string } | { ok: false; why: string };
+
+/** Files a conversion created beside the image (not the journal): a target's companion, e.g. a flat VMDK descriptor. */
+export function createdFiles(initial: Files, live: MemoryStorage, image: string): string[] {
+  return [...live.files.keys()].filter((p) => !initial.has(p) && p !== journalPath(image));
+}
 
 /** The check every crash state must pass (see the file comment). */
-export async function checkState(state: MemoryStorage, fx: Fixture, to: string, orig: Original, garbage: boolean): Promise<Verdict> {
+export async function checkState(state: MemoryStorage, fx: Fixture, to: string, orig: Original, garbage: boolean, companion?: string): Promise<Verdict> {
   const allowed = (e: unknown) => garbage && e instanceof ImgconvError;
   try {
     await recover(fx.image, { drivers: allDrivers, storage: state });
@@ -148,13 +154,18 @@ export async function checkState(state: MemoryStorage, fx: Fixture, to: string, 
     return { ok: false, why: `recover threw ${(e as Error).name}: ${(e as Error).message}` };
   }
   if (await state.exists(journalPath(fx.image))) return { ok: false, why: 'journal left behind after recover' };
+  // A target with a companion file (VMDK monolithicFlat's descriptor): the image is the companion when
+  // it exists — and then must be the target — else the untouched source file.
+  const viaCompanion = companion !== undefined && (await state.exists(companion));
   let d: Awaited<ReturnType<typeof describeImage>>;
   try {
-    d = await describeImage(state, fx.image);
+    d = await describeImage(state, viaCompanion ? companion : fx.image);
   } catch (e) {
     if (allowed(e)) return { ok: true, clearError: `open: ${(e as Error).message}` };
     return { ok: false, why: `open after recover threw ${(e as Error).name}: ${(e as Error).message}` };
   }
+  if (viaCompanion && d.format !== to) return { ok: false, why: `the companion ${companion} opens as ${d.format}, not ${to}` };
+  if (companion !== undefined && !viaCompanion && d.format !== orig.format) return { ok: false, why: `no companion, and the image is ${d.format}, not the source format ${orig.format}` };
   if (d.format !== orig.format && d.format !== to) return { ok: false, why: `format ${d.format} is neither ${orig.format} nor ${to}` };
   if (d.virtualSize !== orig.virtualSize) return { ok: false, why: `virtual size ${d.virtualSize} ≠ ${orig.virtualSize} (${d.format})` };
   if (d.sha !== orig.sha) return { ok: false, why: `guest content differs (${d.format}) — a clean open returning wrong bytes` };
@@ -170,7 +181,7 @@ export async function checkState(state: MemoryStorage, fx: Fixture, to: string, 
   }
   if (again.action !== 'none') return { ok: false, why: `second recover did something: ${again.action}` };
   if (storageDigest(state) !== before) return { ok: false, why: 'second recover changed the files' };
-  return { ok: true, format: d.format };
+  return { ok: true, format: d.format, ...(viaCompanion ? { image: companion } : {}) };
 }
 
 export async function originalOf(fx: Fixture): Promise<Original> {
@@ -299,31 +310,34 @@ export async function runFixture(fx: Fixture, to: string, opts: RunOptions = {})
     return tally;
   }
   tally.opsRecorded = rec.log.length;
+  const created = createdFiles(rec.initial, rec.live, fx.image);
+  if (created.length > 1) tally.failures.push(`${where}: the conversion created ${created.length} files beside the image: ${created.join(', ')}`);
+  const companion = created[0];
   // The uncut conversion must itself end as a clean target image.
-  const done = await checkState(rec.live, fx, to, orig, false);
+  const done = await checkState(rec.live, fx, to, orig, false, companion);
   if (!done.ok || done.format !== to) tally.failures.push(`${where}: the uncut conversion: ${done.ok ? `ended as ${done.format}` : done.why}`);
   // Within a format the format name says nothing: the subformat asked for must be there.
   const wanted = fx.options?.[to]?.subformat;
   if (done.ok && wanted !== undefined) {
-    const sub = await subformatOf(rec.live, fx.image);
+    const sub = await subformatOf(rec.live, done.image ?? fx.image);
     if (sub !== wanted) tally.failures.push(`${where}: the uncut conversion ended as subformat ${sub}, not ${wanted}`);
   }
 
   const seen = new Set<string>();
   // States for qemu-img: alternately one in the source format and one in the target format.
-  const confirmed: { state: MemoryStorage; label: string; format: string }[] = [];
-  if (done.ok && b.qemuConfirm > 0) confirmed.push({ state: rec.live, label: `${where}: the uncut conversion`, format: to });
+  const confirmed: Confirmable[] = [];
+  if (done.ok && b.qemuConfirm > 0) confirmed.push({ state: rec.live, label: `${where}: the uncut conversion`, format: to, image: done.image ?? fx.image });
   const check = async (c: Candidate, state: MemoryStorage): Promise<void> => {
     const digest = storageDigest(state);
     if (seen.has(digest)) return;
     seen.add(digest);
     tally.states[c.category]++;
     opts.onState?.(c.category);
-    const v = await checkState(state, fx, to, orig, c.garbage);
+    const v = await checkState(state, fx, to, orig, c.garbage, companion);
     if (!v.ok) tally.failures.push(`${c.label}: ${v.why}`);
     else if (v.clearError) tally.clearErrors++;
     else if (confirmed.length < b.qemuConfirm && v.format === (confirmed.length % 2 === 0 ? to : orig.format) && (rnd() < 0.2 || !fx.qemuReadsSource)) {
-      confirmed.push({ state, label: c.label, format: v.format });
+      confirmed.push({ state, label: c.label, format: v.format, image: v.image ?? fx.image });
     }
   };
 
@@ -380,16 +394,24 @@ function hashString(s: string): number {
  * source it cannot read itself (a differencing VHD) is the original's guest content as raw bytes, and
  * states still in that format are not confirmed.
  */
-function confirmWithQemu(fx: Fixture, orig: Original, states: { state: MemoryStorage; label: string; format: string }[], tally: Tally, reference: Uint8Array | null): number {
+interface Confirmable {
+  state: MemoryStorage;
+  label: string;
+  format: string;
+  /** The path (in memory) of the valid image: the fixture's image, or a companion file. */
+  image: string;
+}
+
+function confirmWithQemu(fx: Fixture, orig: Original, states: Confirmable[], tally: Tally, reference: Uint8Array | null): number {
   const failures = tally.failures;
   if (states.length === 0) return 0;
   const tmp = withTmpDir('imgconv-crashq-');
   let n = 0;
   try {
-    const write = (files: Files, dir: string): string => {
+    const write = (files: Files, dir: string, image = fx.image): string => {
       mkdirSync(dir, { recursive: true });
       for (const [p, bytes] of files) writeFileSync(join(dir, p.split('/').pop()!), bytes);
-      return join(dir, fx.image.split('/').pop()!);
+      return join(dir, image.split('/').pop()!);
     };
     let origImage: string;
     let origFormat: string;
@@ -401,9 +423,9 @@ function confirmWithQemu(fx: Fixture, orig: Original, states: { state: MemorySto
       origImage = write(fx.files, tmp.path('orig'));
       origFormat = QEMU_FORMAT[orig.format]!;
     }
-    for (const [i, { state, label, format }] of states.entries()) {
+    for (const [i, { state, label, format, image }] of states.entries()) {
       if (format === orig.format && !fx.qemuReadsSource) continue;
-      const img = write(filesOf(state), tmp.path(`s${i}`));
+      const img = write(filesOf(state), tmp.path(`s${i}`), image);
       const fmt = QEMU_FORMAT[format]!;
       const chk = qemuImgStatus(['check', '--output=json', '-f', fmt, img]);
       if (!/does not support checks/.test(chk.stderr)) {
@@ -429,11 +451,13 @@ function confirmWithQemu(fx: Fixture, orig: Original, states: { state: MemorySto
 }
 
 /** What a failed conversion's imageState must mean, checked against the files it left. */
-async function truthful(err: ConversionFailedError, state: MemoryStorage, fx: Fixture, to: string, orig: Original, initial: Files): Promise<string | null> {
+async function truthful(err: ConversionFailedError, state: MemoryStorage, fx: Fixture, to: string, orig: Original, initial: Files, companion: string | undefined): Promise<string | null> {
   const journal = await state.exists(journalPath(fx.image));
+  const hasCompanion = companion !== undefined && (await state.exists(companion));
   switch (err.imageState) {
     case 'untouched': {
       if (journal) return 'says untouched but a journal exists';
+      if (hasCompanion) return `says untouched but ${companion} was created`;
       for (const [p, b] of initial) {
         const d = state.files.get(p);
         if (!d || Buffer.compare(Buffer.from(d.snapshot()), Buffer.from(b)) !== 0) return `says untouched but ${p} changed`;
@@ -444,8 +468,9 @@ async function truthful(err: ConversionFailedError, state: MemoryStorage, fx: Fi
     case 'converted': {
       if (journal) return `says ${err.imageState} but a journal exists`;
       const want = err.imageState === 'rolled-back' ? orig.format : to;
+      if (companion !== undefined && hasCompanion !== (err.imageState === 'converted')) return `says ${err.imageState} but the companion ${companion} ${hasCompanion ? 'exists' : 'does not exist'}`;
       try {
-        const d = await describeImage(state, fx.image);
+        const d = await describeImage(state, hasCompanion ? companion! : fx.image);
         if (d.format !== want || d.sha !== orig.sha || d.corruptions || d.leaks || d.checkErrors) return `says ${err.imageState} but the image is ${d.format}, content ${d.sha === orig.sha ? 'same' : 'different'}, ${d.corruptions} corruptions, ${d.leaks} leaks`;
       } catch (e) {
         return `says ${err.imageState} but the image does not open: ${(e as Error).message}`;
@@ -456,7 +481,7 @@ async function truthful(err: ConversionFailedError, state: MemoryStorage, fx: Fi
       // Truthful when recover has something to do, or the image is valid as it is.
       if (journal) return null;
       try {
-        const d = await describeImage(state, fx.image);
+        const d = await describeImage(state, hasCompanion ? companion! : fx.image);
         if ((d.format === orig.format || d.format === to) && d.sha === orig.sha) return null;
       } catch {
         /* falls through */
@@ -476,10 +501,13 @@ export async function runFaults(fx: Fixture, to: string, tally: Tally, opts: Run
   const rnd = prng(((opts.seed ?? SEED) ^ hashString(`faults ${fx.name}→${to}`)) >>> 0);
   const orig = await originalOf(fx);
   const counts: Record<FaultCode, number> = { EIO: 0, ENOSPC: 0 };
+  let companion: string | undefined;
   for (const code of ['EIO', 'ENOSPC'] as FaultCode[]) {
-    const dry = new FaultyStorage(memoryStorageOf(fx.files), code, -1, false);
+    const disk = memoryStorageOf(fx.files);
+    const dry = new FaultyStorage(disk, code, -1, false);
     await convertInPlace(fx.image, { to, format: fx.format, drivers: allDrivers, storage: dry, ...optionsFor(fx, to) });
     counts[code] = dry.count;
+    companion = createdFiles(fx.files, disk, fx.image)[0];
   }
   const runs: { code: FaultCode; at: number; persistent: boolean }[] = [];
   for (const code of ['EIO', 'ENOSPC'] as FaultCode[]) for (let at = 0; at < counts[code]; at++) for (const persistent of [false, true]) runs.push({ code, at, persistent });
@@ -499,10 +527,10 @@ export async function runFaults(fx: Fixture, to: string, tally: Tally, opts: Run
       tally.failures.push(`${label} (hit ${faulty.hit}): ${err === undefined ? 'the conversion succeeded despite the fault' : `threw ${(err as Error).name} instead of ConversionFailedError: ${(err as Error).message}`}`);
       // Still: the files must recover.
     } else {
-      const lie = await truthful(err, disk, fx, to, orig, fx.files);
+      const lie = await truthful(err, disk, fx, to, orig, fx.files, companion);
       if (lie) tally.failures.push(`${label} (hit ${faulty.hit}): imageState ${lie}`);
     }
-    const v = await checkState(disk, fx, to, orig, false);
+    const v = await checkState(disk, fx, to, orig, false, companion);
     if (!v.ok) tally.failures.push(`${label} (hit ${faulty.hit}): after recover: ${v.why}`);
   }
 }
