@@ -10,19 +10,25 @@
  *
  * The cluster size is chosen as for QED: the one that moves the fewest bytes (data clusters must be
  * cluster-aligned and outside cluster 0), preferring QEMU's default of 64 KiB.
+ *
+ * With -o data_file_raw=on the image instead becomes the raw external data file of a qcow2 metadata
+ * file created beside it: drivers/qcow2/datafile.ts.
  */
 import { isPowerOfTwo } from '../../src/binary.js';
 import type { Allocator, HostWrite, PlanInput, TargetBuild, TargetDriver, TargetPlan } from '../../src/driver.js';
 import { GapAllocator } from '../../src/engine/allocator.js';
 import { cheapestClusterSize, clusterize, costSlack, powersOfTwo, type ClusterRun, type MustMove } from '../../src/engine/clusters.js';
 import { UnsupportedError, UsageError } from '../../src/errors.js';
+import { buildDataFile, planDataFile, wantsDataFile } from './datafile.js';
 import { encodeL1Entry, encodeL2Entry, encodeReftableEntry, setRefcount } from './entries.js';
-import { EXT_BACKING_FORMAT, encodeExtensions, type HeaderExtension } from './extensions.js';
+import { EXT_BACKING_FORMAT, EXT_DATA_FILE, encodeExtensions, type HeaderExtension } from './extensions.js';
 import {
+  AUTOCLEAR_DATA_FILE_RAW,
   COMPAT_LAZY_REFCOUNTS,
   COMPRESSION_ZLIB,
   CRYPT_NONE,
   FORMAT,
+  INCOMPAT_DATA_FILE,
   MAX_BACKING_NAME,
   MAX_CLUSTER_BITS,
   MAX_L1_BYTES,
@@ -41,10 +47,15 @@ const V3_HEADER_LENGTH = 112;
 const MAX_BACKING_FORMAT = 15;
 
 const KNOWN_OPTIONS = ['cluster_size', 'compat', 'refcount_bits', 'lazy_refcounts'];
-/** qemu-img create options this in-place writer does not do (yet): refused by name rather than ignored. */
+/**
+ * qemu-img create options this in-place writer does not do (yet): refused by name rather than ignored.
+ * (data_file / data_file_raw=on are taken by the target before these are parsed: drivers/qcow2/datafile.ts;
+ * a stream cannot make them.)
+ */
 const REFUSED_OPTIONS: Record<string, string> = {
   data_file: 'an external data file',
   data_file_raw: 'an external raw data file',
+  metadata_file: 'an external raw data file',
   preallocation: 'preallocation',
   encrypt: 'encryption',
   encryption: 'encryption',
@@ -128,13 +139,25 @@ function headerLength(version: 2 | 3): number {
   return version === 3 ? V3_HEADER_LENGTH : V2_HEADER_LENGTH;
 }
 
-function extensionsFor(backingFormat: string | undefined): HeaderExtension[] {
-  return backingFormat ? [{ type: EXT_BACKING_FORMAT, data: Buffer.from(backingFormat, 'utf8') }] : [];
+/**
+ * An external data file (drivers/qcow2/datafile.ts): its name, relative to the qcow2 file, goes into
+ * the data file header extension; `raw` sets the data_file_raw autoclear bit.
+ */
+export interface DataFileRef {
+  name: string;
+  raw: boolean;
+}
+
+function extensionsFor(backingFormat: string | undefined, dataFile?: DataFileRef): HeaderExtension[] {
+  const out: HeaderExtension[] = [];
+  if (backingFormat) out.push({ type: EXT_BACKING_FORMAT, data: Buffer.from(backingFormat, 'utf8') });
+  if (dataFile) out.push({ type: EXT_DATA_FILE, data: Buffer.from(dataFile.name, 'utf8') });
+  return out;
 }
 
 /** Bytes cluster 0 needs: header, extensions with the end marker, backing name. */
-function cluster0Bytes(version: 2 | 3, backing: PlanInput['info']['backing']): number {
-  return headerLength(version) + encodeExtensions(extensionsFor(backing?.format)).length + Buffer.byteLength(backing?.filename ?? '', 'utf8');
+export function cluster0Bytes(version: 2 | 3, backing: PlanInput['info']['backing'], dataFile?: DataFileRef): number {
+  return headerLength(version) + encodeExtensions(extensionsFor(backing?.format, dataFile)).length + Buffer.byteLength(backing?.filename ?? '', 'utf8');
 }
 
 function checkBacking(backing: PlanInput['info']['backing']): void {
@@ -154,10 +177,11 @@ interface Cluster0Fields {
   reftableClusters: number;
 }
 
-export function encodeCluster0(p: Qcow2TargetParams, virtualSize: number, backing: PlanInput['info']['backing'], f: Cluster0Fields): Uint8Array {
+export function encodeCluster0(p: Qcow2TargetParams, virtualSize: number, backing: PlanInput['info']['backing'], f: Cluster0Fields, dataFile?: DataFileRef): Uint8Array {
   const cs = p.clusterSize;
   const out = new Uint8Array(cs);
-  const extensions = encodeExtensions(extensionsFor(backing?.format));
+  if (dataFile && p.version !== 3) throw new Error('qcow2 target: an external data file needs version 3; plan() should have refused');
+  const extensions = encodeExtensions(extensionsFor(backing?.format, dataFile));
   const extStart = headerLength(p.version);
   const nameOffset = extStart + extensions.length;
   const name = Buffer.from(backing?.filename ?? '', 'utf8');
@@ -176,9 +200,9 @@ export function encodeCluster0(p: Qcow2TargetParams, virtualSize: number, backin
       refcountTableClusters: f.reftableClusters,
       nbSnapshots: 0,
       snapshotsOffset: 0,
-      incompatibleFeatures: 0n,
+      incompatibleFeatures: dataFile ? INCOMPAT_DATA_FILE : 0n,
       compatibleFeatures: p.lazyRefcounts ? COMPAT_LAZY_REFCOUNTS : 0n,
-      autoclearFeatures: 0n,
+      autoclearFeatures: dataFile?.raw ? AUTOCLEAR_DATA_FILE_RAW : 0n,
       refcountOrder: p.refcountOrder,
       headerLength: headerLength(p.version),
       compressionType: COMPRESSION_ZLIB,
@@ -227,7 +251,11 @@ function mapsSomething(r: ClusterRun, version: 2 | 3): boolean {
   return r.kind === 'data' || (r.kind === 'zero' && version === 3);
 }
 
-export function layOut(p: Qcow2TargetParams, runs: ClusterRun[], virtualSize: number, alloc: Allocator): TargetLayout {
+/**
+ * `external`: data runs point into an external data file, so their clusters are not the qcow2 file's
+ * and get no refcount (QEMU counts only the metadata file's own clusters).
+ */
+export function layOut(p: Qcow2TargetParams, runs: ClusterRun[], virtualSize: number, alloc: Allocator, external = false): TargetLayout {
   const cs = p.clusterSize;
   const span = l2Span(cs);
   const l1Entries = l1EntriesFor(cs, virtualSize);
@@ -246,7 +274,7 @@ export function layOut(p: Qcow2TargetParams, runs: ClusterRun[], virtualSize: nu
   if (l1Clusters > 0) pieces.push([l1Offset / cs, l1Offset / cs + l1Clusters]);
   for (const off of l2.values()) pieces.push([off / cs, off / cs + 1]);
   for (const r of runs) {
-    if (r.kind !== 'data') continue;
+    if (r.kind !== 'data' || external) continue;
     if (r.host! % cs !== 0) throw new Error(`qcow2 target: data run at guest ${r.guest} lies at unaligned host ${r.host}`);
     pieces.push([r.host! / cs, r.host! / cs + Math.ceil(r.length / cs)]);
   }
@@ -327,6 +355,65 @@ function mergeDisjoint(pieces: ClusterInterval[], cs: number): ClusterInterval[]
     else out.push([a, b]);
   }
   return out;
+}
+
+/** L1, L2 tables, reftable and refblocks of a layout, as writes in offset order. */
+export function encodeTables(p: Qcow2TargetParams, layout: TargetLayout, runs: ClusterRun[]): HostWrite[] {
+  const cs = p.clusterSize;
+  const span = l2Span(cs);
+  const entriesPerL2 = cs / 8;
+
+  const l1 = new Uint8Array(layout.l1Clusters * cs);
+  const l1v = new DataView(l1.buffer);
+  const l2Tables = new Map<number, Uint8Array>();
+  const l2Views = new Map<number, DataView>();
+  for (const [index, offset] of layout.l2) {
+    const [hi, lo] = encodeL1Entry({ l2Offset: offset, copied: true, reserved: 0n });
+    l1v.setUint32(index * 8, hi);
+    l1v.setUint32(index * 8 + 4, lo);
+    const table = new Uint8Array(cs);
+    l2Tables.set(index, table);
+    l2Views.set(index, new DataView(table.buffer));
+  }
+  const bits = Math.log2(cs);
+  const [zeroHi, zeroLo] = encodeL2Entry({ compressed: false, copied: false, offset: 0, zero: true, reserved: 0n }, bits);
+  for (const r of runs) {
+    if (!mapsSomething(r, p.version)) continue;
+    for (let g = r.guest; g < r.guest + r.length; g += cs) {
+      const dv = l2Views.get(Math.floor(g / span))!;
+      const at = ((g / cs) % entriesPerL2) * 8;
+      if (r.kind === 'data') {
+        const [hi, lo] = encodeL2Entry({ compressed: false, copied: true, offset: r.host! + (g - r.guest), zero: false, reserved: 0n }, bits);
+        dv.setUint32(at, hi);
+        dv.setUint32(at + 4, lo);
+      } else {
+        dv.setUint32(at, zeroHi);
+        dv.setUint32(at + 4, zeroLo);
+      }
+    }
+  }
+
+  const perBlock = (cs * 8) / (1 << p.refcountOrder);
+  const reftable = new Uint8Array(layout.reftableClusters * cs);
+  const rtv = new DataView(reftable.buffer);
+  const blocks = new Map<number, Uint8Array>();
+  for (const [w, offset] of layout.refblocks) {
+    const [hi, lo] = encodeReftableEntry({ offset, reserved: 0 });
+    rtv.setUint32(w * 8, hi);
+    rtv.setUint32(w * 8 + 4, lo);
+    blocks.set(w, new Uint8Array(cs));
+  }
+  for (const [a, b] of layout.referenced) {
+    for (let k = a; k < b; k++) setRefcount(blocks.get(Math.floor(k / perBlock))!, k % perBlock, p.refcountOrder, 1);
+  }
+
+  const writes: HostWrite[] = [];
+  if (layout.l1Clusters > 0) writes.push({ offset: layout.l1Offset, bytes: l1 });
+  for (const [index, offset] of layout.l2) writes.push({ offset, bytes: l2Tables.get(index)! });
+  writes.push({ offset: layout.reftableOffset, bytes: reftable });
+  for (const [w, offset] of layout.refblocks) writes.push({ offset, bytes: blocks.get(w)! });
+  writes.sort((x, y) => x.offset - y.offset);
+  return writes;
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -430,6 +517,7 @@ function paramsOf(plan: TargetPlan): Qcow2TargetParams {
 
 export const qcow2Target: TargetDriver = {
   plan(input: PlanInput): TargetPlan {
+    if (wantsDataFile(input.options)) return planDataFile(input);
     const opts = parseQcow2Options(input.options);
     const { virtualSize, backing } = input.info;
     checkBacking(backing);
@@ -468,6 +556,7 @@ export const qcow2Target: TargetDriver = {
   },
 
   build(plan: TargetPlan, input: PlanInput, alloc: Allocator): TargetBuild {
+    if (plan.parameters.data_file_raw === true) return buildDataFile(plan, input);
     const p = paramsOf(plan);
     const cs = p.clusterSize;
     const { virtualSize, backing } = input.info;
@@ -475,57 +564,7 @@ export const qcow2Target: TargetDriver = {
     if (c.mustMove.length) throw new Error(`qcow2 build: ${c.mustMove.length} ranges still need moving (engine bug)`);
     if (p.version === 2 && backing && c.runs.some((r) => r.kind === 'zero')) throw new Error('qcow2 build: zero runs over a backing file were not materialised (engine bug)');
     const layout = layOut(p, c.runs, virtualSize, alloc);
-    const span = l2Span(cs);
-    const entriesPerL2 = cs / 8;
-
-    const l1 = new Uint8Array(layout.l1Clusters * cs);
-    const l1v = new DataView(l1.buffer);
-    const l2Tables = new Map<number, Uint8Array>();
-    for (const [index, offset] of layout.l2) {
-      const [hi, lo] = encodeL1Entry({ l2Offset: offset, copied: true, reserved: 0n });
-      l1v.setUint32(index * 8, hi);
-      l1v.setUint32(index * 8 + 4, lo);
-      l2Tables.set(index, new Uint8Array(cs));
-    }
-    const bits = Math.log2(cs);
-    const [zeroHi, zeroLo] = encodeL2Entry({ compressed: false, copied: false, offset: 0, zero: true, reserved: 0n }, bits);
-    for (const r of c.runs) {
-      if (!mapsSomething(r, p.version)) continue;
-      for (let g = r.guest; g < r.guest + r.length; g += cs) {
-        const table = l2Tables.get(Math.floor(g / span))!;
-        const dv = new DataView(table.buffer);
-        const at = ((g / cs) % entriesPerL2) * 8;
-        if (r.kind === 'data') {
-          const [hi, lo] = encodeL2Entry({ compressed: false, copied: true, offset: r.host! + (g - r.guest), zero: false, reserved: 0n }, bits);
-          dv.setUint32(at, hi);
-          dv.setUint32(at + 4, lo);
-        } else {
-          dv.setUint32(at, zeroHi);
-          dv.setUint32(at + 4, zeroLo);
-        }
-      }
-    }
-
-    const perBlock = (cs * 8) / (1 << p.refcountOrder);
-    const reftable = new Uint8Array(layout.reftableClusters * cs);
-    const rtv = new DataView(reftable.buffer);
-    const blocks = new Map<number, Uint8Array>();
-    for (const [w, offset] of layout.refblocks) {
-      const [hi, lo] = encodeReftableEntry({ offset, reserved: 0 });
-      rtv.setUint32(w * 8, hi);
-      rtv.setUint32(w * 8 + 4, lo);
-      blocks.set(w, new Uint8Array(cs));
-    }
-    for (const [a, b] of layout.referenced) {
-      for (let k = a; k < b; k++) setRefcount(blocks.get(Math.floor(k / perBlock))!, k % perBlock, p.refcountOrder, 1);
-    }
-
-    const writes: HostWrite[] = [];
-    if (layout.l1Clusters > 0) writes.push({ offset: layout.l1Offset, bytes: l1 });
-    for (const [index, offset] of layout.l2) writes.push({ offset, bytes: l2Tables.get(index)! });
-    writes.push({ offset: layout.reftableOffset, bytes: reftable });
-    for (const [w, offset] of layout.refblocks) writes.push({ offset, bytes: blocks.get(w)! });
-    writes.sort((x, y) => x.offset - y.offset);
+    const writes = encodeTables(p, layout, c.runs);
 
     const cluster0 = encodeCluster0(p, virtualSize, backing, {
       l1Entries: layout.l1Entries,

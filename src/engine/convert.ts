@@ -155,7 +155,9 @@ async function prepare(path: string, dev: BlockDevice, opts: ConvertOptions, int
     if (companionPath !== undefined) {
       if (targetPlan.placement !== 'identity') throw new Error(`${opts.to}: a companion file needs identity placement of the data`);
       if (await (opts.storage ?? fileStorage).exists(companionPath)) {
-        throw new UsageError(`${companionPath} exists; the conversion would create it (name another with the target's options, e.g. -o descriptor=NAME)`);
+        // The target's parameter that names the companion is its option for it (VMDK flat: descriptor).
+        const option = Object.entries(targetPlan.parameters).find(([, v]) => v === targetPlan.companion)?.[0];
+        throw new UsageError(`${companionPath} exists; the conversion would create it (name another with ${option !== undefined ? `-o ${option}=NAME` : "the target's options"})`);
       }
     }
     if (sameFormat && targetPlan.parameters.subformat !== undefined && targetPlan.parameters.subformat === info.subformat) {
