@@ -51,39 +51,47 @@ export class ExtentMap {
    * Runs are merged when kind matches and the host side continues (or both have no host).
    */
   push(e: Extent): void {
-    if (e.length <= 0) return;
-    const end = this.end;
-    if (e.guest !== end) throw new Error(`ExtentMap.push: run at ${e.guest} does not continue at ${end}`);
-    if (e.guest + e.length > this.virtualSize) {
-      throw new Error(`ExtentMap.push: run ${e.guest}+${e.length} passes the virtual size ${this.virtualSize}`);
+    this.append(e.guest, e.length, e.kind, e.host ?? NaN, e.hostLength ?? NaN);
+  }
+
+  /**
+   * push() without an object: `host` NaN when the run has none, `hostLength` NaN unless compressed.
+   * Hot loops (table scans of millions of entries) call this with runs they have already coalesced.
+   */
+  append(guest: number, length: number, kind: ExtentKind, host: number, hostLength = NaN): void {
+    if (length <= 0) return;
+    const n = this.n;
+    const end = n === 0 ? 0 : this.guestA[n - 1]! + this.lengthA[n - 1]!;
+    if (guest !== end) throw new Error(`ExtentMap.push: run at ${guest} does not continue at ${end}`);
+    if (guest + length > this.virtualSize) {
+      throw new Error(`ExtentMap.push: run ${guest}+${length} passes the virtual size ${this.virtualSize}`);
     }
-    const code = KIND_CODES.indexOf(e.kind);
-    const host = e.host ?? NaN;
-    if (this.n > 0 && e.kind !== 'compressed') {
-      const i = this.n - 1;
+    const code = kind === 'data' ? 0 : kind === 'zero' ? 1 : kind === 'unallocated' ? 2 : kind === 'compressed' ? 3 : -1;
+    if (code < 0) throw new Error(`ExtentMap.push: unknown kind ${String(kind)}`);
+    if (n > 0 && code !== 3) {
+      const i = n - 1;
       if (this.kindA[i] === code) {
         const prevHost = this.hostA[i]!;
-        const continues = Number.isNaN(host)
-          ? Number.isNaN(prevHost)
-          : !Number.isNaN(prevHost) && prevHost + this.lengthA[i]! === host;
+        const continues = host !== host ? prevHost !== prevHost : prevHost === prevHost && prevHost + this.lengthA[i]! === host;
         if (continues) {
-          this.lengthA[i] = this.lengthA[i]! + e.length;
+          this.lengthA[i] = this.lengthA[i]! + length;
           return;
         }
       }
     }
-    if (this.n === this.guestA.length) this.grow();
-    this.guestA[this.n] = e.guest;
-    this.lengthA[this.n] = e.length;
-    this.hostA[this.n] = host;
-    this.extraA[this.n] = e.hostLength ?? NaN;
-    this.kindA[this.n] = code;
-    this.n++;
+    if (n === this.guestA.length) this.grow();
+    this.guestA[n] = guest;
+    this.lengthA[n] = length;
+    this.hostA[n] = host;
+    this.extraA[n] = hostLength;
+    this.kindA[n] = code;
+    this.n = n + 1;
   }
 
   /** Appends a run of `kind` up to guest offset `to` (no-op when already there). */
   fillTo(to: number, kind: 'zero' | 'unallocated'): void {
-    if (to > this.end) this.push({ guest: this.end, length: to - this.end, kind });
+    const end = this.end;
+    if (to > end) this.append(end, to - end, kind, NaN);
   }
 
   /** Checks that the runs cover the whole virtual disk. */

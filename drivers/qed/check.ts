@@ -17,7 +17,7 @@ import type { CheckReport } from '../../src/driver.js';
 import { ImgconvError, formatValue } from '../../src/errors.js';
 import { QED, type QedGeometry } from './header.js';
 import { l1EntryField, l2EntryField } from './layout.js';
-import { QED_ZERO_CLUSTER, clusterOffsetProblem, forEachEntry, l1EntryProblem } from './tables.js';
+import { QED_ZERO_CLUSTER, clusterOffsetProblem, forEachEntry, forEachRun, l1EntryProblem } from './tables.js';
 
 /** Messages beyond this many are summarised in one line (a garbage table can hold millions). */
 const MAX_MESSAGES = 1000;
@@ -32,6 +32,25 @@ class ClusterBitmap {
   }
   set(i: number): void {
     this.bits[i >>> 3]! |= 1 << (i & 7);
+  }
+  /** Whether none of clusters [i, i+n) is marked. */
+  clear(i: number, n: number): boolean {
+    const end = i + n;
+    for (; i < end && (i & 7) !== 0; i++) if (this.test(i)) return false;
+    for (; i + 8 <= end; i += 8) if (this.bits[i >>> 3] !== 0) return false;
+    for (; i < end; i++) if (this.test(i)) return false;
+    return true;
+  }
+  /** Marks clusters [i, i+n). */
+  setRange(i: number, n: number): void {
+    const end = i + n;
+    for (; i < end && (i & 7) !== 0; i++) this.set(i);
+    if (i + 8 <= end) {
+      const whole = (end - i) >>> 3;
+      this.bits.fill(0xff, i >>> 3, (i >>> 3) + whole);
+      i += whole * 8;
+    }
+    for (; i < end; i++) this.set(i);
   }
 }
 
@@ -56,17 +75,24 @@ export async function checkQed(dev: BlockDevice, g: QedGeometry): Promise<CheckR
   };
 
   /** qed_set_used_clusters: marks n clusters; each one already marked is a corruption. */
-  const markUsed = (offset: number, n: number, by: string): boolean => {
+  const markUsed = (offset: number, n: number, by: string | (() => string)): boolean => {
     let twice = 0;
     for (let c = offset / cs, k = 0; k < n; k++, c++) {
       if (used.test(c)) {
         twice++;
-        say(`ERROR cluster ${c} (offset ${formatValue(c * cs)}) is referenced more than once (again by ${by})`);
+        say(`ERROR cluster ${c} (offset ${formatValue(c * cs)}) is referenced more than once (again by ${typeof by === 'string' ? by : by()})`);
       }
       used.set(c);
     }
     report.corruptions += twice;
     return twice === 0;
+  };
+
+  /** A run of valid clusters none of which is referenced yet: marked at once (else false, nothing marked). */
+  const markFree = (first: number, n: number): boolean => {
+    if (!used.clear(first, n)) return false;
+    used.setRange(first, n);
+    return true;
   };
 
   let complete = true;
@@ -97,18 +123,23 @@ export async function checkQed(dev: BlockDevice, g: QedGeometry): Promise<CheckR
     if (!markUsed(t.offset, g.tableSize, `the L2 table of L1 entry ${t.l1Index}`)) continue;
     let lastOffset = 0;
     try {
-      await forEachEntry(dev, t.offset, g.tableBytes, (j, value, big) => {
-        if (value === QED_ZERO_CLUSTER) return;
-        report.allocatedClusters!++;
-        if (lastOffset !== 0 && lastOffset + cs !== value) report.fragmentedClusters!++;
-        lastOffset = value;
+      const entry = (j: number, value: number, big?: bigint) => {
         const problem = clusterOffsetProblem(g, value, big);
         if (problem) {
           report.corruptions++;
           say(`ERROR ${l2EntryField(t.l1Index, j)} = ${formatValue(big ?? value)}: ${problem}`);
           return;
         }
-        markUsed(value, 1, l2EntryField(t.l1Index, j));
+        markUsed(value, 1, () => l2EntryField(t.l1Index, j));
+      };
+      await forEachRun(dev, t.offset, g.tableBytes, cs, (j, count, value, big) => {
+        if (value === QED_ZERO_CLUSTER && big === undefined) return;
+        // Allocated entries; within a run each follows the previous one, so only its first can be fragmented.
+        report.allocatedClusters! += count;
+        if (lastOffset !== 0 && lastOffset + cs !== value) report.fragmentedClusters!++;
+        lastOffset = value + (count - 1) * cs;
+        if (count > 1 && value % cs === 0 && value >= g.headerBytes && value + count * cs <= g.fileClustersEnd && markFree(value / cs, count)) return;
+        for (let k = 0; k < count; k++) entry(j + k, value + k * cs, big);
       });
     } catch (e) {
       readFailed(`the L2 table of L1 entry ${t.l1Index} at ${formatValue(t.offset)}`, e);

@@ -8,7 +8,7 @@ import type { BlockDevice } from '../../src/blockdev/types.js';
 import { FormatError, formatValue } from '../../src/errors.js';
 import { ExtentMap } from '../../src/extent-map.js';
 import { QED, type QedGeometry } from './header.js';
-import { QED_ZERO_CLUSTER, clusterOffsetProblem, forEachEntry, l1EntryProblem } from './tables.js';
+import { QED_ZERO_CLUSTER, clusterOffsetProblem, forEachEntry, forEachRun, l1EntryProblem } from './tables.js';
 
 export interface L2Table {
   /** The L1 entry that points at it. */
@@ -71,6 +71,19 @@ class TableRanges {
     }
     return undefined;
   }
+
+  /** Whether any table overlaps [start, end). */
+  overlaps(start: number, end: number): boolean {
+    // The first table ending after `start` (tables are disjoint, so ends ascend with starts).
+    let lo = 0;
+    let hi = this.starts.length;
+    while (lo < hi) {
+      const mid = (lo + hi) >>> 1;
+      if (this.ends[mid]! <= start) lo = mid + 1;
+      else hi = mid;
+    }
+    return lo < this.starts.length && this.starts[lo]! < end;
+  }
 }
 
 export async function scanLayout(dev: BlockDevice, g: QedGeometry): Promise<QedLayout> {
@@ -116,34 +129,71 @@ export async function scanLayout(dev: BlockDevice, g: QedGeometry): Promise<QedL
   const dataPastEnd: HostRun[] = [];
   let dataClusters = 0;
   let zeroClusters = 0;
+  const headerEnd = g.headerBytes;
+  const fileEnd = g.fileClustersEnd;
+  const vs = g.virtualSize;
   for (const t of l2Tables) {
     // Guest offsets of this table's entries; past the virtual size nothing is mapped, but the clusters
     // are still referenced (qed-check counts them) and so still occupy host space.
     const base = t.l1Index * g.l2Span;
-    const inGuest = base < g.virtualSize;
-    await forEachEntry(dev, t.offset, g.tableBytes, (j, value, big) => {
+    const inGuest = base < vs;
+    /** One entry, every rule checked (runs with any problem come here, entry by entry). */
+    const entry = (j: number, value: number, big?: bigint) => {
       const guest = inGuest ? base + j * cs : Infinity;
       if (value === QED_ZERO_CLUSTER) {
-        if (guest < g.virtualSize) {
+        if (guest < vs) {
           zeroClusters++;
           map.fillTo(guest, 'unallocated');
-          map.push({ guest, length: Math.min(cs, g.virtualSize - guest), kind: 'zero' });
+          map.append(guest, Math.min(cs, vs - guest), 'zero', NaN);
         }
         return;
       }
       const problem = clusterOffsetProblem(g, value, big) ?? intoTable(tables.find(value));
       if (problem) {
-        fail(l2EntryField(t.l1Index, j), big ?? value, problem + (guest < g.virtualSize ? ` (guest offset ${formatValue(guest)})` : ''));
+        fail(l2EntryField(t.l1Index, j), big ?? value, problem + (guest < vs ? ` (guest offset ${formatValue(guest)})` : ''));
         return;
       }
-      if (guest < g.virtualSize) {
+      if (guest < vs) {
         dataClusters++;
         map.fillTo(guest, 'unallocated');
-        map.push({ guest, length: Math.min(cs, g.virtualSize - guest), kind: 'data', host: value });
+        map.append(guest, Math.min(cs, vs - guest), 'data', value);
       } else {
         const last = dataPastEnd[dataPastEnd.length - 1];
         if (last && last.start + last.length === value) last.length += cs;
         else dataPastEnd.push({ start: value, length: cs });
+      }
+    };
+    await forEachRun(dev, t.offset, g.tableBytes, cs, (j, count, value, big) => {
+      if (big !== undefined || count === 1) return entry(j, value, big);
+      // Entries mapping guest offsets below the virtual size, and the rest.
+      const guest = inGuest ? base + j * cs : Infinity;
+      const inside = guest >= vs ? 0 : Math.min(count, Math.ceil((vs - guest) / cs));
+      if (value === QED_ZERO_CLUSTER) {
+        if (inside > 0) {
+          zeroClusters += inside;
+          map.fillTo(guest, 'unallocated');
+          map.append(guest, Math.min(inside * cs, vs - guest), 'zero', NaN);
+        }
+        return;
+      }
+      // A run of data clusters back to back: aligned, past the header area and inside the file as a
+      // whole when its first and last cluster are, and clear of every table when no table overlaps it.
+      const end = value + count * cs;
+      if (value % cs !== 0 || value < headerEnd || end > fileEnd || tables.overlaps(value, end)) {
+        for (let k = 0; k < count; k++) entry(j + k, value + k * cs);
+        return;
+      }
+      if (inside > 0) {
+        dataClusters += inside;
+        map.fillTo(guest, 'unallocated');
+        map.append(guest, Math.min(inside * cs, vs - guest), 'data', value);
+      }
+      if (inside < count) {
+        const start = value + inside * cs;
+        const length = (count - inside) * cs;
+        const last = dataPastEnd[dataPastEnd.length - 1];
+        if (last && last.start + last.length === start) last.length += length;
+        else dataPastEnd.push({ start, length });
       }
     });
   }

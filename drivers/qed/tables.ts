@@ -60,6 +60,63 @@ export async function forEachEntry(dev: BlockDevice, offset: number, bytes: numb
 }
 
 /**
+ * A run of `count` non-zero entries from `index`: entry `index + k` holds `value + k · step`, where
+ * step is 0 for a run of zero-cluster markers (value 1) and `clusterSize` otherwise (data clusters
+ * lying back to back). `big` is set for a single entry above 2^53 (count 1).
+ */
+export type RunVisitor = (index: number, count: number, value: number, big?: bigint) => void;
+
+/**
+ * forEachEntry by runs: the same entries, in index order, with neighbours that continue each other
+ * (the next host cluster, or another zero-cluster marker) given as one call. Cost per entry is a few
+ * integer operations, so a 1 TiB image's 16 million entries scan in tens of milliseconds; callers work
+ * per run. Runs do not cross the 1 MiB pieces the table is read in.
+ */
+export async function forEachRun(dev: BlockDevice, offset: number, bytes: number, clusterSize: number, visit: RunVisitor): Promise<void> {
+  for (let pos = 0; pos < bytes; pos += CHUNK) {
+    const len = Math.min(CHUNK, bytes - pos);
+    const data = await dev.nextData(offset + pos);
+    if (data === null || data >= offset + pos + len) continue;
+    const buf = await readAt(dev, offset + pos, len);
+    const dv = view(buf);
+    const first = pos / 8;
+    let runIndex = -1;
+    let runCount = 0;
+    let runValue = 0;
+    let next = -1; // the value that would continue the current run
+    for (let b = 0; b < len; b += 8) {
+      const lo = dv.getUint32(b, true);
+      const hi = dv.getUint32(b + 4, true);
+      if ((lo | hi) === 0) {
+        if (runCount > 0) visit(runIndex, runCount, runValue);
+        runCount = 0;
+        continue;
+      }
+      if (hi >= 0x20_0000) {
+        // Above 2^53: reported alone, with the exact stored value.
+        if (runCount > 0) visit(runIndex, runCount, runValue);
+        runCount = 0;
+        const value = hi * 0x1_0000_0000 + lo;
+        visit(first + b / 8, 1, value, value > MAX_SAFE ? (BigInt(hi) << 32n) | BigInt(lo) : undefined);
+        continue;
+      }
+      const value = hi * 0x1_0000_0000 + lo;
+      if (runCount > 0 && value === next) {
+        runCount++;
+        if (value !== QED_ZERO_CLUSTER) next = value + clusterSize;
+        continue;
+      }
+      if (runCount > 0) visit(runIndex, runCount, runValue);
+      runIndex = first + b / 8;
+      runCount = 1;
+      runValue = value;
+      next = value === QED_ZERO_CLUSTER ? QED_ZERO_CLUSTER : value + clusterSize;
+    }
+    if (runCount > 0) visit(runIndex, runCount, runValue);
+  }
+}
+
+/**
  * Why `offset` cannot be a cluster of this image, or null when it can: the rule of qed.h
  * qed_check_cluster_offset — cluster-aligned, past the header area, below the file size rounded
  * down to a cluster.
