@@ -5,7 +5,7 @@
  * flushed, and the single commit point (the durable COMMIT record in the journal).
  */
 import type { BlockDevice, DeviceOpener } from '../blockdev/types.js';
-import { dirname, join } from 'node:path';
+import { basename, dirname, join } from 'node:path';
 import { fileStorage, type Storage } from '../blockdev/storage.js';
 import { CARRIED_LABELS, type CarriedField, type FormatDriver, type HostWrite, type PlanInput, type SourceImage, type TargetDriver, type TargetOptions, type TargetPlan, type TargetBuild, type ImageInfo } from '../driver.js';
 import { ExtentMap, type Extent } from '../extent-map.js';
@@ -140,7 +140,7 @@ async function prepare(path: string, dev: BlockDevice, opts: ConvertOptions, int
     for (const f of info.notCarried ?? []) {
       if (f.action === 'refuse') throw new UnsupportedError(info.format, f.feature, `${f.detail}; a conversion cannot carry it`);
     }
-    if (source.dataDev !== source.dev) throw new UnsupportedError(info.format, 'external data file', 'converting an image whose data lives in another file is not supported yet');
+    if (source.dataDev !== source.dev) throw dataFileRefusal(path, source, await source.mapping(), opts);
     const fileLength = await dev.size();
     const holesToData = targetDriver.target.holesAsData?.(opts.options ?? {}) ?? true;
     const mapping = holesToData ? holesAsData(await source.mapping(), await scanHoles(dev)) : await source.mapping();
@@ -236,6 +236,32 @@ async function prepare(path: string, dev: BlockDevice, opts: ConvertOptions, int
     await chain.close();
     throw e;
   }
+}
+
+/**
+ * An image whose data lives in another file (a qcow2 external data file, a VMDK flat extent) is not
+ * converted in place: the file to keep is not the one named, and no journal is needed to keep it — the
+ * metadata file stays valid until it is deleted. When that data file holds every allocated cluster at its
+ * guest offset (no backing file, nothing compressed), it is the raw disk once it has the virtual size and
+ * reads zeros where the image does: the refusal says exactly how to finish, with qemu-img compare proving
+ * the second condition before the metadata file is removed (after the data file is synced).
+ */
+function dataFileRefusal(path: string, source: SourceImage, mapping: ExtentMap, opts: ConvertOptions): UnsupportedError {
+  const { info } = source;
+  const base = 'converting an image whose data lives in another file is not supported yet';
+  const name = source.dataFile;
+  const identity = [...mapping].every((e) => e.kind !== 'compressed' && (e.kind !== 'data' || e.host === e.guest));
+  if (name === undefined || info.backing || !identity) return new UnsupportedError(info.format, 'external data file', `${base}; copy it with qemu-img convert`);
+  const driver = findDriver(opts.drivers, info.format);
+  const q = (s: string) => (/^[\w@%+=:,./-]+$/.test(s) ? s : `'${s.replace(/'/g, `'\\''`)}'`);
+  const image = q(basename(path));
+  const data = q(name);
+  const then = opts.to === 'raw' ? '' : `; then: imgconv inplace --to ${opts.to}${Object.keys(opts.options ?? {}).length ? ` -o ${Object.entries(opts.options ?? {}).map(([k, v]) => `${k}=${v}`).join(',')}` : ''} -f raw ${data}`;
+  return new UnsupportedError(
+    info.format,
+    'external data file',
+    `${base}. Its data file ${name} holds every allocated cluster at its guest offset, so it is the raw disk itself once it has the virtual size and reads zeros where the image does (qemu-img compare checks that; it fails when the image marks zeros over stale bytes, and then only qemu-img convert helps). To keep the data file as the raw disk and delete the ${info.format} file, run in ${dirname(path)}: truncate -s ${info.virtualSize} ${data} && qemu-img compare -f ${driver.qemuName ?? driver.name} -F raw ${image} ${data} && sync ${data} && rm ${image}${then}`,
+  );
 }
 
 /**

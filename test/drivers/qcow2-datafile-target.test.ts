@@ -323,3 +323,64 @@ describe.runIf(haveQemu)('qcow2 data file target: recover after an I/O error at 
     }
   }, 120_000);
 });
+
+// ---------------------------------------------------------------------------------------------------
+// The reverse, qcow2 with a raw data file → raw: refused (the file to keep is not the one named), with the
+// exact commands that keep the data file as the raw disk — run here, and judged.
+
+describe.runIf(haveQemu)('qcow2 with a data file → raw: refused with the commands that finish it', () => {
+  it('round trip raw → qcow2 + data file → (the commands) raw: byte-identical, the qcow2 file gone', async () => {
+    const t = withTmpDir();
+    try {
+      const file = t.path('disk.img');
+      qemuImg(['create', '-q', '-f', 'raw', file, '16M']);
+      qemuIo(file, 'raw', ['write -P 0x71 0 1M', 'write -P 0x72 9M 64k']);
+      const original = readFileSync(file);
+      await convertInPlace(file, { to: 'qcow2', options: DF, drivers: allDrivers });
+      // A write through QEMU, so the qcow2 is not only what imgconv made.
+      execFileSync('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x73 12M 4k', 'disk.qcow2'], { cwd: t.dir, stdio: ['ignore', 'ignore', 'pipe'] });
+      const want = Buffer.from(original);
+      want.fill(0x73, 12 << 20, (12 << 20) + 4096);
+      const metaBefore = readFileSync(t.path('disk.qcow2'));
+      const e = await convertInPlace(t.path('disk.qcow2'), { to: 'raw', drivers: allDrivers }).catch((x: unknown) => x);
+      expect(e).toBeInstanceOf(UnsupportedError);
+      const msg = (e as Error).message;
+      expect(msg).toMatch(/external data file/);
+      const cmd = /run in (\S+): (.*)$/.exec(msg);
+      expect(cmd?.[1]).toBe(t.dir);
+      expect(cmd?.[2]).toBe(`truncate -s ${16 << 20} disk.img && qemu-img compare -f qcow2 -F raw disk.qcow2 disk.img && sync disk.img && rm disk.qcow2`);
+      // Refused before any write: both files as they were, no journal.
+      expect(readFileSync(t.path('disk.qcow2')).equals(metaBefore)).toBe(true);
+      expect(readFileSync(file).equals(want)).toBe(true);
+      expect(existsSync(journalPath(t.path('disk.qcow2')))).toBe(false);
+      execFileSync('sh', ['-c', cmd![2]!], { cwd: t.dir, stdio: ['ignore', 'ignore', 'pipe'] });
+      expect(existsSync(t.path('disk.qcow2'))).toBe(false);
+      expect(readFileSync(file).equals(want)).toBe(true);
+      // Another target: the commands end with the in-place conversion of the raw disk.
+      await convertInPlace(file, { to: 'qcow2', options: { ...DF, metadata_file: 'again.qcow2' }, drivers: allDrivers });
+      const e2 = await convertInPlace(t.path('again.qcow2'), { to: 'qed', options: { cluster_size: '64k' }, drivers: allDrivers }).catch((x: unknown) => x);
+      expect((e2 as Error).message).toMatch(/rm again\.qcow2; then: imgconv inplace --to qed -o cluster_size=64k -f raw disk\.img$/);
+    } finally {
+      t.cleanup();
+    }
+  }, 60_000);
+
+  it('data_file_raw=off with zeros marked over stale bytes: the commands stop at qemu-img compare, the qcow2 file stays', async () => {
+    const t = withTmpDir();
+    try {
+      qemuIn(t.dir, ['create', '-q', '-f', 'qcow2', '-o', 'data_file=d.raw', 'd.qcow2', '8M']);
+      execFileSync('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x81 0 128k', '-c', 'write -z 64k 64k', 'd.qcow2'], { cwd: t.dir, stdio: ['ignore', 'ignore', 'pipe'] });
+      const e = await convertInPlace(t.path('d.qcow2'), { to: 'raw', drivers: allDrivers }).catch((x: unknown) => x);
+      expect(e).toBeInstanceOf(UnsupportedError);
+      const cmd = /run in (\S+): (.*)$/.exec((e as Error).message);
+      expect(cmd).not.toBeNull();
+      const r = spawnSync('sh', ['-c', cmd![2]!], { cwd: t.dir, encoding: 'utf8' });
+      expect(r.status).not.toBe(0);
+      expect(r.stdout + r.stderr).toMatch(/Content mismatch/);
+      expect(existsSync(t.path('d.qcow2'))).toBe(true);
+      expect(qemuIn(t.dir, ['check', 'd.qcow2']).status).toBe(0);
+    } finally {
+      t.cleanup();
+    }
+  });
+});
