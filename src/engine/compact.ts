@@ -3,8 +3,9 @@
  * as leaked (QED). After a conversion the old format's tables leave holes inside the file; the new
  * tables sit at its end. The compacted file is exactly as long as what it holds, E0 = used bytes:
  * a window [E0 − T, E0) is kept for the T bytes of tables that lie above it. Tables reaching into the
- * window first go to scratch space past the end, data in the window or past E0 moves down into the
- * holes, then the tables move into the window, level by level, and the tail is cut off.
+ * window first go to scratch space past the end (those wholly above E0 stay where they are), data in
+ * the window or past E0 moves down into the holes, then the tables move into the window, level by
+ * level, and the tail is cut off.
  *
  * Every move is MirageOS qcow's state machine: copy into space nothing references → flush → write the
  * one pointer (an aligned 8-byte entry, inside one sector) → flush; only then is the old place free,
@@ -48,7 +49,8 @@ export async function compact(
   const lengthBefore = await dev.size();
   const result: CompactResult = { dataMovedBytes: 0, tablesMovedBytes: 0, lengthBefore, lengthAfter: lengthBefore };
 
-  const layout = await withImage(async (img) => {
+  // One open decides the layout and runs round A (below); each later round re-reads the image first.
+  const first = await withImage(async (img) => {
     if (!img.relocatable || !img.info.clusterSize) return null;
     const cs = img.info.clusterSize;
     const hs = await img.hostSpace();
@@ -57,19 +59,32 @@ export async function compact(
     // T: bytes of tables that must end up in the window below E0 (a fixed point: the window's start
     // decides which tables count as above it).
     let T = 0;
+    const tablesAbove = async (minHost: number) => {
+      const out: Relocatable[][] = [];
+      for (const level of TABLE_LEVELS) out.push(await img.relocatable!(level, minHost));
+      return out;
+    };
+    let tables = await tablesAbove(E0 - T);
     for (;;) {
-      let next = 0;
-      for (const level of TABLE_LEVELS) for (const t of await img.relocatable(level, E0 - T)) next += t.length;
+      const next = tables.flat().reduce((s, t) => s + t.length, 0);
       if (next <= T) break;
       T = next;
+      tables = await tablesAbove(E0 - T);
     }
-    return { cs, E0, T };
+    // For progress only: the tables going out and back in, the data above the window moving once.
+    const dataAbove = (await img.relocatable!(0, E0 - T)).reduce((s, r) => s + r.length, 0);
+    return { cs, E0, T, tables, dataAbove };
   });
-  if (!layout) return result;
-  const { cs, E0, T } = layout;
-  // For progress only: the tables go out and back in, the data above the window moves once.
-  const dataAbove = await withImage(async (img) => (await img.relocatable!(0, E0 - T)).reduce((s, r) => s + r.length, 0));
-  const total = 2 * T + dataAbove;
+  if (!first) return result;
+  const { cs, E0, T } = first;
+  // Round A: tables reaching into the window cannot slide into it safely (a move overlapping the live
+  // table would overwrite it before its pointer flips), so they first go to scratch space past the end;
+  // so do those already inside it (left where they are, they would split it into pieces too small for
+  // the others). Tables wholly at or above E0 stay: the window never overlaps them, so round C moves
+  // them straight in, and each moves once instead of twice.
+  const out = first.tables.map((level) => level.filter((r) => r.host < E0));
+  const bytesOf = (rs: Relocatable[]) => rs.reduce((s, r) => s + r.length, 0);
+  const total = 2 * bytesOf(out.flat()) + bytesOf(first.tables.flat().filter((r) => r.host >= E0)) + first.dataAbove;
   let done = 0;
   const moved = (n: number) => {
     done += n;
@@ -77,21 +92,18 @@ export async function compact(
   };
   onProgress?.(0, total);
 
-  // Round A: tables in or above the window cannot slide into it safely (a move overlapping the live
-  // table would overwrite it before its pointer flips), so they first go to scratch space past the end.
-  let scratch = alignUp(Math.max(await dev.size(), lengthBefore), cs);
-  for (const level of TABLE_LEVELS) {
-    await withImage(async (img) => {
-      // All of them, even those already inside the window: left where they are, they would split it
-      // into pieces too small for the others.
-      const tables = await img.relocatable!(level, E0 - T);
+  if (out.some((level) => level.length > 0)) {
+    let scratch = alignUp(Math.max(await dev.size(), lengthBefore), cs);
+    // Level by level, highest-numbered last: an L2 table's pointer lives in the L1 table, which stays
+    // where it is until its own level moves; so one reading of the image serves both levels.
+    for (const tables of out) {
       const moves = tables.map((r) => {
         const to = scratch;
         scratch += alignUp(r.length, cs);
         return { r, to };
       });
       result.tablesMovedBytes += await applyMoves(dev, moves, moved);
-    });
+    }
   }
 
   // Round B: data in the window or beyond E0 moves into holes below the window.
@@ -226,8 +238,8 @@ function firstFit(free: FreeRange[], length: number, align: number): number | un
 
 /**
  * What compact() will move, predicted from a planned layout (header ranges, table ranges, data ranges,
- * each cluster-aligned) by the same rules: the tables reaching above the window go out and back in,
- * data above the window's start moves into holes below it.
+ * each cluster-aligned) by the same rules: the tables reaching into the window go out and back in, those
+ * wholly above it move in once, data above the window's start moves into holes below it.
  */
 export function estimateCompaction(p: { cs: number; header: FreeRange[]; tables: FreeRange[]; data: FreeRange[]; fileLength: number }): { tablesBytes: number; dataBytes: number; finalLength: number } {
   const { cs } = p;
@@ -235,14 +247,18 @@ export function estimateCompaction(p: { cs: number; header: FreeRange[]; tables:
   // Compaction packs everything below E0 and cuts the file there; with nothing to reclaim it leaves the length.
   if (E0 >= alignUp(p.fileLength, cs)) return { tablesBytes: 0, dataBytes: 0, finalLength: p.fileLength };
   let T = 0;
+  let tables: FreeRange[] = [];
   for (;;) {
-    const next = p.tables.filter((t) => t.start + t.length > E0 - T).reduce((s, t) => s + alignUp(t.length, cs), 0);
+    tables = p.tables.filter((t) => t.start + t.length > E0 - T);
+    const next = tables.reduce((s, t) => s + alignUp(t.length, cs), 0);
     if (next <= T) break;
     T = next;
   }
   const limit = E0 - T;
+  // Tables below E0 go out to scratch and back in (twice); those wholly at or above it move in once.
+  const tablesBytes = tables.reduce((s, t) => s + alignUp(t.length, cs) * (t.start < E0 ? 2 : 1), 0);
   const above = (rs: FreeRange[]) => rs.reduce((s, r) => s + Math.max(0, alignUp(r.start + r.length, cs) - Math.max(r.start, limit)), 0);
   const below = (rs: FreeRange[]) => rs.reduce((s, r) => s + Math.max(0, Math.min(alignUp(r.start + r.length, cs), limit) - r.start), 0);
   const holesBelow = limit - below(p.header) - below(p.tables) - below(p.data);
-  return { tablesBytes: 2 * T, dataBytes: Math.min(above(p.data), Math.max(0, holesBelow)), finalLength: E0 };
+  return { tablesBytes, dataBytes: Math.min(above(p.data), Math.max(0, holesBelow)), finalLength: E0 };
 }
