@@ -38,6 +38,7 @@ import { createHash } from 'node:crypto';
 import { alignUp } from '../../src/binary.js';
 import type { Allocator, CarriedField, HostWrite, PlanInput, TargetBuild, TargetDriver, TargetOptions, TargetPlan } from '../../src/driver.js';
 import { clusterize, type ClusterRun, type MustMove } from '../../src/engine/clusters.js';
+import { IntervalSet } from '../../src/engine/intervals.js';
 import { UnsupportedError, UsageError } from '../../src/errors.js';
 import type { ExtentMap } from '../../src/extent-map.js';
 import type { FreeRange } from '../../src/host-space.js';
@@ -250,16 +251,31 @@ export interface BlockPlacement {
   /** Blocks whose data stays where it lies: BAT index and the data's host offset. */
   kept: { block: number; host: number }[];
   mustMove: MustMove[];
-  /** The kept blocks' bitmap sectors (and a kept partial last block's unused rest). */
+  /** The kept blocks' bitmap sectors that are free in the source (and a kept partial last block's unused rest). */
   reserved: FreeRange[];
+  /**
+   * Kept blocks' bitmap sectors that lie in the data of a block that moves: the source reads that data
+   * there until the commit, so these bitmaps are fixed regions written at the commit point (undo and redo
+   * in the journal), not pre-commit writes.
+   */
+  commitBitmaps: FreeRange[];
   /** Blocks that hold data, kept or moved. */
   allocated: number;
 }
+
+/**
+ * How many bitmaps may be written at the commit point: each costs 512 bytes of undo and 512 of redo in
+ * the journal (MAX_BINARY 256 MiB per record). 65536 keeps 128 GiB of data in place and the journal's
+ * records at 32 MiB; past it the remaining blocks move as before.
+ */
+export const MAX_COMMIT_BITMAPS = 65536;
 
 // Short: the journal records the reason of every moved block.
 const BITMAP_IN_USE = 'no free sector before the block for its bitmap';
 const BITMAP_IN_HEAD = 'the sector before the block is in the VHD header area';
 const TAIL_IN_USE = 'the partial last block needs a whole free block on the host';
+/** A fixed region's `what` for a bitmap written at the commit point (over moved data). */
+const COMMIT_BITMAP = 'VHD block bitmap over moved data';
 
 /**
  * Sorts the data blocks of `map` into kept in place and to move, given the source's free space.
@@ -269,14 +285,19 @@ export function placeBlocks(map: ExtentMap, free: FreeRange[]): BlockPlacement {
   const { runs, mustMove } = dataBlocks(map);
   const index = new FreeIndex(free);
   const kept: BlockPlacement['kept'] = [];
+  /** Whole blocks whose only problem is the sector before them: candidates for a bitmap at the commit. */
+  const blockedByBitmap: { block: number; host: number }[] = [];
   for (const r of runs) {
     const g = r.block * BLOCK_SIZE;
     const length = Math.min(BLOCK_SIZE, vsize - g);
     if (r.host - BITMAP_SIZE < HEAD_BYTES) mustMove.push(moveOf(g, vsize, BITMAP_IN_HEAD));
-    else if (!index.contains(r.host - BITMAP_SIZE, BITMAP_SIZE)) mustMove.push(moveOf(g, vsize, BITMAP_IN_USE));
-    else if (length < BLOCK_SIZE && !index.contains(r.host + length, BLOCK_SIZE - length)) mustMove.push(moveOf(g, vsize, TAIL_IN_USE));
+    else if (!index.contains(r.host - BITMAP_SIZE, BITMAP_SIZE)) {
+      if (length === BLOCK_SIZE) blockedByBitmap.push(r);
+      else mustMove.push(moveOf(g, vsize, BITMAP_IN_USE));
+    } else if (length < BLOCK_SIZE && !index.contains(r.host + length, BLOCK_SIZE - length)) mustMove.push(moveOf(g, vsize, TAIL_IN_USE));
     else kept.push(r);
   }
+  const commitBitmaps = keepOverMovedData(map, blockedByBitmap, kept, mustMove);
   // The rest of a kept partial last block is free space, and so is the bitmap sector of a kept block
   // whose data starts right after that block: both cannot be had, and the last block moves.
   const lastGuest = (batEntriesFor(vsize) - 1) * BLOCK_SIZE;
@@ -286,13 +307,48 @@ export function placeBlocks(map: ExtentMap, free: FreeRange[]): BlockPlacement {
     mustMove.push(moveOf(lastGuest, vsize, TAIL_IN_USE));
   }
   const reserved: FreeRange[] = [];
+  const atCommit = new Set(commitBitmaps.map((b) => b.start));
   for (const k of kept) {
+    if (atCommit.has(k.host - BITMAP_SIZE)) continue;
     reserved.push({ start: k.host - BITMAP_SIZE, length: BITMAP_SIZE });
     if (k === last) reserved.push({ start: k.host + (vsize - lastGuest), length: BLOCK_SIZE - (vsize - lastGuest) });
   }
   reserved.sort((a, b) => a.start - b.start);
   mustMove.sort((a, b) => a.guest - b.guest);
-  return { kept, mustMove, reserved, allocated: kept.length + mustMove.length };
+  kept.sort((a, b) => a.block - b.block);
+  return { kept, mustMove, reserved, commitBitmaps, allocated: kept.length + mustMove.length };
+}
+
+/**
+ * Data packed back to back (a raw disk, a fixed VHD, clusters written in order) has no free sector
+ * before any block, so every block would move. But once a block moves, its old place is free after the
+ * commit: the block after it can stay, with its bitmap written at the commit point over the last sector
+ * of the moved block's old data. Walking the candidates in host order and keeping every block whose
+ * preceding sector lies in data that moves (the data of a block already decided to move) keeps about
+ * every other block of a contiguous run: half the bytes moved and half the extra space of moving all.
+ * Adds the blocks it keeps to `kept`, the rest to `mustMove`; returns the bitmaps to write at the commit.
+ */
+function keepOverMovedData(map: ExtentMap, candidates: { block: number; host: number }[], kept: BlockPlacement['kept'], mustMove: MustMove[]): FreeRange[] {
+  const vsize = map.virtualSize;
+  // Host ranges of the data of every block that moves (decided so far). A sector inside them is free
+  // once the commit has pointed the BAT at the copies.
+  const moving = new IntervalSet();
+  const addMoving = (guest: number): void => {
+    for (const e of map.range(guest, Math.min(BLOCK_SIZE, vsize - guest))) if (e.kind === 'data') moving.add(e.host!, e.length);
+  };
+  for (const m of mustMove) addMoving(m.guest);
+  const bitmaps: FreeRange[] = [];
+  for (const c of [...candidates].sort((a, b) => a.host - b.host)) {
+    const at = c.host - BITMAP_SIZE;
+    if (bitmaps.length < MAX_COMMIT_BITMAPS && moving.contains(at, BITMAP_SIZE)) {
+      kept.push(c);
+      bitmaps.push({ start: at, length: BITMAP_SIZE });
+    } else {
+      mustMove.push(moveOf(c.block * BLOCK_SIZE, vsize, BITMAP_IN_USE));
+      addMoving(c.block * BLOCK_SIZE);
+    }
+  }
+  return bitmaps;
 }
 
 export function batEntriesFor(virtualSize: number): number {
@@ -379,6 +435,7 @@ export const vhdTarget: TargetDriver = {
       fixedRegions: [
         { start: 0, length: FOOTER_SIZE, what: 'VHD footer copy' },
         { start: FOOTER_SIZE, length: DYN_HEADER_SIZE, what: 'VHD dynamic header' },
+        ...placed.commitBitmaps.map((b) => ({ ...b, what: COMMIT_BITMAP })),
       ],
       mustMove: placed.mustMove,
       dataAlignment: VHD_SECTOR,
@@ -409,6 +466,8 @@ export const vhdTarget: TargetDriver = {
     const bat = new Uint8Array(batBytes).fill(0xff);
     const batView = new DataView(bat.buffer);
     const bitmap = new Uint8Array(BITMAP_SIZE).fill(0xff);
+    const atCommit = new Set(plan.fixedRegions.filter((r) => r.what === COMMIT_BITMAP).map((r) => r.start));
+    const commitBitmaps: { offset: number; bytes: Uint8Array }[] = [];
     const writes: HostWrite[] = [];
     let end = Math.max(alloc.end, HEAD_BYTES, batOffset + batBytes);
     for (const b of blocks) {
@@ -422,9 +481,11 @@ export const vhdTarget: TargetDriver = {
         );
       }
       batView.setUint32(b.block * 4, sector, false);
-      writes.push({ offset: b.host - BITMAP_SIZE, bytes: bitmap });
+      if (atCommit.delete(b.host - BITMAP_SIZE)) commitBitmaps.push({ offset: b.host - BITMAP_SIZE, bytes: bitmap });
+      else writes.push({ offset: b.host - BITMAP_SIZE, bytes: bitmap });
       end = Math.max(end, b.host + BLOCK_SIZE);
     }
+    if (atCommit.size > 0) throw new Error(`vhd build: ${atCommit.size} bitmaps planned for the commit have no kept block after them (engine bug)`);
     if (batBytes > 0) writes.push({ offset: batOffset, bytes: bat });
     writes.sort((a, b) => a.offset - b.offset);
     const footerAt = alignUp(end, VHD_SECTOR);
@@ -435,6 +496,7 @@ export const vhdTarget: TargetDriver = {
         { offset: 0, bytes: footer },
         { offset: FOOTER_SIZE, bytes: header },
         { offset: footerAt, bytes: footer },
+        ...commitBitmaps.sort((a, b) => a.offset - b.offset),
       ],
       finalLength: footerAt + FOOTER_SIZE,
       metadataBytes: dynamicMetadataBytes(virtualSize, blocks.length),

@@ -191,7 +191,16 @@ describe('vhd target: dynamic plan/build on synthetic mappings', () => {
     const input: PlanInput = { info: syntheticInfo(map.virtualSize), mapping: map, hostSpace: hs, fileSize, options: {} };
     const { plan, moves, moved, build } = engineBuild(input);
     expect(build.metadataBytes).toBe(plan.metadataBytes);
-    expect(plan.fixedRegions.map((r) => [r.start, r.length])).toEqual([[0, 512], [512, 1024]]);
+    // Footer copy and header; then the bitmaps written at the commit point, each over the last sector
+    // of data that moves (free once the commit points the BAT at the copy), never over data that stays.
+    expect(plan.fixedRegions.slice(0, 2).map((r) => [r.start, r.length])).toEqual([[0, 512], [512, 1024]]);
+    const commitBitmaps = plan.fixedRegions.slice(2);
+    const movingData = (at: number) =>
+      plan.mustMove.some((m) => [...map.range(m.guest, m.length)].some((e) => e.kind === 'data' && e.host! <= at && at + 512 <= e.host! + e.length));
+    for (const b of commitBitmaps) {
+      expect(b.length).toBe(512);
+      expect(movingData(b.start), `commit bitmap at ${b.start} lies in data that moves`).toBe(true);
+    }
 
     // Every block holding data is kept or moved whole; blocks of zeros are neither.
     const dataBlocks = new Set<number>();
@@ -208,7 +217,7 @@ describe('vhd target: dynamic plan/build on synthetic mappings', () => {
     for (const w of build.writes) expect(inside({ start: w.offset, length: w.bytes.length }, free, sourceEnd), `write at ${w.offset}`).toBe(true);
     for (const r of plan.reserved ?? []) expect(inside(r, free, sourceEnd), `reserved ${r.start}`).toBe(true);
     // The fixed regions: footer copy, header, trailing footer past everything.
-    expect(build.fixed.map((f) => [f.offset, f.bytes.length])).toEqual([[0, 512], [512, 1024], [build.finalLength - 512, 512]]);
+    expect(build.fixed.map((f) => [f.offset, f.bytes.length])).toEqual([[0, 512], [512, 1024], [build.finalLength - 512, 512], ...commitBitmaps.map((b) => [b.start, 512])]);
     for (const w of build.writes) expect(w.offset + w.bytes.length).toBeLessThanOrEqual(build.finalLength - 512);
 
     const img = await openBuilt(build);
@@ -377,7 +386,9 @@ const sources: Source[] = [
   // free sector before it, so each block holding data is copied whole.
   { name: 'qcow2 64k (default)', format: 'qcow2', create: qemuMade('qcow2'), moves: MOVED_4_BLOCKS },
   { name: 'qcow2 512 B clusters', format: 'qcow2', create: qemuMade('qcow2', ['cluster_size=512']), moves: MOVED_4_BLOCKS },
-  { name: 'qcow2 2 MiB clusters', format: 'qcow2', create: qemuMade('qcow2', ['cluster_size=2M']), moves: MOVED_4_BLOCKS },
+  // 2 MiB clusters written in guest order lie back to back: every other block stays, its bitmap written
+  // at the commit over the last sector of the moved block before it.
+  { name: 'qcow2 2 MiB clusters', format: 'qcow2', create: qemuMade('qcow2', ['cluster_size=2M']), moves: MOVED_4_BLOCKS / 2 },
   {
     name: 'qcow2 zero clusters: a block of only zeros stays unallocated',
     format: 'qcow2',
@@ -410,13 +421,21 @@ const sources: Source[] = [
   // not copied: only the four blocks holding data move.
   { name: 'raw sparse', format: 'raw', create: qemuMade('raw'), moves: MOVED_4_BLOCKS },
   {
-    name: 'raw dense: every block moves',
+    // No free sector anywhere: block 0 moves (its bitmap would be in the header), block 1 stays with its
+    // bitmap over block 0's old last sector, block 2 moves, … — half the data moves, and the disk usage
+    // stays the source's plus the metadata (the moved blocks' old places are punched).
+    name: 'raw dense: every other block moves',
     format: 'raw',
     create: (p) => {
       qemuImg(['create', '-q', '-f', 'raw', p, '16M']);
       qemuIo(p, 'raw', ['write -P 0x5a 0 16M', 'write -P 0x11 100k 7k']);
     },
-    moves: 16 * MiB,
+    moves: 8 * MiB,
+    check: (j, f) => {
+      expect(j.report.moves.map((m) => m.guest / BLOCK_SIZE)).toEqual([0, 2, 4, 6]);
+      for (const b of [1, 3, 5, 7]) expect(j.file.bat![b]! * 512 + 512).toBe(b * BLOCK_SIZE);
+      expect(statSync(f).blocks * 512).toBeLessThanOrEqual(16 * MiB + 64 * 1024);
+    },
   },
 ];
 
