@@ -12,6 +12,7 @@ import { fileURLToPath } from 'node:url';
 import { MAX_SAFE } from '../../src/binary.js';
 import { readAt, type BlockDevice } from '../../src/blockdev/types.js';
 import type { OpenContext } from '../../src/driver.js';
+import { IoError } from '../../src/errors.js';
 import { decodeUtf16, type DynHeader, type ParentLocator } from './format.js';
 
 /** Locator payloads are paths; anything longer than this is not one. */
@@ -146,11 +147,19 @@ export async function chooseParent(
     let dev: BlockDevice;
     try {
       dev = await ctx.openRelated(c.path);
-    } catch {
+    } catch (e) {
+      // A candidate that is not there is the normal case; any other failure to open it is reported, not
+      // skipped (skipping could pick another candidate as the parent).
+      if (e instanceof IoError && e.code !== 'ENOENT' && e.code !== 'ENOTDIR') throw e;
       continue;
     }
     try {
-      const u = await footerUuid(dev).catch(() => undefined);
+      // A file too short or not a VHD has no UUID to match; an I/O error reading it is reported, for the
+      // same reason.
+      const u = await footerUuid(dev).catch((e: unknown) => {
+        if (e instanceof IoError) throw e;
+        return undefined;
+      });
       if (u && Buffer.from(u).equals(Buffer.from(uuid))) return { candidate: c, uuidMatch: true };
       firstExisting ??= c;
     } finally {

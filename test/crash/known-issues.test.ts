@@ -92,4 +92,26 @@ describe.runIf(qemuAvailable())('known defects found by the crash harness', () =
     }
     expect(bad).toEqual([]);
   }, 120_000);
+  // Found by the crash sample of 2026-12-03 (an EIO once at the read of the parent's footer, operation 14
+  // of vhd-diff → qed): choosing a differencing VHD's parent read each candidate's footer UUID and took a
+  // read error for "no UUID", so the conversion went on — with a transient error it could even have
+  // chosen another candidate as the parent. An I/O error now fails the open, hence the conversion.
+  it("vhd-diff → qed: an EIO reading the parent's footer fails the conversion", async () => {
+    const fx = buildFixtures('vhd', 'base').find((f) => f.name === 'vhd-diff')!;
+    // The first 40 faultable operations cover opening the chain (the parent's reads among them).
+    let failed = 0;
+    for (let at = 0; at < 40; at++) {
+      const d = memoryStorageOf(fx.files);
+      const faulty = new FaultyStorage(d, 'EIO', at, false);
+      try {
+        await convertInPlace(fx.image, { to: 'qed', format: 'vhd', drivers: allDrivers, storage: faulty });
+      } catch (e) {
+        expect(e).toBeInstanceOf(ConversionFailedError);
+        if (/vparent\.vhd/.test(String(faulty.hit))) failed++;
+        continue;
+      }
+      expect(String(faulty.hit), `the conversion succeeded despite an EIO at ${faulty.hit}`).not.toMatch(/vparent\.vhd/);
+    }
+    expect(failed).toBeGreaterThan(0);
+  });
 });
