@@ -64,6 +64,8 @@ interface Variant {
 
 const FLAT: Variant = { label: 'flat', to: 'vmdk', options: { subformat: 'monolithicFlat' } };
 const VHD_FIXED: Variant = { label: 'fixed', to: 'vhd', options: { subformat: 'fixed' } };
+/** raw → qcow2 with the image as its raw external data file: a qcow2 metadata file created beside it. */
+const DATA_FILE: Variant = { label: 'datafile', to: 'qcow2', options: { data_file_raw: 'on' } };
 /** Variants for the full run only: relocating and two-step conversions are long. */
 const full = (v: Variant): Variant => ({ ...v, full: true });
 
@@ -119,7 +121,7 @@ export const SPECS: Spec[] = [
   // ---- QED sources ----
   {
     name: 'qed-c4k',
-    variants: [full(FLAT), full(VHD_FIXED)],
+    variants: [full(FLAT), full(VHD_FIXED), full(DATA_FILE)],
     format: 'qed',
     traits: ['4 KiB clusters, 2-cluster tables', 'zero clusters'],
     make: (d) => {
@@ -152,7 +154,7 @@ export const SPECS: Spec[] = [
   // ---- raw sources ----
   {
     name: 'raw-head',
-    variants: [FLAT, VHD_FIXED],
+    variants: [FLAT, VHD_FIXED, DATA_FILE],
     format: 'raw',
     traits: ['data under the target header region (offset 0)'],
     make: (d) => {
@@ -162,7 +164,7 @@ export const SPECS: Spec[] = [
   },
   {
     name: 'raw-odd',
-    variants: [FLAT, VHD_FIXED],
+    variants: [FLAT, VHD_FIXED, DATA_FILE],
     format: 'raw',
     traits: ['length 100001 (partial last sector)', 'data under the target header region'],
     make: (d) => {
@@ -484,19 +486,21 @@ EXTRA_SPECS.push(
 
 /**
  * The zero-copy targets (raw → VMDK monolithicFlat: a descriptor file beside the data; raw → VHD fixed: a
- * footer appended; VHD fixed → monolithicFlat) write a journal, one small companion or footer and nothing
+ * footer appended; raw → qcow2 with the image as its raw data file: a metadata file beside it; VHD fixed →
+ * monolithicFlat) write a journal, one small companion or footer and nothing
  * else: 15–20 operations and about 100 distinct crash states a fixture. Their rows reach 10,000 states over
  * many sizes and layouts (the descriptor's extent size, the footer's size and geometry, the file's length
  * and sparseness differ), each stopped by the quota once its row has enough.
  */
 EXTRA_SPECS.push(
-  ...family('raw-zero-copy', 'raw', 100, () => ['vmdk', 'vhd'], (i) => `${sizeKOf(i) + 4 * i} KiB${i % 7 === 3 ? ' + 300 B (partial last sector)' : ''}, zero-copy targets`, (d, i) => {
+  ...family('raw-zero-copy', 'raw', 100, () => ['vmdk', 'vhd', 'qcow2'], (i) => `${sizeKOf(i) + 4 * i} KiB${i % 7 === 3 ? ' + 300 B (partial last sector)' : ''}, zero-copy targets`, (d, i) => {
     const size = (sizeKOf(i) + 4 * i) * K + (i % 7 === 3 ? 300 : 0);
     raw(d, `zc${i}.raw`, size, [[0, (1 + (i % 5)) * 512, 0x10 + (i % 200)], ...runsOf(i, sizeKOf(i)).map(([at, len], j): [number, number, number] => [at * K, Math.min(len * K, size - at * K), 0x20 + ((i + j) % 200)])]);
     return `zc${i}.raw`;
   }).flatMap((s) => [
     { ...s, name: `${s.name}@flat`, targets: ['vmdk'], options: { vmdk: FLAT.options } },
     { ...s, name: `${s.name}@fixed`, targets: ['vhd'], options: { vhd: VHD_FIXED.options } },
+    { ...s, name: `${s.name}@datafile`, targets: ['qcow2'], options: { qcow2: DATA_FILE.options } },
   ]),
   ...family('vhd-fixed-zero-copy', 'vhd', 100, () => ['vmdk'], (i) => `fixed, ${sizeKOf(i) + 64 * (i % 20)} KiB → monolithicFlat`, (d, i) => {
     const sizeK = sizeKOf(i) + 64 * (i % 20);

@@ -15,7 +15,7 @@
  */
 import { createHash } from 'node:crypto';
 import { mkdirSync, writeFileSync } from 'node:fs';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
 import { allDrivers } from '../../drivers/index.js';
 import { convertInPlace, ConversionFailedError } from '../../src/engine/convert.js';
 import { recover } from '../../src/engine/recover.js';
@@ -427,7 +427,7 @@ function confirmWithQemu(fx: Fixture, orig: Original, states: Confirmable[], tal
       if (format === orig.format && !fx.qemuReadsSource) continue;
       const img = write(filesOf(state), tmp.path(`s${i}`), image);
       const fmt = QEMU_FORMAT[format]!;
-      const chk = qemuImgStatus(['check', '--output=json', '-f', fmt, img]);
+      const chk = qemuImgStatus(['check', '--output=json', '-f', fmt, img], dirname(img));
       if (!/does not support checks/.test(chk.stderr)) {
         const j = JSON.parse(chk.stdout || '{}') as { corruptions?: number; 'check-errors'?: number };
         // qemu 7.2's QED check reports phantom leaks (see test/engine/convert-qed.test.ts); leaks are
@@ -437,7 +437,7 @@ function confirmWithQemu(fx: Fixture, orig: Original, states: Confirmable[], tal
           continue;
         }
       }
-      const cmp = qemuImgStatus(['compare', '-f', origFormat, '-F', fmt, origImage, img]);
+      const cmp = qemuImgStatus(['compare', '-f', origFormat, '-F', fmt, origImage, img], dirname(img));
       if (cmp.status !== 0) {
         failures.push(`${label}: qemu-img compare (${origFormat} original vs ${fmt} state) status ${cmp.status}: ${cmp.stdout}${cmp.stderr}`);
         continue;

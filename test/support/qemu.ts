@@ -27,8 +27,12 @@ export function qemuImg(args: string[]): string {
 }
 
 /** Runs qemu-img and returns status/stdout/stderr without throwing. */
-export function qemuImgStatus(args: string[]): { status: number; stdout: string; stderr: string } {
-  const r = spawnSync('qemu-img', args, { encoding: 'utf8' });
+/**
+ * `cwd`: QEMU 7.2 opens a qcow2's relative external data file name from its working directory, not
+ * beside the image; callers judging such an image run qemu-img in the image's directory.
+ */
+export function qemuImgStatus(args: string[], cwd?: string): { status: number; stdout: string; stderr: string } {
+  const r = spawnSync('qemu-img', args, { encoding: 'utf8', ...(cwd ? { cwd } : {}) });
   return { status: r.status ?? -1, stdout: r.stdout, stderr: r.stderr };
 }
 
