@@ -20,7 +20,7 @@ import {
 import { decodeReftableEntry } from './entries.js';
 import { FORMAT, validateTable } from './header.js';
 import type { Qcow2Layout } from './open.js';
-import { classifyL2, l1EntryL2Offset, readL1, readL2, requireHostCluster } from './tables.js';
+import { classifyL2, l1EntryL2Offset, quickL2, readL1, readL2, requireHostCluster } from './tables.js';
 
 /** Per-cluster marks over the file: clusters earlier layers recorded, and those of the current one. */
 class LayerMarks {
@@ -98,12 +98,24 @@ async function addLayer(
   const coverage = cs * layout.l2Entries;
   const l1 = await readL1(layout, l1Offset, l1Size, ...fields);
   const external = layout.dataFileName !== undefined;
+  const fast = !layout.extendedL2 && !external && marks === undefined;
+  const v3 = layout.header.version >= 3;
+  const l2Buffer = new Uint8Array(cs);
   for (let i = 0; i < l1Size; i++) {
     const l2Offset = l1EntryL2Offset(layout, l1, i, table);
     if (l2Offset === 0 || marks?.sharedWithEarlierLayer(l2Offset)) continue;
     hs.add(l2Offset, cs, 'metadata', 'L2 table');
-    const l2 = await readL2(layout, l2Offset);
+    const l2 = await readL2(layout, l2Offset, l2Buffer);
     for (let j = 0; j < layout.l2Entries; j++) {
+      if (fast) {
+        // Standard entries of the common kinds without an object each (classifyL2 judges the rest).
+        const q = quickL2(l2.getUint32(j * 8), l2.getUint32(j * 8 + 4), cs, layout.fileSize, v3);
+        if (q === q) {
+          if (q > 1) hs.add(q, cs, 'data', 'data');
+          else if (q < 0) hs.add(-q, cs, 'data', 'preallocated zero');
+          continue;
+        }
+      }
       const s = classifyL2(layout, l2, j, i * coverage + j * cs, l2Offset);
       if (s.type === 'compressed') {
         hs.add(s.host, s.length, 'data', 'compressed data', true);

@@ -43,9 +43,20 @@ export async function readL1(layout: Qcow2Layout, offset: number, entries: numbe
   return new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
 }
 
-export async function readL2(layout: Qcow2Layout, offset: number): Promise<DataView> {
-  const bytes = await readAt(layout.dev, offset, layout.clusterSize);
-  return new DataView(bytes.buffer);
+/** One L2 table; `into` (a cluster-sized buffer) is reused when given, so a scan of thousands allocates once. */
+export async function readL2(layout: Qcow2Layout, offset: number, into?: Uint8Array): Promise<DataView> {
+  if (!into) {
+    const bytes = await readAt(layout.dev, offset, layout.clusterSize);
+    return new DataView(bytes.buffer);
+  }
+  let got = 0;
+  while (got < into.length) {
+    const n = await layout.dev.read(into.subarray(got), offset + got);
+    if (n === 0) break;
+    got += n;
+  }
+  into.fill(0, got); // past the end of the file: zeros, as readAt gives
+  return new DataView(into.buffer, into.byteOffset, into.length);
 }
 
 /** A host cluster some entry points at: aligned and starting inside the file (qemu-img check allows a partial last cluster). */
@@ -123,6 +134,25 @@ export function classifyL2(layout: Qcow2Layout, dv: DataView, index: number, gue
   return hasHost ? { type: 'normal', host: offset } : { type: 'unallocated' };
 }
 
+export const QUICK_UNALLOCATED = 0;
+export const QUICK_ZERO = 1;
+
+/**
+ * classifyL2 for the common standard entries (no extended L2, no external data file), without an
+ * object: 0 unallocated, 1 zero without a host, h > 1 data at host h, −h preallocated zero at host h
+ * (hosts are non-zero cluster multiples); NaN for everything else — compressed entries, reserved bits,
+ * the zero flag in v2, a host that is misaligned or past the end — which classifyL2 must judge.
+ */
+export function quickL2(hi: number, lo: number, cs: number, fileSize: number, v3: boolean): number {
+  if ((hi | lo) === 0) return QUICK_UNALLOCATED;
+  // Not compressed, no reserved bits, the zero flag only in v3.
+  if ((hi & 0x7f000000) !== 0 || (lo & 0x1fe) !== 0 || (!v3 && (lo & 1) !== 0)) return NaN;
+  const offset = (hi & 0x00ffffff) * 0x1_0000_0000 + ((lo & 0xfffffe00) >>> 0);
+  if (offset === 0) return (lo & 1) !== 0 ? QUICK_ZERO : QUICK_UNALLOCATED;
+  if (offset % cs !== 0 || offset >= fileSize) return NaN;
+  return (lo & 1) !== 0 ? -offset : offset;
+}
+
 /** Pushes one guest cluster [guest, guest+len) of the given state. */
 function pushCluster(map: ExtentMap, layout: Qcow2Layout, s: ClusterState, guest: number, len: number): void {
   switch (s.type) {
@@ -188,6 +218,7 @@ export async function activeMapping(layout: Qcow2Layout): Promise<ExtentMap> {
     runLength = len;
     runHost = host;
   };
+  const l2Buffer = new Uint8Array(cs);
   for (let i = 0; i < needed; i++) {
     const base = i * coverage;
     const l2Offset = l1EntryL2Offset(layout, l1, i, 'L1');
@@ -195,30 +226,18 @@ export async function activeMapping(layout: Qcow2Layout): Promise<ExtentMap> {
       add('unallocated', base, Math.min(coverage, vs - base), NaN);
       continue;
     }
-    const l2 = await readL2(layout, l2Offset);
+    const l2 = await readL2(layout, l2Offset, l2Buffer);
     for (let j = 0; j < l2Entries; j++) {
       const guest = base + j * cs;
       if (guest >= vs) break;
       const len = Math.min(cs, vs - guest);
       if (fast) {
-        const hi = l2.getUint32(j * 8);
-        const lo = l2.getUint32(j * 8 + 4);
-        if ((hi | lo) === 0) {
-          add('unallocated', guest, len, NaN);
-          continue;
-        }
-        // Not compressed, no reserved bits, the zero flag only in v3.
-        if ((hi & 0x7f000000) === 0 && (lo & 0x1fe) === 0 && (v3 || (lo & 1) === 0)) {
-          const offset = (hi & 0x00ffffff) * 0x1_0000_0000 + ((lo & 0xfffffe00) >>> 0);
-          if (offset === 0) {
-            add((lo & 1) !== 0 ? 'zero' : 'unallocated', guest, len, NaN);
-            continue;
-          }
-          if (offset % cs === 0 && offset < fileSize) {
-            add((lo & 1) !== 0 ? 'zero' : 'data', guest, len, offset);
-            continue;
-          }
-        }
+        const q = quickL2(l2.getUint32(j * 8), l2.getUint32(j * 8 + 4), cs, fileSize, v3);
+        if (q === QUICK_UNALLOCATED) add('unallocated', guest, len, NaN);
+        else if (q === QUICK_ZERO) add('zero', guest, len, NaN);
+        else if (q > 0) add('data', guest, len, q);
+        else if (q < 0) add('zero', guest, len, -q);
+        if (q === q) continue;
       }
       flush();
       pushCluster(map, layout, classifyL2(layout, l2, j, guest, l2Offset), guest, len);

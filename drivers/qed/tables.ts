@@ -73,20 +73,34 @@ export type RunVisitor = (index: number, count: number, value: number, big?: big
  * per run. Runs do not cross the 1 MiB pieces the table is read in.
  */
 export async function forEachRun(dev: BlockDevice, offset: number, bytes: number, clusterSize: number, visit: RunVisitor): Promise<void> {
+  // One buffer for every piece (a scan of a 1 TiB image reads 128 MiB of tables: no allocation each).
+  const buf = new Uint8Array(Math.min(CHUNK, bytes));
+  // Entries as u32 halves: a typed-array view on little-endian hosts, a DataView elsewhere.
+  const words = LITTLE_ENDIAN ? new Uint32Array(buf.buffer, 0, buf.length >>> 2) : undefined;
+  const dv = view(buf);
   for (let pos = 0; pos < bytes; pos += CHUNK) {
     const len = Math.min(CHUNK, bytes - pos);
-    const data = await dev.nextData(offset + pos);
-    if (data === null || data >= offset + pos + len) continue;
-    const buf = await readAt(dev, offset + pos, len);
-    const dv = view(buf);
+    // A table of several pieces skips those in a file hole without reading them (all zeros); a table
+    // of one piece is read at once — asking where the data lies would cost more than reading it.
+    if (bytes > CHUNK) {
+      const data = await dev.nextData(offset + pos);
+      if (data === null || data >= offset + pos + len) continue;
+    }
+    let got = 0;
+    while (got < len) {
+      const n = await dev.read(buf.subarray(got, len), offset + pos + got);
+      if (n === 0) break;
+      got += n;
+    }
+    buf.fill(0, got, len); // past the end of the file: zeros, as readAt gives
     const first = pos / 8;
     let runIndex = -1;
     let runCount = 0;
     let runValue = 0;
     let next = -1; // the value that would continue the current run
-    for (let b = 0; b < len; b += 8) {
-      const lo = dv.getUint32(b, true);
-      const hi = dv.getUint32(b + 4, true);
+    for (let w = 0; w < len >>> 2; w += 2) {
+      const lo = words ? words[w]! : dv.getUint32(w * 4, true);
+      const hi = words ? words[w + 1]! : dv.getUint32(w * 4 + 4, true);
       if ((lo | hi) === 0) {
         if (runCount > 0) visit(runIndex, runCount, runValue);
         runCount = 0;
@@ -96,8 +110,7 @@ export async function forEachRun(dev: BlockDevice, offset: number, bytes: number
         // Above 2^53: reported alone, with the exact stored value.
         if (runCount > 0) visit(runIndex, runCount, runValue);
         runCount = 0;
-        const value = hi * 0x1_0000_0000 + lo;
-        visit(first + b / 8, 1, value, value > MAX_SAFE ? (BigInt(hi) << 32n) | BigInt(lo) : undefined);
+        visit(first + (w >>> 1), 1, hi * 0x1_0000_0000 + lo, (BigInt(hi) << 32n) | BigInt(lo));
         continue;
       }
       const value = hi * 0x1_0000_0000 + lo;
@@ -107,7 +120,7 @@ export async function forEachRun(dev: BlockDevice, offset: number, bytes: number
         continue;
       }
       if (runCount > 0) visit(runIndex, runCount, runValue);
-      runIndex = first + b / 8;
+      runIndex = first + (w >>> 1);
       runCount = 1;
       runValue = value;
       next = value === QED_ZERO_CLUSTER ? QED_ZERO_CLUSTER : value + clusterSize;
@@ -115,6 +128,8 @@ export async function forEachRun(dev: BlockDevice, offset: number, bytes: number
     if (runCount > 0) visit(runIndex, runCount, runValue);
   }
 }
+
+const LITTLE_ENDIAN = new Uint8Array(new Uint16Array([1]).buffer)[0] === 1;
 
 /**
  * Why `offset` cannot be a cluster of this image, or null when it can: the rule of qed.h

@@ -124,13 +124,21 @@ export const qedTarget: TargetDriver = {
     let dataEnd = 0;
     for (const r of layout.runs) {
       if (r.kind === 'unallocated') continue;
-      for (let g = r.guest; g < r.guest + r.length; g += cs) {
-        const cluster = Math.floor(g / cs);
+      const zero = r.kind === 'zero';
+      if (!zero) dataEnd = Math.max(dataEnd, r.host! + alignUp(r.length, cs));
+      // Entry by entry within a run, one L2 table at a time; values as two u32 halves (no BigInt per entry).
+      const end = r.guest + r.length;
+      for (let g = r.guest; g < end; ) {
         const l1Index = Math.floor(g / l2Span);
         const t = l2For(l1Index);
-        const value = r.kind === 'zero' ? QED_ZERO_CLUSTER : r.host! + (g - r.guest);
-        if (r.kind === 'data') dataEnd = Math.max(dataEnd, value + cs);
-        t.view.setBigUint64((cluster % entriesPerTable) * 8, BigInt(value), true);
+        const stop = Math.min(end, (l1Index + 1) * l2Span);
+        let at = (Math.floor(g / cs) % entriesPerTable) * 8;
+        let value = zero ? QED_ZERO_CLUSTER : r.host! + (g - r.guest);
+        for (; g < stop; g += cs, at += 8) {
+          t.view.setUint32(at, value % 0x1_0000_0000, true);
+          t.view.setUint32(at + 4, Math.floor(value / 0x1_0000_0000), true);
+          if (!zero) value += cs;
+        }
       }
     }
     const header = new Uint8Array(headerBytes);
