@@ -2,16 +2,18 @@
  * In-process measurements, each run in a child process of its own so the harness's memory and the
  * next run's are unaffected. Prints one JSON object on stdout.
  *
- *   node dist/bench/child.js phases IMAGE TARGET   convert in place, timing each phase from the
- *                                                   engine's own progress events (ConvertOptions.onProgress)
+ *   node dist/bench/child.js phases IMAGE TARGET [OPTS]   convert in place (OPTS: the target's -o,
+ *                                                   "k=v,k=v"), timing each phase from the engine's own
+ *                                                   progress events (ConvertOptions.onProgress)
  *   node dist/bench/child.js layout IMAGE           mapped clusters and discontiguous data runs
  */
 import { allDrivers } from '../drivers/index.js';
+import { parseTargetOptions } from '../src/cli-options.js';
 import { convertInPlace, type Phase } from '../src/engine/convert.js';
 import { openImage } from '../src/image.js';
 
 export interface PhaseTimes {
-  /** Milliseconds from the first event of each phase to the first event of the next (or the end). */
+  /** Milliseconds in each phase: from an event of it to the next event of another phase (or the end), summed. */
   phases: Partial<Record<Phase, number>>;
   totalMs: number;
   maxRssBytes: number;
@@ -29,19 +31,28 @@ export interface LayoutStats {
   runs: number;
 }
 
-async function phases(image: string, to: string): Promise<PhaseTimes> {
+async function phases(image: string, to: string, opts?: string): Promise<PhaseTimes> {
   const t0 = performance.now();
-  const firsts: [Phase, number][] = [];
+  const out: PhaseTimes['phases'] = {};
+  // Time goes to the phase of the last event until an event of another phase (a two-step conversion
+  // goes through the phases twice: each phase's figure is the sum over both steps).
+  let current: Phase | undefined;
+  let since = 0;
+  const enter = (phase: Phase | undefined, at: number) => {
+    if (current !== undefined) out[current] = (out[current] ?? 0) + at - since;
+    current = phase;
+    since = at;
+  };
   await convertInPlace(image, {
     to,
+    options: parseTargetOptions(opts ? [opts] : []),
     drivers: allDrivers,
     onProgress: (e) => {
-      if (!firsts.some(([p]) => p === e.phase)) firsts.push([e.phase, performance.now() - t0]);
+      if (e.phase !== current) enter(e.phase, performance.now() - t0);
     },
   });
   const totalMs = performance.now() - t0;
-  const out: PhaseTimes['phases'] = {};
-  firsts.forEach(([p, at], i) => (out[p] = (firsts[i + 1]?.[1] ?? totalMs) - at));
+  enter(undefined, totalMs);
   return { phases: out, totalMs, maxRssBytes: process.resourceUsage().maxRSS * 1024 };
 }
 
@@ -65,9 +76,9 @@ async function layout(image: string): Promise<LayoutStats> {
 }
 
 const [cmd, ...args] = process.argv.slice(2);
-const result = cmd === 'phases' ? await phases(args[0]!, args[1]!) : cmd === 'layout' ? await layout(args[0]!) : undefined;
+const result = cmd === 'phases' ? await phases(args[0]!, args[1]!, args[2]) : cmd === 'layout' ? await layout(args[0]!) : undefined;
 if (result === undefined) {
-  process.stderr.write('usage: child.js phases IMAGE TARGET | layout IMAGE\n');
+  process.stderr.write('usage: child.js phases IMAGE TARGET [OPTS] | layout IMAGE\n');
   process.exit(2);
 }
 process.stdout.write(JSON.stringify(result) + '\n');

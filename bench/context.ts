@@ -21,6 +21,7 @@ export interface Config {
   runs: number;
   inplaceSizes: number[];
   scaleSizes: number[];
+  /** Guest bytes of the moving section's images. */
   movingBytes: number;
   startupRuns: number;
   sections: Set<SectionName>;
@@ -36,7 +37,7 @@ export const HEADINGS: Record<SectionName | 'machine' | 'method' | 'targets', st
   startup: '## Start-up',
   inplace: '## In place: fully allocated random data',
   scale: '## Scale: every cluster mapped',
-  moving: '## Moving conversions: 512-byte qcow2 clusters',
+  moving: '## Moving conversions: data that must move',
   targets: '## Targets',
 };
 
@@ -48,12 +49,15 @@ export function imgconv(args: string[], opts: MeasureOptions = {}): Promise<Meas
   return measure(process.execPath, [IMGCONV, ...args], opts);
 }
 
-export async function plan(image: string, to: string): Promise<ConversionPlan> {
-  return JSON.parse(await run(process.execPath, [IMGCONV, 'plan', image, '--to', to, '--output', 'json'])) as ConversionPlan;
+/** `imgconv plan`; `options` is the target's `-o`, as key/value pairs. */
+export async function plan(image: string, to: string, options: Record<string, string> = {}): Promise<ConversionPlan> {
+  const o = Object.entries(options).flatMap(([k, v]) => ['-o', `${k}=${v}`]);
+  return JSON.parse(await run(process.execPath, [IMGCONV, 'plan', image, '--to', to, ...o, '--output', 'json'])) as ConversionPlan;
 }
 
-export async function phaseTimes(image: string, to: string): Promise<PhaseTimes> {
-  return JSON.parse(await run(process.execPath, [CHILD, 'phases', image, to])) as PhaseTimes;
+/** `options`: the target's `-o` as one "k=v,k=v" string (may be empty). */
+export async function phaseTimes(image: string, to: string, options = ''): Promise<PhaseTimes> {
+  return JSON.parse(await run(process.execPath, [CHILD, 'phases', image, to, ...(options ? [options] : [])])) as PhaseTimes;
 }
 
 export async function layoutStats(image: string): Promise<LayoutStats> {

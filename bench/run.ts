@@ -2,7 +2,8 @@
  * imgconv's benchmark: `npm run bench` writes BENCHMARKS.md; `npm run bench:smoke` (--smoke) runs
  * every section on tiny images once, in seconds, and writes the report to a temporary file whose path
  * it prints. Options: --out FILE, --dir DIR (scratch parent; default the OS temp dir), --runs N,
- * --only startup,inplace,scale,moving.
+ * --only startup,inplace,scale,moving, and the image sizes (e.g. 64M, 1G, 1T): --sizes LIST (in-place
+ * section), --scale-sizes LIST, --moving-size SIZE.
  */
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { loadavg, tmpdir } from 'node:os';
@@ -12,10 +13,20 @@ import { freeBytes } from './images.js';
 import { inplaceSection } from './inplace.js';
 import { machineFacts } from './machine.js';
 import { hasGnuTime } from './measure.js';
-import { movingSection } from './moving.js';
+import { movingSection, movingSpaceNeeded } from './moving.js';
 import { scaleSection } from './scale.js';
 import { startupSection } from './startup.js';
 import { GiB, MiB, TiB, table } from './stats.js';
+
+/** "512M", "8G", "1T" or a byte count. */
+function parseSize(flag: string, v: string): number {
+  const m = /^(\d+)([KMGT]?)(?:i?B)?$/i.exec(v.trim());
+  if (!m) throw new Error(`${flag}: ${v} is not a size (e.g. 64M, 1G)`);
+  const unit = { '': 1, K: 1024, M: MiB, G: GiB, T: TiB }[m[2]!.toUpperCase() as '' | 'K' | 'M' | 'G' | 'T'];
+  const bytes = Number(m[1]) * unit;
+  if (bytes <= 0 || bytes % MiB !== 0) throw new Error(`${flag}: ${v} must be a positive number of whole MiB`);
+  return bytes;
+}
 
 function parseArgs(argv: string[]): Config {
   const smoke = argv.includes('--smoke');
@@ -32,14 +43,16 @@ function parseArgs(argv: string[]): Config {
   const runs = Number(value('--runs') ?? (smoke ? 1 : 3));
   if (!Number.isInteger(runs) || runs < 1) throw new Error('--runs must be a positive integer');
   const parent = value('--dir') ?? tmpdir();
+  const sizes = (flag: string) => value(flag)?.split(',').map((v) => parseSize(flag, v));
+  const movingSize = value('--moving-size');
   return {
     smoke,
     out: value('--out') ?? (smoke ? join(tmpdir(), `imgconv-bench-smoke-${process.pid}.md`) : join(ROOT, 'BENCHMARKS.md')),
     dir: mkdtempSync(join(parent, 'imgconv-bench-')),
     runs,
-    inplaceSizes: smoke ? [8 * MiB] : [1 * GiB, 4 * GiB, 8 * GiB],
-    scaleSizes: smoke ? [256 * MiB, 1 * GiB] : [64 * GiB, 256 * GiB, 1 * TiB],
-    movingBytes: smoke ? 4 * MiB : 1 * GiB,
+    inplaceSizes: sizes('--sizes') ?? (smoke ? [8 * MiB] : [1 * GiB, 4 * GiB, 8 * GiB]),
+    scaleSizes: sizes('--scale-sizes') ?? (smoke ? [256 * MiB, 1 * GiB] : [64 * GiB, 256 * GiB, 1 * TiB]),
+    movingBytes: movingSize !== undefined ? parseSize('--moving-size', movingSize) : smoke ? 4 * MiB : 1 * GiB,
     startupRuns: smoke ? 1 : 10,
     sections,
   };
@@ -68,7 +81,10 @@ const METHOD = [
 
 async function main(): Promise<void> {
   const cfg = parseArgs(process.argv.slice(2));
-  const needed = cfg.sections.has('inplace') ? 2 * Math.max(...cfg.inplaceSizes) + GiB : GiB;
+  const needed = Math.max(
+    cfg.sections.has('inplace') ? 2 * Math.max(...cfg.inplaceSizes) + GiB : GiB,
+    cfg.sections.has('moving') ? movingSpaceNeeded(cfg.movingBytes) : 0,
+  );
   if (freeBytes(cfg.dir) < needed) throw new Error(`${cfg.dir}: ${freeBytes(cfg.dir)} bytes free, the benchmark needs ${needed}`);
   const started = new Date();
   const parts: string[] = [];

@@ -10,14 +10,18 @@ import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
+import { allDrivers } from '../drivers/index.js';
 import { HEADINGS, SECTION_NAMES } from '../bench/context.js';
+import { conversionLabel } from '../bench/conversion.js';
+import { INPLACE_CONVERSIONS } from '../bench/inplace.js';
+import { MOVING_CONVERSIONS } from '../bench/moving.js';
 import { qemuAvailable } from './support/qemu.js';
 
 const ROOT = fileURLToPath(new URL('..', import.meta.url));
 const RUN = join(ROOT, 'dist', 'bench', 'run.js');
 
 /** Columns that hold words; every other column must hold figures. */
-const TEXT_COLUMNS = new Set(['', 'image', 'conversion', 'tool', 'command', 'virtual size', 'sizes', 'target', 'measured', 'met', 'shortfall', 'qemu-img compare']);
+const TEXT_COLUMNS = new Set(['', 'image', 'conversion', 'tool', 'command', 'virtual size', 'sizes', 'target', 'measured', 'met', 'shortfall', 'qemu-img compare', 'route']);
 const FIGURE = /^-?\d+(?:\.\d+)?$/;
 const FIGURE_RANGE = /^(-?\d+(?:\.\d+)?) \((-?\d+(?:\.\d+)?)–(-?\d+(?:\.\d+)?)\)$/;
 
@@ -120,32 +124,55 @@ describe.skipIf(!haveQemu)('bench --smoke', () => {
     expect(figures).toBeGreaterThan(100);
   });
 
+  test('the sections measure every in-place target the issue names', () => {
+    const labels = (cs: readonly { from: string; to: string; options?: Record<string, string> }[]) => cs.map((c) => `${c.from}>${c.to}${c.options ? JSON.stringify(c.options) : ''}`);
+    expect(labels(INPLACE_CONVERSIONS)).toEqual(
+      expect.arrayContaining(['qcow2>qed', 'qed>qcow2', 'qcow2>vmdk', 'qed>vmdk', 'raw>vhd{"subformat":"fixed"}', 'raw>vmdk{"subformat":"monolithicFlat"}', 'raw>qcow2{"data_file_raw":"on"}']),
+    );
+    expect(labels(MOVING_CONVERSIONS)).toEqual(expect.arrayContaining(['qcow2>qed', 'qed>raw', 'raw>vhd', 'qcow2>raw', 'qcow2>vhd']));
+  });
+
   test('each section has its tables and rows', () => {
     const rowsOf = (heading: string) => tablesOf(sectionText(report, heading)).map((t) => t.rows.length);
     expect(rowsOf(HEADINGS.startup)).toEqual([4]);
-    // one size × two conversions × two tools; then the derived table
-    expect(rowsOf(HEADINGS.inplace)).toEqual([4, 2]);
+    // one size × each conversion × two tools; then the derived table
+    const n = INPLACE_CONVERSIONS.length;
+    expect(rowsOf(HEADINGS.inplace)).toEqual([2 * n, n]);
     // two sizes × two conversions; growth per conversion; phases
     expect(rowsOf(HEADINGS.scale)).toEqual([4, 2, 4]);
-    expect(rowsOf(HEADINGS.moving)).toEqual([3, 1]);
+    // each conversion × imgconv, qemu-img convert, cp; plan beside measurement; phases
+    const m = MOVING_CONVERSIONS.length;
+    expect(rowsOf(HEADINGS.moving)).toEqual([3 * m, m, m]);
+    const [measured] = tablesOf(sectionText(report, HEADINGS.moving));
+    expect(measured!.rows.map((r) => r[1]!.split(' ')[0])).toEqual(MOVING_CONVERSIONS.flatMap(() => ['imgconv', 'qemu-img', 'cp']));
     for (const s of SECTION_NAMES) expect(sectionText(report, HEADINGS[s]).length).toBeGreaterThan(0);
   });
 
-  test('converted images matched their sources; other targets are named', () => {
+  test('converted images matched their sources; every registered target is accounted for', () => {
     const inplace = sectionText(report, HEADINGS.inplace);
     const [, derived] = tablesOf(inplace);
     const col = derived!.header.indexOf('qemu-img compare');
-    expect(derived!.rows.map((r) => r[col])).toEqual(['identical', 'identical']);
-    // Formats this section does not measure are named, with whether this build can convert to them.
-    for (const f of ['vmdk', 'vhd', 'raw']) expect(inplace).toMatch(new RegExp(`\\*\\*${f}\\*\\*: (not yet available|this build registers an in-place target)`));
-    expect(sectionText(report, HEADINGS.moving)).toContain('qemu-img compare of source and result: identical');
+    expect(derived!.rows.map((r) => r[1])).toEqual(INPLACE_CONVERSIONS.map(conversionLabel));
+    expect(derived!.rows.map((r) => r[col])).toEqual(INPLACE_CONVERSIONS.map(() => 'identical'));
+    const [, planned] = tablesOf(sectionText(report, HEADINGS.moving));
+    const mcol = planned!.header.indexOf('qemu-img compare');
+    expect(planned!.rows.map((r) => r[0])).toEqual(MOVING_CONVERSIONS.map(conversionLabel));
+    expect(planned!.rows.map((r) => r[mcol])).toEqual(MOVING_CONVERSIONS.map(() => 'identical'));
+    // Every format of the registry is listed: measured (naming the conversions), or why not.
+    for (const d of allDrivers) {
+      const line = new RegExp(`^- \\*\\*${d.name}\\*\\*: (.*)$`, 'm').exec(inplace);
+      expect(line, d.name).not.toBeNull();
+      if (d.target) expect(line![1]).toMatch(/^measured: /);
+      else expect(line![1]).toMatch(/^not an in-place target/);
+    }
+    expect(inplace).not.toMatch(/not benchmarked here|not yet available/);
   });
 
   test('every target is reported, met or with its shortfall', () => {
     const [t] = tablesOf(sectionText(report, HEADINGS.targets));
     // in place: 2 per conversion at the largest size; scale: < 5 s, RSS, time growth, memory growth per
-    // conversion; moving: throughput
-    expect(t!.rows.length).toBe(4 + 8 + 1);
+    // conversion; moving: throughput per conversion
+    expect(t!.rows.length).toBe(2 * INPLACE_CONVERSIONS.length + 8 + MOVING_CONVERSIONS.length);
     for (const [target, measured, met, shortfall] of t!.rows) {
       expect(target).toBeTruthy();
       expect(measured).toMatch(/\d/);
