@@ -45,14 +45,18 @@ function parseArgs(argv: string[]): Config {
   const parent = value('--dir') ?? tmpdir();
   const sizes = (flag: string) => value(flag)?.split(',').map((v) => parseSize(flag, v));
   const movingSize = value('--moving-size');
+  // Every option is read before the scratch directory is made: a bad one leaves nothing behind.
+  const inplaceSizes = sizes('--sizes') ?? (smoke ? [8 * MiB] : [1 * GiB, 4 * GiB, 8 * GiB]);
+  const scaleSizes = sizes('--scale-sizes') ?? (smoke ? [256 * MiB, 1 * GiB] : [64 * GiB, 256 * GiB, 1 * TiB]);
+  const movingBytes = movingSize !== undefined ? parseSize('--moving-size', movingSize) : smoke ? 4 * MiB : 1 * GiB;
   return {
     smoke,
     out: value('--out') ?? (smoke ? join(tmpdir(), `imgconv-bench-smoke-${process.pid}.md`) : join(ROOT, 'BENCHMARKS.md')),
     dir: mkdtempSync(join(parent, 'imgconv-bench-')),
     runs,
-    inplaceSizes: sizes('--sizes') ?? (smoke ? [8 * MiB] : [1 * GiB, 4 * GiB, 8 * GiB]),
-    scaleSizes: sizes('--scale-sizes') ?? (smoke ? [256 * MiB, 1 * GiB] : [64 * GiB, 256 * GiB, 1 * TiB]),
-    movingBytes: movingSize !== undefined ? parseSize('--moving-size', movingSize) : smoke ? 4 * MiB : 1 * GiB,
+    inplaceSizes,
+    scaleSizes,
+    movingBytes,
     startupRuns: smoke ? 1 : 10,
     sections,
   };
@@ -66,7 +70,8 @@ const METHOD = [
   '- Peak RSS is `ru_maxrss` of the process tree from `/usr/bin/time -f %M`' + (hasGnuTime ? '' : ' (absent here: VmHWM polled instead)') + '; the harness also polls VmHWM',
   '  of every process below the shell every 5 ms, the figure used where /usr/bin/time is missing.',
   '- Peak extra disk space: the harness polls size and allocated blocks of the files a command grows (image +',
-  '  `.imgconv-journal`, or the output file) every 5 ms and keeps the largest growth; the plan\'s own figure is beside it.',
+  '  `.imgconv-journal` + the companion file a conversion creates beside the image, or every output file) every 5 ms',
+  '  and keeps the largest growth; the plan\'s own figure is beside it.',
   '- Every image a run converts is a fresh copy, fsynced before the run, so no run waits for or hides another\'s',
   '  writeback. The page cache is warm (the copy was just written); caches are not dropped.',
   '- Figures are median (min–max) over the stated number of runs.',
@@ -85,12 +90,12 @@ async function main(): Promise<void> {
     cfg.sections.has('inplace') ? 2 * Math.max(...cfg.inplaceSizes) + GiB : GiB,
     cfg.sections.has('moving') ? movingSpaceNeeded(cfg.movingBytes) : 0,
   );
-  if (freeBytes(cfg.dir) < needed) throw new Error(`${cfg.dir}: ${freeBytes(cfg.dir)} bytes free, the benchmark needs ${needed}`);
   const started = new Date();
   const parts: string[] = [];
   const targets: TargetResult[] = [];
   const notRun = '_Not run in this report._';
   try {
+    if (freeBytes(cfg.dir) < needed) throw new Error(`${cfg.dir}: ${freeBytes(cfg.dir)} bytes free, the benchmark needs ${needed}`);
     const machine = machineFacts(cfg.dir);
     const sectionText: Partial<Record<SectionName, string>> = {};
     if (cfg.sections.has('startup')) sectionText.startup = (await startupSection(cfg)).markdown;
