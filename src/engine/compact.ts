@@ -12,13 +12,13 @@
  * and it is reused only in a later round, after the image is re-read. A crash at any instant leaves a
  * valid image whose only defect can be a leak, and running reclaim again continues.
  */
-import { writeIntoFree } from '../blockdev/sparse.js';
+import { writeSparse } from '../blockdev/sparse.js';
 import { coalesce } from './relocate.js';
 import type { BlockDevice } from '../blockdev/types.js';
 import type { FormatDriver, Relocatable, SourceImage } from '../driver.js';
 import type { FreeRange } from '../host-space.js';
 import { alignUp } from '../binary.js';
-import { openImage } from '../image.js';
+import { openImage, type ImageChain } from '../image.js';
 
 export interface CompactResult {
   dataMovedBytes: number;
@@ -30,6 +30,9 @@ export interface CompactResult {
 /** Table levels, highest first; data is level 0. Pointers of level n live in level n+1. */
 const TABLE_LEVELS = [1, 2];
 const COPY_CHUNK = 4 << 20;
+/** Source bytes read ahead at once in a round of copies (at least one COPY_CHUNK), and at most this many reads. */
+const READ_WINDOW = 16 << 20;
+const READ_WINDOW_PIECES = 64;
 
 export async function compact(
   path: string,
@@ -38,8 +41,9 @@ export async function compact(
   to: string,
   onProgress?: (bytesDone: number, bytesTotal: number) => void,
 ): Promise<CompactResult> {
+  const open = async () => openImage(path, { drivers, format: to, topDevice: dev, backing: false });
   const withImage = async <T>(fn: (img: SourceImage) => Promise<T>): Promise<T> => {
-    const chain = await openImage(path, { drivers, format: to, topDevice: dev, backing: false });
+    const chain = await open();
     try {
       return await fn(chain.layers[0]!);
     } finally {
@@ -49,19 +53,22 @@ export async function compact(
   const lengthBefore = await dev.size();
   const result: CompactResult = { dataMovedBytes: 0, tablesMovedBytes: 0, lengthBefore, lengthAfter: lengthBefore };
 
-  // One open decides the layout and runs round A (below); each later round re-reads the image first.
-  const first = await withImage(async (img) => {
-    if (!img.relocatable || !img.info.clusterSize) return null;
-    const cs = img.info.clusterSize;
-    const hs = await img.hostSpace();
-    const E0 = clustersCovered(hs.ranges(), cs) * cs;
-    if (E0 >= lengthBefore) return null; // nothing to reclaim
+  // An image is read once and serves every round until something it describes moves: each round
+  // below re-reads it only when an earlier round changed where its pointers or free space lie.
+  let chain: ImageChain | undefined = await open();
+  let cs: number;
+  try {
+    const img0 = chain.layers[0]!;
+    if (!img0.relocatable || !img0.info.clusterSize) return result;
+    cs = img0.info.clusterSize;
+    const E0 = clustersCovered((await img0.hostSpace()).ranges(), cs) * cs;
+    if (E0 >= lengthBefore) return result; // nothing to reclaim
     // T: bytes of tables that must end up in the window below E0 (a fixed point: the window's start
     // decides which tables count as above it).
     let T = 0;
     const tablesAbove = async (minHost: number) => {
       const out: Relocatable[][] = [];
-      for (const level of TABLE_LEVELS) out.push(await img.relocatable!(level, minHost));
+      for (const level of TABLE_LEVELS) out.push(await img0.relocatable!(level, minHost));
       return out;
     };
     let tables = await tablesAbove(E0 - T);
@@ -71,71 +78,80 @@ export async function compact(
       T = next;
       tables = await tablesAbove(E0 - T);
     }
-    // For progress only: the tables going out and back in, the data above the window moving once.
-    const dataAbove = (await img.relocatable!(0, E0 - T)).reduce((s, r) => s + r.length, 0);
-    return { cs, E0, T, tables, dataAbove };
-  });
-  if (!first) return result;
-  const { cs, E0, T } = first;
-  // Round A: tables reaching into the window cannot slide into it safely (a move overlapping the live
-  // table would overwrite it before its pointer flips), so they first go to scratch space past the end;
-  // so do those already inside it (left where they are, they would split it into pieces too small for
-  // the others). Tables wholly at or above E0 stay: the window never overlaps them, so round C moves
-  // them straight in, and each moves once instead of twice.
-  const out = first.tables.map((level) => level.filter((r) => r.host < E0));
-  const bytesOf = (rs: Relocatable[]) => rs.reduce((s, r) => s + r.length, 0);
-  const total = 2 * bytesOf(out.flat()) + bytesOf(first.tables.flat().filter((r) => r.host >= E0)) + first.dataAbove;
-  let done = 0;
-  const moved = (n: number) => {
-    done += n;
-    onProgress?.(Math.min(done, total), total);
-  };
-  onProgress?.(0, total);
+    // Round A: tables reaching into the window cannot slide into it safely (a move overlapping the live
+    // table would overwrite it before its pointer flips), so they first go to scratch space past the end;
+    // so do those already inside it (left where they are, they would split it into pieces too small for
+    // the others). Tables wholly at or above E0 stay: the window never overlaps them, so round C moves
+    // them straight in, and each moves once instead of twice.
+    const out = tables.map((level) => level.filter((r) => r.host < E0));
+    const bytesOf = (rs: Relocatable[]) => rs.reduce((s, r) => s + r.length, 0);
+    // For progress only: the tables going out and back in (or only in), the data above the window once.
+    const dataAbove = bytesOf(await img0.relocatable!(0, E0 - T));
+    const total = 2 * bytesOf(out.flat()) + bytesOf(tables.flat().filter((r) => r.host >= E0)) + dataAbove;
+    let done = 0;
+    const moved = (n: number) => {
+      done += n;
+      onProgress?.(Math.min(done, total), total);
+    };
+    onProgress?.(0, total);
 
-  if (out.some((level) => level.length > 0)) {
-    let scratch = alignUp(Math.max(await dev.size(), lengthBefore), cs);
-    // Level by level, highest-numbered last: an L2 table's pointer lives in the L1 table, which stays
-    // where it is until its own level moves; so one reading of the image serves both levels.
-    for (const tables of out) {
-      const moves = tables.map((r) => {
-        const to = scratch;
-        scratch += alignUp(r.length, cs);
-        return { r, to };
-      });
-      result.tablesMovedBytes += await applyMoves(dev, moves, moved);
-    }
-  }
-
-  // Round B: data in the window or beyond E0 moves into holes below the window.
-  await withImage(async (img) => {
-    const slots = clusterSlots(freeBelow((await img.hostSpace()).free(), E0 - T), cs);
-    // The highest clusters if the holes cannot take them all; then paired in ascending order on both
-    // sides, so runs of neighbouring clusters that land in a run of neighbouring holes copy as one.
-    const data = (await img.relocatable!(0, E0 - T))
-      .sort((a, b) => b.host - a.host)
-      .slice(0, slots.length)
-      .sort((a, b) => a.host - b.host);
-    // Every slot lies below E0 − T and every listed cluster at or above it, so each move goes down.
-    const moves = data.map((r, i) => ({ r, to: slots[i]! }));
-    result.dataMovedBytes += await applyMoves(dev, moves, moved);
-  });
-
-  // Round C: tables above E0, lowest level first (their pointers live in the level above, which is
-  // re-read before it moves in turn), first fit into the free window below E0.
-  for (const level of TABLE_LEVELS) {
-    await withImage(async (img) => {
-      const tables = (await img.relocatable!(level, E0)).sort((a, b) => a.host - b.host);
-      const free = freeBelow((await img.hostSpace()).free(), E0).map((f) => ({ ...f }));
-      const moves: { r: Relocatable; to: number }[] = [];
-      for (const r of tables) {
-        const at = firstFit(free, r.length, cs);
-        if (at === undefined || at >= r.host) continue;
-        moves.push({ r, to: at });
+    if (out.some((level) => level.length > 0)) {
+      let scratch = alignUp(Math.max(await dev.size(), lengthBefore), cs);
+      // Level by level, highest-numbered last: an L2 table's pointer lives in the L1 table, which stays
+      // where it is until its own level moves; so one reading of the image serves both levels.
+      for (const level of out) {
+        const moves = level.map((r) => {
+          const to = scratch;
+          scratch += alignUp(r.length, cs);
+          return { r, to };
+        });
+        result.tablesMovedBytes += await applyMoves(dev, moves, moved);
       }
-      result.tablesMovedBytes += await applyMoves(dev, moves, moved);
-    });
-  }
+      // Data pointers live in the tables that just moved: read the image again.
+      await chain.close();
+      chain = undefined;
+      chain = await open();
+    }
 
+    // Round B: data in the window or beyond E0 moves into holes below the window.
+    {
+      const img = chain.layers[0]!;
+      const slots = clusterSlots(freeBelow((await img.hostSpace()).free(), E0 - T), cs);
+      // The highest clusters if the holes cannot take them all; then paired in ascending order on both
+      // sides, so runs of neighbouring clusters that land in a run of neighbouring holes copy as one.
+      const data = (await img.relocatable!(0, E0 - T))
+        .sort((a, b) => b.host - a.host)
+        .slice(0, slots.length)
+        .sort((a, b) => a.host - b.host);
+      // Every slot lies below E0 − T and every listed cluster at or above it, so each move goes down.
+      const moves = data.map((r, i) => ({ r, to: slots[i]! }));
+      result.dataMovedBytes += await applyMoves(dev, moves, moved);
+    }
+    await chain.close();
+    chain = undefined;
+
+    // Round C: tables above E0, lowest level first, first fit into the free window below E0 (freed by
+    // rounds A and B, so read afresh). One reading serves both levels: the L1 table stays where it is
+    // while the L2 tables' pointers in it are rewritten, and it then takes the next free place — never
+    // one an L2 table left in this round.
+    chain = await open();
+    {
+      const img = chain.layers[0]!;
+      const free = freeBelow((await img.hostSpace()).free(), E0).map((f) => ({ ...f }));
+      for (const level of TABLE_LEVELS) {
+        const tables = (await img.relocatable!(level, E0)).sort((a, b) => a.host - b.host);
+        const moves: { r: Relocatable; to: number }[] = [];
+        for (const r of tables) {
+          const at = firstFit(free, r.length, cs);
+          if (at === undefined || at >= r.host) continue;
+          moves.push({ r, to: at });
+        }
+        result.tablesMovedBytes += await applyMoves(dev, moves, moved);
+      }
+    }
+  } finally {
+    await chain?.close();
+  }
   // Cut the tail nothing references any more.
   const end = await withImage(async (img) => alignUp((await img.hostSpace()).usedEnd(), cs));
   if (end < (await dev.size())) {
@@ -153,7 +169,9 @@ export async function compact(
  */
 async function applyMoves(dev: BlockDevice, moves: { r: Relocatable; to: number }[], onCopied?: (bytes: number) => void): Promise<number> {
   if (moves.length === 0) return 0;
-  const buf = new Uint8Array(COPY_CHUNK);
+  // The copies, in pieces of at most COPY_CHUNK: runs of moves whose sources and destinations both
+  // continue each other are one copy.
+  const pieces: { from: number; at: number; len: number }[] = [];
   let bytes = 0;
   let i = 0;
   while (i < moves.length) {
@@ -162,22 +180,51 @@ async function applyMoves(dev: BlockDevice, moves: { r: Relocatable; to: number 
     let length = moves[i]!.r.length;
     let j = i + 1;
     while (j < moves.length && moves[j]!.r.host === from + length && moves[j]!.to === to + length) length += moves[j++]!.r.length;
-    for (let off = 0; off < length; off += COPY_CHUNK) {
-      const len = Math.min(COPY_CHUNK, length - off);
-      const piece = buf.subarray(0, len);
-      let got = 0;
-      while (got < len) {
-        const n = await dev.read(piece.subarray(got), from + off + got);
-        if (n === 0) break;
-        got += n;
-      }
-      piece.fill(0, got);
-      // Into a hole or past the end, as sparse as the source (zero blocks stay holes).
-      await writeIntoFree(dev, to + off, piece);
-      onCopied?.(len);
-    }
+    for (let off = 0; off < length; off += COPY_CHUNK) pieces.push({ from: from + off, at: to + off, len: Math.min(COPY_CHUNK, length - off) });
     bytes += length;
     i = j;
+  }
+  // Sources are live structures and destinations free space, so they never overlap: a window of
+  // sources is read at once (thousands of single-cluster moves would otherwise wait on one read
+  // each), then written one by one.
+  const arena = new Uint8Array(READ_WINDOW);
+  let size = await dev.size();
+  for (let p = 0; p < pieces.length; ) {
+    let q = p;
+    let used = 0;
+    while (q < pieces.length && q - p < READ_WINDOW_PIECES && used + pieces[q]!.len <= READ_WINDOW) used += pieces[q++]!.len;
+    const window = pieces.slice(p, q);
+    let place = 0;
+    const bufs = window.map((pc) => {
+      const b = arena.subarray(place, place + pc.len);
+      place += pc.len;
+      return b;
+    });
+    await Promise.all(
+      window.map(async (pc, k) => {
+        const piece = bufs[k]!;
+        let got = 0;
+        while (got < pc.len) {
+          const n = await dev.read(piece.subarray(got), pc.from + got);
+          if (n === 0) break;
+          got += n;
+        }
+        piece.fill(0, got);
+      }),
+    );
+    for (let k = 0; k < window.length; k++) {
+      const { at, len } = window[k]!;
+      // Into a hole or past the end, as sparse as the source (zero blocks stay holes): writeIntoFree's
+      // steps, with the file's length tracked here instead of asked for twice per copy.
+      if (Math.min(at + len, size) > at) await dev.punchHole(at, Math.min(at + len, size) - at);
+      await writeSparse(dev, at, bufs[k]!);
+      if (size < at + len) {
+        await dev.truncate(at + len);
+        size = at + len;
+      }
+      onCopied?.(len);
+    }
+    p = q;
   }
   await dev.flush();
   const pointers = moves.map(({ r, to }) => ({ offset: r.pointer.offset, bytes: r.pointer.encode(to) })).sort((a, b) => a.offset - b.offset);
