@@ -377,18 +377,26 @@ export function encodeTables(p: Qcow2TargetParams, layout: TargetLayout, runs: C
   }
   const bits = Math.log2(cs);
   const [zeroHi, zeroLo] = encodeL2Entry({ compressed: false, copied: false, offset: 0, zero: true, reserved: 0n }, bits);
+  // A data entry is COPIED plus the offset, split into u32 halves (what encodeL2Entry gives for
+  // { copied: true, zero: false }); written per run and per L2 table, not through an object per cluster.
+  const COPIED_HI = 0x80000000;
   for (const r of runs) {
     if (!mapsSomething(r, p.version)) continue;
-    for (let g = r.guest; g < r.guest + r.length; g += cs) {
-      const dv = l2Views.get(Math.floor(g / span))!;
-      const at = ((g / cs) % entriesPerL2) * 8;
-      if (r.kind === 'data') {
-        const [hi, lo] = encodeL2Entry({ compressed: false, copied: true, offset: r.host! + (g - r.guest), zero: false, reserved: 0n }, bits);
-        dv.setUint32(at, hi);
-        dv.setUint32(at + 4, lo);
-      } else {
-        dv.setUint32(at, zeroHi);
-        dv.setUint32(at + 4, zeroLo);
+    const data = r.kind === 'data';
+    const end = r.guest + r.length;
+    for (let g = r.guest; g < end; ) {
+      const index = Math.floor(g / span);
+      const dv = l2Views.get(index)!;
+      const stop = Math.min(end, (index + 1) * span);
+      for (let at = ((g / cs) % entriesPerL2) * 8; g < stop; g += cs, at += 8) {
+        if (data) {
+          const offset = r.host! + (g - r.guest);
+          dv.setUint32(at, (COPIED_HI | Math.floor(offset / 0x1_0000_0000)) >>> 0);
+          dv.setUint32(at + 4, offset % 0x1_0000_0000);
+        } else {
+          dv.setUint32(at, zeroHi);
+          dv.setUint32(at + 4, zeroLo);
+        }
       }
     }
   }
@@ -404,7 +412,13 @@ export function encodeTables(p: Qcow2TargetParams, layout: TargetLayout, runs: C
     blocks.set(w, new Uint8Array(cs));
   }
   for (const [a, b] of layout.referenced) {
-    for (let k = a; k < b; k++) setRefcount(blocks.get(Math.floor(k / perBlock))!, k % perBlock, p.refcountOrder, 1);
+    // Block by block: one lookup per refcount block, not per cluster.
+    for (let k = a; k < b; ) {
+      const w = Math.floor(k / perBlock);
+      const block = blocks.get(w)!;
+      const stop = Math.min(b, (w + 1) * perBlock);
+      for (; k < stop; k++) setRefcount(block, k - w * perBlock, p.refcountOrder, 1);
+    }
   }
 
   const writes: HostWrite[] = [];
