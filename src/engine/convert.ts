@@ -800,6 +800,8 @@ async function runStage(
       intermediate: then !== undefined,
       redo: fixed,
       ...(prepared.companion ? { companion: prepared.companion.path } : {}),
+      ...(identity !== undefined && intermediateOf === undefined ? { reclaimSourceAs: plan.source.format } : {}),
+      ...(intermediateOf !== undefined ? { secondStepFrom: intermediateOf } : {}),
       onProgress: opts.onProgress,
     });
     const finalLength = await dev.size();
@@ -856,6 +858,18 @@ export interface FinishArgs {
   redo?: Region[];
   /** The companion file the commit created (VMDK flat descriptor): verified as the image; removed on rollback. */
   companion?: string;
+  /**
+   * A one-step relocating conversion (identity target): the source format, reclaimed after a rollback.
+   * The relocation moved the source's data before the commit, so the rolled-back source references it
+   * where it now lies and the places it left are unreferenced (QED counts them as leaks).
+   */
+  reclaimSourceAs?: string;
+  /**
+   * The second step of two: its source is this intermediate format. The first step's source is gone
+   * (reclaimed), so a failed verification rolls back to the intermediate image and keeps the journal:
+   * recover runs the second step again.
+   */
+  secondStepFrom?: string;
   onProgress?: (e: ProgressEvent) => void;
 }
 
@@ -889,6 +903,15 @@ export async function finishCommitted(a: FinishArgs): Promise<{ verified: string
       await a.storage.remove(a.companion);
       await a.storage.syncDir(a.companion);
     }
+    if (a.secondStepFrom !== undefined) {
+      await a.dev.flush();
+      throw new ConversionFailedError(
+        'needs-recover',
+        `the converted image failed verification (${e.message}); ${a.path} is a valid ${a.secondStepFrom} image with the same guest content (the first of two steps is done); run the second step again with: imgconv recover ${a.path}`,
+        e,
+      );
+    }
+    if (a.reclaimSourceAs !== undefined) await reclaimAfterRollback(a.storage, a.path, a.dev, a.drivers, a.reclaimSourceAs);
     throw new ConversionFailedError('rolled-back', `the converted image failed verification (${e.message}); ${a.path} was restored to its original format`, e);
   }
   a.onProgress?.({ phase: 'verify', bytesDone: 1, bytesTotal: 1 });
@@ -907,6 +930,20 @@ export async function finishCommitted(a: FinishArgs): Promise<{ verified: string
   );
   a.onProgress?.({ phase: 'reclaim', bytesDone: 1, bytesTotal: 1 });
   return { verified, reclaimedBytes, compactMovedBytes };
+}
+
+/**
+ * After a relocating conversion was rolled back from its commit: the file is a valid source image again
+ * (its data where the relocation left it). The journal goes first — compaction rewrites the header whose
+ * old bytes the journal's undo holds, so recovery could no longer tell its own changes from a stranger's —
+ * then reclaim tidies the space the moves left. A crash during that reclaim leaves a valid source image
+ * whose only defect can be unreferenced space (leaks), as any interrupted compaction does.
+ */
+export async function reclaimAfterRollback(storage: Storage, path: string, dev: BlockDevice, drivers: readonly FormatDriver[], sourceFormat: string): Promise<void> {
+  await dev.flush();
+  await storage.remove(journalPath(path));
+  await storage.syncDir(journalPath(path));
+  await reclaim(path, dev, drivers, sourceFormat);
 }
 
 function isAbort(e: unknown): boolean {

@@ -9,7 +9,7 @@ import { OverlayDevice } from '../blockdev/overlay.js';
 import type { FormatDriver } from '../driver.js';
 import { ImgconvError } from '../errors.js';
 import { openImage } from '../image.js';
-import { applyRedo, continueStages, writeCompanion, finishCommitted, overlayMoves, reclaim, rollBack, type DataMove, type JournalHandle, type ProgressEvent } from './convert.js';
+import { applyRedo, continueStages, writeCompanion, finishCommitted, overlayMoves, reclaim, reclaimAfterRollback, rollBack, type DataMove, type JournalHandle, type ProgressEvent } from './convert.js';
 import { holesAsData, scanHoles } from './holes.js';
 import { decodeJournal, journalPath, journalState, undoOf, type JournalState, type Region } from './journal.js';
 import { identityMapping } from './identity.js';
@@ -100,7 +100,7 @@ export async function recover(path: string, opts: RecoverOptions): Promise<Recov
     const next =
       report.action === 'rolled-forward' && prepare.then
         ? prepare.then
-        : st.step >= 2 && st.state === 'prepared' && then
+        : st.step >= 2 && (st.state === 'prepared' || st.state === 'aborted') && then
           ? then
           : undefined;
     if (!next) return report;
@@ -125,7 +125,8 @@ async function recoverStep(path: string, dev: BlockDevice, storage: Storage, st:
   const { prepare } = st;
   // Kept when a step follows: the first step's continuation once it rolled forward, or the second step
   // run again after it was rolled back before its commit point.
-  const keepJournal = prepare.then !== undefined || (st.step >= 2 && st.state === 'prepared');
+  // (A second step that failed verification was rolled back to the intermediate image: it runs again too.)
+  const keepJournal = prepare.then !== undefined || (st.step >= 2 && (st.state === 'prepared' || st.state === 'aborted'));
   {
     // A journal that a second step will continue is kept (the step appends to it and removes it).
     const removeJournal = async (final = false) => {
@@ -150,7 +151,9 @@ async function recoverStep(path: string, dev: BlockDevice, storage: Storage, st:
         await storage.remove(companion);
         await storage.syncDir(companion);
       }
-      await removeJournal(st.state === 'aborted' || st.step < 2);
+      // A relocating conversion that failed verification: as finishCommitted does after its rollback.
+      if (st.state === 'aborted' && prepare.relocating && st.step < 2) await reclaimAfterRollback(storage, path, dev, opts.drivers, prepare.sourceFormat);
+      await removeJournal(st.step < 2);
       return {
         image: path,
         action: 'rolled-back',
@@ -201,6 +204,8 @@ async function recoverStep(path: string, dev: BlockDevice, storage: Storage, st:
         intermediate: prepare.then !== undefined,
         redo: st.commit.redo,
         ...(companion ? { companion: companion.path } : {}),
+        ...(prepare.relocating && st.step < 2 ? { reclaimSourceAs: prepare.sourceFormat } : {}),
+        ...(st.step >= 2 ? { secondStepFrom: prepare.sourceFormat } : {}),
         onProgress: opts.onProgress,
       });
     } catch (e) {

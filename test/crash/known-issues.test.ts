@@ -114,4 +114,45 @@ describe.runIf(qemuAvailable())('known defects found by the crash harness', () =
     }
     expect(failed).toBeGreaterThan(0);
   });
+  // Found by the full crash run of 2026-12-04 (commit b9e53c3, seed 20261122), in the rows of the new
+  // identity-placed subformats: an EIO once at a read while *verifying* a relocating conversion (the
+  // companion file or the image, right after the commit) made it roll back —
+  // - qed-c4k → vhd fixed / vmdk flat / qcow2 data_file_raw (EIO at operations 53–56): to a QED image
+  //   with 246–502 leaked clusters, the places the relocation had moved data from (nobody reclaimed them);
+  // - qcow2-c512 → vmdk flat, two steps via QED (EIO at operations 180–181): to the intermediate QED,
+  //   reported as 'rolled-back' with the journal removed, so recover left a QED image (neither format).
+  // Now the first is reclaimed after the rollback (journal removed first), and the second keeps its
+  // journal ('needs-recover'): recover runs the second step again.
+  const verifyFaults: [string, string, Record<string, string>, string, number, number][] = [
+    ['qed', 'qed-c4k', { subformat: 'fixed' }, 'vhd', 45, 70],
+    ['qcow2', 'qcow2-c512', { subformat: 'monolithicFlat' }, 'vmdk', 170, 195],
+  ];
+  for (const [format, name, options, to, from, until] of verifyFaults) {
+    it(`${name} → ${to} -o ${Object.values(options)[0]}: an EIO while verifying ends in the source or the target, clean`, async () => {
+      const base = buildFixtures(format, 'base').find((f) => f.name === name)!;
+      const fx = { ...base, targets: [to], options: { [to]: options } };
+      const orig = await originalOf(fx);
+      // The companion file the uncut conversion creates (the flat descriptor), as the harness finds it.
+      const uncut = memoryStorageOf(fx.files);
+      await convertInPlace(fx.image, { to, format: fx.format, drivers: allDrivers, storage: uncut, options });
+      const companion = [...uncut.files.keys()].find((p) => !fx.files.has(p) && p !== journalPath(fx.image));
+      const states = new Map<string, number>();
+      for (let at = from; at < until; at++) {
+        const disk = memoryStorageOf(fx.files);
+        const faulty = new FaultyStorage(disk, 'EIO', at, false);
+        let state = 'converted';
+        try {
+          await convertInPlace(fx.image, { to, format: fx.format, drivers: allDrivers, storage: faulty, options });
+        } catch (e) {
+          expect(e).toBeInstanceOf(ConversionFailedError);
+          state = (e as ConversionFailedError).imageState;
+        }
+        states.set(state, (states.get(state) ?? 0) + 1);
+        const v = await checkState(disk, fx, to, orig, false, companion);
+        expect(v.ok ? '' : v.why, `EIO once at operation ${at} (${faulty.hit}), imageState ${state}`).toBe('');
+      }
+      // The window holds faults after the commit point (verification's reads), not only before it.
+      expect([...states.keys()].some((k) => k === 'rolled-back' || k === 'needs-recover'), JSON.stringify([...states])).toBe(true);
+    });
+  }
 });
