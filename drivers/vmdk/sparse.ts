@@ -6,7 +6,7 @@
 import { inflateSync } from 'node:zlib';
 import { readAt, type BlockDevice } from '../../src/blockdev/types.js';
 import type { BackingRef, CheckReport, ImageInfo, OpenContext, Relocatable, SourceImage } from '../../src/driver.js';
-import { FormatError, ImgconvError } from '../../src/errors.js';
+import { FormatError, ImgconvError, IoError } from '../../src/errors.js';
 import type { Extent, ExtentMap } from '../../src/extent-map.js';
 import { HostSpace, type HostRole } from '../../src/host-space.js';
 import { carriedFromDescriptor, ddbValue, decodeDescriptor, NO_PARENT_CID, type Descriptor } from './descriptor.js';
@@ -280,8 +280,9 @@ export async function readCid(dev: BlockDevice): Promise<number | undefined> {
     return d.cid;
   }
   if (size > 1 << 20) return undefined;
+  const text = await readAt(dev, 0, size);
   try {
-    return decodeDescriptor(await readAt(dev, 0, size)).cid;
+    return decodeDescriptor(text).cid;
   } catch {
     return undefined;
   }
@@ -357,7 +358,10 @@ export async function checkParentCid(ctx: OpenContext, d: Descriptor): Promise<v
   let parent: BlockDevice;
   try {
     parent = await ctx.openRelated(d.parentFileNameHint!);
-  } catch {
+  } catch (e) {
+    // Missing: the chain opener reports it. Any other failure to open it is reported here: skipping the
+    // check on a transient error would let the chain read through a parent nobody checked.
+    if (e instanceof IoError && e.code !== 'ENOENT' && e.code !== 'ENOTDIR') throw e;
     return;
   }
   try {
@@ -365,7 +369,7 @@ export async function checkParentCid(ctx: OpenContext, d: Descriptor): Promise<v
     try {
       cid = await readCid(parent);
     } catch (e) {
-      if (!(e instanceof ImgconvError)) throw e;
+      if (!(e instanceof ImgconvError) || e instanceof IoError) throw e;
       cid = undefined;
     }
     if (cid === undefined) {

@@ -95,25 +95,33 @@ describe.runIf(qemuAvailable())('known defects found by the crash harness', () =
   // Found by the crash sample of 2026-12-03 (an EIO once at the read of the parent's footer, operation 14
   // of vhd-diff → qed): choosing a differencing VHD's parent read each candidate's footer UUID and took a
   // read error for "no UUID", so the conversion went on — with a transient error it could even have
-  // chosen another candidate as the parent. An I/O error now fails the open, hence the conversion.
-  it("vhd-diff → qed: an EIO reading the parent's footer fails the conversion", async () => {
-    const fx = buildFixtures('vhd', 'base').find((f) => f.name === 'vhd-diff')!;
-    // The first 40 faultable operations cover opening the chain (the parent's reads among them).
-    let failed = 0;
-    for (let at = 0; at < 40; at++) {
-      const d = memoryStorageOf(fx.files);
-      const faulty = new FaultyStorage(d, 'EIO', at, false);
-      try {
-        await convertInPlace(fx.image, { to: 'qed', format: 'vhd', drivers: allDrivers, storage: faulty });
-      } catch (e) {
-        expect(e).toBeInstanceOf(ConversionFailedError);
-        if (/vparent\.vhd/.test(String(faulty.hit))) failed++;
-        continue;
+  // chosen another candidate as the parent. And by the full run of 2026-12-04 (vmdk-child → qcow2/qed,
+  // EIO once at operations 11–13): the VMDK parent-CID check skipped the check when the parent failed to
+  // open, and an unreadable CID surfaced as a FormatError that the backing-info probe ignored. An I/O
+  // error now fails the open, hence the conversion.
+  const parentReads: [string, string, string, RegExp][] = [
+    ['vhd', 'vhd-diff', 'qed', /vparent\.vhd/],
+    ['vmdk', 'vmdk-child', 'qcow2', /vbase\.vmdk/],
+  ];
+  for (const [format, name, to, parent] of parentReads) {
+    it(`${name} → ${to}: an EIO opening or reading the parent fails the conversion`, async () => {
+      const fx = buildFixtures(format, 'base').find((f) => f.name === name)!;
+      // The first 40 faultable operations cover opening the chain (the parent's reads among them).
+      let failed = 0;
+      for (let at = 0; at < 40; at++) {
+        const faulty = new FaultyStorage(memoryStorageOf(fx.files), 'EIO', at, false);
+        try {
+          await convertInPlace(fx.image, { to, format, drivers: allDrivers, storage: faulty });
+        } catch (e) {
+          expect(e).toBeInstanceOf(ConversionFailedError);
+          if (parent.test(String(faulty.hit))) failed++;
+          continue;
+        }
+        expect(String(faulty.hit), `the conversion succeeded despite an EIO at ${faulty.hit}`).not.toMatch(parent);
       }
-      expect(String(faulty.hit), `the conversion succeeded despite an EIO at ${faulty.hit}`).not.toMatch(/vparent\.vhd/);
-    }
-    expect(failed).toBeGreaterThan(0);
-  });
+      expect(failed).toBeGreaterThan(0);
+    });
+  }
   // Found by the full crash run of 2026-12-04 (commit b9e53c3, seed 20261122), in the rows of the new
   // identity-placed subformats: an EIO once at a read while *verifying* a relocating conversion (the
   // companion file or the image, right after the commit) made it roll back —
