@@ -395,6 +395,17 @@ export const EXTRA_SPECS: Spec[] = [
     },
   },
   {
+    name: 'vhd-dynamic-spread',
+    format: 'vhd',
+    targets: ['raw'],
+    traits: ['dynamic, data in three blocks out of guest order (→ raw: two steps, relocated)'],
+    make: (d) => {
+      create(d, ['-f', 'vpc', '-o', 'force_size=on', 'spread.vhd', '6M']);
+      io(d, 'spread.vhd', 'vpc', ['write -P 0x2a 4M 20k', 'write -P 0x2b 0 8k', 'write -P 0x2c 2M 12k']);
+      return { image: 'spread.vhd', others: [] };
+    },
+  },
+  {
     name: 'vmdk-shuffled',
     format: 'vmdk',
     targets: ['raw', 'qcow2'],
