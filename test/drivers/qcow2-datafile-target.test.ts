@@ -20,6 +20,7 @@ import { UnsupportedError, UsageError } from '../../src/errors.js';
 import { GuestReader } from '../../src/guest.js';
 import { openImage } from '../../src/image.js';
 import { FaultyStorage, RecordingStorage, stateAfter } from '../support/recording.js';
+import { makeIdentitySource, type IdentitySourceKind } from './identity-support.js';
 import { qemuAvailable, qemuImg, qemuIo, withTmpDir } from '../support/qemu.js';
 
 const DF = { data_file_raw: 'on' };
@@ -45,7 +46,7 @@ describe('metadata file names', () => {
 });
 
 describe.runIf(haveQemu)('qcow2 with a raw data file as target, judged by qemu-img', () => {
-  const cases: { name: string; format: string; steps: number; moved?: number; options?: Record<string, string>; meta?: string; cs?: number }[] = [
+  const cases: { name: string; format: IdentitySourceKind; steps: number; moved?: number; options?: Record<string, string>; meta?: string; cs?: number }[] = [
     { name: 'raw (zero copy: not a byte of the image changes)', format: 'raw', steps: 1, moved: 0 },
     { name: 'raw with data_file naming the image, metadata_file and cluster_size', format: 'raw', steps: 1, moved: 0, options: { data_file: 'disk.img', metadata_file: 'vm.qcow2', cluster_size: '2M' }, meta: 'vm.qcow2', cs: 2 << 20 },
     { name: 'VHD fixed (the footer is cut off)', format: 'vpc-fixed', steps: 1, moved: 0 },
@@ -56,12 +57,7 @@ describe.runIf(haveQemu)('qcow2 with a raw data file as target, judged by qemu-i
     it(c.name, async () => {
       const t = withTmpDir();
       try {
-        const qfmt = c.format === 'vpc-fixed' ? 'vpc' : c.format;
-        const file = t.path(c.format === 'raw' ? 'disk.img' : `disk.${qfmt}`);
-        qemuImg(['create', '-q', '-f', qfmt, ...(c.format === 'vpc-fixed' ? ['-o', 'subformat=fixed'] : []), file, '64M']);
-        qemuIo(file, qfmt, ['write -P 0x41 0 1M', 'write -P 0x42 10M 3M', 'write -z 20M 64k', 'write -P 0x43 63M 1M']);
-        const vsize = (JSON.parse(qemuImg(['info', '--output=json', '-f', qfmt, file])) as { 'virtual-size': number })['virtual-size'];
-        copyFileSync(file, t.path('orig'));
+        const { qfmt, file, vsize } = makeIdentitySource(t, c.format);
         const before = readFileSync(file);
         const options = { ...DF, ...(c.options ?? {}) };
         const metaName = c.meta ?? 'disk.qcow2';

@@ -17,6 +17,7 @@ import { UnsupportedError, UsageError } from '../../src/errors.js';
 import { GuestReader } from '../../src/guest.js';
 import { openImage } from '../../src/image.js';
 import { RecordingStorage, stateAfter } from '../support/recording.js';
+import { makeIdentitySource, type IdentitySourceKind } from './identity-support.js';
 import { qemuAvailable, qemuImg, qemuImgStatus, qemuIo, withTmpDir } from '../support/qemu.js';
 
 const FLAT = { subformat: 'monolithicFlat' };
@@ -31,7 +32,7 @@ describe('descriptor names', () => {
 });
 
 describe.runIf(qemuAvailable())('VMDK monolithicFlat target, judged by qemu-img', () => {
-  const cases: { name: string; format: string; steps: number; moved?: number }[] = [
+  const cases: { name: string; format: IdentitySourceKind; steps: number; moved?: number }[] = [
     { name: 'raw (zero copy: not a data byte changes)', format: 'raw', steps: 1, moved: 0 },
     { name: 'VHD fixed (the footer is cut off)', format: 'vpc-fixed', steps: 1, moved: 0 },
     { name: 'QED (relocated in place)', format: 'qed', steps: 1 },
@@ -41,12 +42,7 @@ describe.runIf(qemuAvailable())('VMDK monolithicFlat target, judged by qemu-img'
     it(c.name, async () => {
       const t = withTmpDir();
       try {
-        const qfmt = c.format === 'vpc-fixed' ? 'vpc' : c.format;
-        const file = t.path(c.format === 'raw' ? 'disk.img' : `disk.${qfmt}`);
-        qemuImg(['create', '-q', '-f', qfmt, ...(c.format === 'vpc-fixed' ? ['-o', 'subformat=fixed'] : []), file, '64M']);
-        qemuIo(file, qfmt, ['write -P 0x41 0 1M', 'write -P 0x42 10M 3M', 'write -z 20M 64k', 'write -P 0x43 63M 1M']);
-        const vsize = (JSON.parse(qemuImg(['info', '--output=json', '-f', qfmt, file])) as { 'virtual-size': number })['virtual-size'];
-        copyFileSync(file, t.path('orig'));
+        const { qfmt, file, vsize } = makeIdentitySource(t, c.format);
         const dataBefore = c.moved === 0 ? createHash('sha256').update(readFileSync(file).subarray(0, vsize)).digest('hex') : '';
         const plan = await planConversion(file, { to: 'vmdk', options: FLAT, drivers: allDrivers });
         expect(plan.companion).toBe(t.path('disk.vmdk'));
