@@ -53,6 +53,14 @@ export class IoError extends ImgconvError {
   }
 }
 
+/**
+ * The file is not there (no such file, or a path component is not a directory): what a search among
+ * candidate files expects. Any other I/O error is reported, never taken for "not this one".
+ */
+export function isMissingFile(e: unknown): boolean {
+  return e instanceof IoError && (e.code === 'ENOENT' || e.code === 'ENOTDIR');
+}
+
 export function formatValue(v: unknown): string {
   if (typeof v === 'number') {
     return Number.isInteger(v) && Math.abs(v) >= 4096 ? `${v} (0x${v.toString(16)})` : String(v);

@@ -12,7 +12,7 @@ import { fileURLToPath } from 'node:url';
 import { MAX_SAFE } from '../../src/binary.js';
 import { readAt, type BlockDevice } from '../../src/blockdev/types.js';
 import type { OpenContext } from '../../src/driver.js';
-import { IoError } from '../../src/errors.js';
+import { IoError, isMissingFile } from '../../src/errors.js';
 import { decodeUtf16, type DynHeader, type ParentLocator } from './format.js';
 
 /** Locator payloads are paths; anything longer than this is not one. */
@@ -150,7 +150,7 @@ export async function chooseParent(
     } catch (e) {
       // A candidate that is not there is the normal case; any other failure to open it is reported, not
       // skipped (skipping could pick another candidate as the parent).
-      if (e instanceof IoError && e.code !== 'ENOENT' && e.code !== 'ENOTDIR') throw e;
+      if (e instanceof IoError && !isMissingFile(e)) throw e;
       continue;
     }
     try {

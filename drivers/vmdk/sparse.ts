@@ -6,7 +6,7 @@
 import { inflateSync } from 'node:zlib';
 import { readAt, type BlockDevice } from '../../src/blockdev/types.js';
 import type { BackingRef, CheckReport, ImageInfo, OpenContext, Relocatable, SourceImage } from '../../src/driver.js';
-import { FormatError, ImgconvError, IoError } from '../../src/errors.js';
+import { FormatError, ImgconvError, IoError, isMissingFile } from '../../src/errors.js';
 import type { Extent, ExtentMap } from '../../src/extent-map.js';
 import { HostSpace, type HostRole } from '../../src/host-space.js';
 import { carriedFromDescriptor, ddbValue, decodeDescriptor, NO_PARENT_CID, type Descriptor } from './descriptor.js';
@@ -361,7 +361,7 @@ export async function checkParentCid(ctx: OpenContext, d: Descriptor): Promise<v
   } catch (e) {
     // Missing: the chain opener reports it. Any other failure to open it is reported here: skipping the
     // check on a transient error would let the chain read through a parent nobody checked.
-    if (e instanceof IoError && e.code !== 'ENOENT' && e.code !== 'ENOTDIR') throw e;
+    if (e instanceof IoError && !isMissingFile(e)) throw e;
     return;
   }
   try {
