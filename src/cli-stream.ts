@@ -3,6 +3,7 @@
  * (exactly how many bytes `stream` will write) and `unstream` (a streamed image from stdin into a
  * new file). A thin layer over src/stream/; registered by src/cli.ts.
  */
+import { withStopSignals } from './stop-signals.js';
 import { fstatSync } from 'node:fs';
 import { Option, type Command } from 'commander';
 import { setPipeSize } from './blockdev/syscalls.js';
@@ -44,15 +45,8 @@ async function withReporter(
   fn: (reporter: StreamReporter, signal: AbortSignal) => Promise<void>,
 ): Promise<void> {
   const reporter = createStreamReporter(mode, process.stderr, phases);
-  const ac = new AbortController();
-  const onSignal = () => {
-    if (!ac.signal.aborted) reporter.stopping();
-    ac.abort();
-  };
-  process.on('SIGINT', onSignal);
-  process.on('SIGTERM', onSignal);
   try {
-    await fn(reporter, ac.signal);
+    await withStopSignals(() => reporter.stopping(), (signal) => fn(reporter, signal));
   } catch (e) {
     reporter.fail(e);
     if (reporter.showsErrors && e instanceof ImgconvError) {
@@ -60,9 +54,6 @@ async function withReporter(
       return;
     }
     throw e;
-  } finally {
-    process.off('SIGINT', onSignal);
-    process.off('SIGTERM', onSignal);
   }
 }
 

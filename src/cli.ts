@@ -2,6 +2,7 @@
  * The command line: a thin layer over the library. Non-interactive commands print results on
  * stdout (human or JSON) and errors on stderr, with qemu-img's exit codes where it has them.
  */
+import { withStopSignals } from './stop-signals.js';
 import { Command, Option } from 'commander';
 import { allDrivers } from '../drivers/index.js';
 import { checkExitCode, checkImage } from './check.js';
@@ -168,35 +169,27 @@ async function inplaceBatch(images: string[], base: ConvertOptions, o: InplaceOp
     stdoutIsTTY: process.stdout.isTTY === true,
     env: process.env,
   });
-  const ac = new AbortController();
-  const onSignal = () => {
-    if (!ac.signal.aborted) reporter.stopping();
-    ac.abort();
-  };
-  process.on('SIGINT', onSignal);
-  process.on('SIGTERM', onSignal);
+  let report: BatchReport;
   try {
-    let report: BatchReport;
-    try {
-      report = await convertMany(images, {
-        ...base,
-        ...(jobs !== undefined ? { jobs } : {}),
-        ...(o.manifest !== undefined ? { manifest: o.manifest } : {}),
-        signal: ac.signal,
-        onEvent: (e) => reporter.event(e),
-      });
-    } finally {
-      await reporter.close();
-    }
-    if (o.output === 'json') {
-      const { results, ...rest } = report;
-      process.stdout.write(JSON.stringify({ ...rest, results: results.map((r) => ({ ...resultFields(r), ...(r.report ? { report: r.report } : {}), ...(r.recovered ? { recovered: r.recovered } : {}) })) }, null, 2) + '\n');
-    } else if (!o.quiet && !reporter.showsReport) process.stdout.write(formatBatchReport(report));
-    process.exitCode = batchExitCode(report);
+    report = await withStopSignals(
+      () => reporter.stopping(),
+      (signal) =>
+        convertMany(images, {
+          ...base,
+          ...(jobs !== undefined ? { jobs } : {}),
+          ...(o.manifest !== undefined ? { manifest: o.manifest } : {}),
+          signal,
+          onEvent: (e) => reporter.event(e),
+        }),
+    );
   } finally {
-    process.off('SIGINT', onSignal);
-    process.off('SIGTERM', onSignal);
+    await reporter.close();
   }
+  if (o.output === 'json') {
+    const { results, ...rest } = report;
+    process.stdout.write(JSON.stringify({ ...rest, results: results.map((r) => ({ ...resultFields(r), ...(r.report ? { report: r.report } : {}), ...(r.recovered ? { recovered: r.recovered } : {}) })) }, null, 2) + '\n');
+  } else if (!o.quiet && !reporter.showsReport) process.stdout.write(formatBatchReport(report));
+  process.exitCode = batchExitCode(report);
 }
 
 export function buildProgram(): Command {
@@ -337,16 +330,12 @@ export function buildProgram(): Command {
         stdoutIsTTY: process.stdout.isTTY === true,
         env: process.env,
       });
-      const ac = new AbortController();
-      const onSignal = () => {
-        if (!ac.signal.aborted) reporter.stopping();
-        ac.abort();
-      };
-      process.on('SIGINT', onSignal);
-      process.on('SIGTERM', onSignal);
       try {
         await reporter.begin(image, base);
-        const r = await convertInPlace(image, { ...base, signal: ac.signal, onProgress: (e) => reporter.progress(e) });
+        const r = await withStopSignals(
+          () => reporter.stopping(),
+          (signal) => convertInPlace(image, { ...base, signal, onProgress: (e) => reporter.progress(e) }),
+        );
         await reporter.done(r);
         await reporter.close();
         if (o.output === 'json') process.stdout.write(JSON.stringify(r, null, 2) + '\n');
@@ -378,9 +367,6 @@ export function buildProgram(): Command {
           return;
         }
         throw e;
-      } finally {
-        process.off('SIGINT', onSignal);
-        process.off('SIGTERM', onSignal);
       }
     });
 
