@@ -26,7 +26,7 @@ import { mkdirSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { qemuAvailable, withTmpDir } from '../support/qemu.js';
-import { allCases, defaultSubset, renderReport, runCase, sourceKind, TARGETS, type Case, type ExpectedRefusal, type KnownBug, type Outcome } from './directions.js';
+import { allCases, convertsWithinFormat, defaultSubset, renderReport, runCase, sourceKind, TARGETS, type Case, type ExpectedRefusal, type KnownBug, type Outcome } from './directions.js';
 import { generateMatrix, listMatrix, REPO } from './matrix.js';
 
 const haveQemu = qemuAvailable();
@@ -37,6 +37,8 @@ const REPORT = process.env.IMGCONV_DIRECTIONS_REPORT === '1';
 const CHILDREN: Record<string, string> = { 'qcow2-child': 'qcow2', 'qcow2-child-raw': 'raw', 'qed-child': 'qed', 'qed-child-raw': 'raw', 'vmdk-child': 'vmdk' };
 /** Targets that cannot have a backing file (in place): raw, VHD (no differencing target), VMDK monolithicFlat. */
 const noBacking = (c: Case) => c.target.to === 'raw' || c.target.to === 'vhd' || c.target.key === 'vmdk flat';
+/** qcow2 with a raw external data file (`-o data_file_raw=on`): the image becomes the data file of a qcow2 metadata file created beside it. */
+const toDataFile = (c: Case) => c.target.companion === 'qcow2 metadata';
 
 /** Refusals the matrix expects: each case they apply to must be refused with one of these reasons. */
 const REFUSALS: ExpectedRefusal[] = [
@@ -57,6 +59,12 @@ const REFUSALS: ExpectedRefusal[] = [
     applies: (c) => c.row.name in CHILDREN && noBacking(c),
     reason: /backing file.*(rebase -b ""|flatten)/,
     instead: 'flatten first (`qemu-img rebase -b "" IMAGE` merges the backing data in), or convert to qcow2 or QED, which keep the backing file.',
+  },
+  {
+    tag: 'backing file: none with a raw data file',
+    applies: (c) => c.row.name in CHILDREN && toDataFile(c),
+    reason: /raw external data file has no backing file.*flatten it first \(qemu-img rebase -b ""\)/,
+    instead: 'QEMU refuses data_file_raw=on with a backing file: flatten first (`qemu-img rebase -b "" IMAGE` merges the backing data in), then convert; or convert to qcow2 without `-o data_file_raw=on` (or QED), which keeps the backing file.',
   },
   {
     tag: 'guest data looks like another format',
@@ -109,7 +117,7 @@ for (const [key, ids] of Object.entries(KNOWN_BUGS)) for (const id of ids) MARKE
  * disk that should be zero: src/blockdev/overlay.ts reports no holes to identityEquivalent).
  */
 const SLOW_FIXTURES = new Set(['qed-sparse-10g', 'vhd-large']);
-const isSlow = (c: Case) => SLOW_FIXTURES.has(c.row.name) && (c.target.to === 'raw' || c.target.subformat === 'fixed' || c.target.subformat === 'monolithicFlat');
+const isSlow = (c: Case) => SLOW_FIXTURES.has(c.row.name) && (c.target.to === 'raw' || c.target.subformat === 'fixed' || c.target.companion !== undefined);
 
 const rows = listMatrix();
 const cases = allCases(rows);
@@ -167,7 +175,7 @@ describe.runIf(haveQemu)('every direction: fixture matrix × targets, judged by 
     const formats = [...new Set(rows.map((r) => r.imgconvFormat))];
     for (const t of TARGETS) {
       const from = new Set(cases.filter((c) => c.target.key === t.key).map((c) => c.row.imgconvFormat));
-      expect([...from].sort(), t.key).toEqual(formats.filter((f) => t.subformat !== undefined || f !== t.to).sort());
+      expect([...from].sort(), t.key).toEqual(formats.filter((f) => convertsWithinFormat(t) || f !== t.to).sort());
     }
     if (!FULL) expect(selected.some(isSlow)).toBe(false);
   });

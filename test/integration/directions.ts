@@ -13,7 +13,7 @@
 import { execFileSync, spawnSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { existsSync, readdirSync, readFileSync, statSync } from 'node:fs';
-import { basename, dirname, join } from 'node:path';
+import { basename, dirname, isAbsolute, join } from 'node:path';
 import { allDrivers } from '../../drivers/index.js';
 import { checkExitCode, checkImage } from '../../src/check.js';
 import { ConversionFailedError, convertInPlace, planConversion, type ConversionPlan, type ConversionReport } from '../../src/engine/convert.js';
@@ -42,13 +42,21 @@ export interface Target {
   qemuFormat: string;
   /** What `qemu-img info` without -f says the result is (a fixed VHD probes as raw in QEMU 7.2). */
   qemuProbe: string;
+  /**
+   * The conversion creates a file beside the image, and that file is the result qemu-img and imgconv
+   * open: VMDK monolithicFlat's descriptor (the image becomes its raw extent), the qcow2 metadata file
+   * of a raw external data file (the image becomes the data file). Such a target is a layout of its
+   * own: a source of the same format without that subformat or layout converts to it too.
+   */
+  companion?: 'descriptor' | 'qcow2 metadata';
 }
 
 export const TARGETS: readonly Target[] = [
   { key: 'qcow2', to: 'qcow2', options: {}, qemuFormat: 'qcow2', qemuProbe: 'qcow2' },
   { key: 'qed', to: 'qed', options: {}, qemuFormat: 'qed', qemuProbe: 'qed' },
   { key: 'vmdk', to: 'vmdk', subformat: 'monolithicSparse', options: {}, sameFormatOptions: { subformat: 'monolithicSparse' }, qemuFormat: 'vmdk', qemuProbe: 'vmdk' },
-  { key: 'vmdk flat', to: 'vmdk', subformat: 'monolithicFlat', options: { subformat: 'monolithicFlat' }, qemuFormat: 'vmdk', qemuProbe: 'vmdk' },
+  { key: 'vmdk flat', to: 'vmdk', subformat: 'monolithicFlat', options: { subformat: 'monolithicFlat' }, qemuFormat: 'vmdk', qemuProbe: 'vmdk', companion: 'descriptor' },
+  { key: 'qcow2 data file', to: 'qcow2', options: { data_file_raw: 'on' }, qemuFormat: 'qcow2', qemuProbe: 'qcow2', companion: 'qcow2 metadata' },
   { key: 'vhd', to: 'vhd', subformat: 'dynamic', options: {}, sameFormatOptions: { subformat: 'dynamic' }, qemuFormat: 'vpc', qemuProbe: 'vpc' },
   { key: 'vhd fixed', to: 'vhd', subformat: 'fixed', options: { subformat: 'fixed' }, qemuFormat: 'vpc', qemuProbe: 'raw' },
   { key: 'raw', to: 'raw', options: {}, qemuFormat: 'raw', qemuProbe: 'raw' },
@@ -80,17 +88,22 @@ export interface Case {
   id: string;
 }
 
+/** Whether a source of the target's own format converts to it: it has subformats, or a layout of its own (a companion file). */
+export const convertsWithinFormat = (t: Target) => t.subformat !== undefined || t.companion !== undefined;
+
 /**
  * Every fixture × every target, except a target that is the source's own format and subformat
  * (nothing to convert). Within a format, a different subformat is a conversion (VHD dynamic ⇄ fixed,
- * VMDK streamOptimized/monolithicFlat → monolithicSparse) and is asked for by naming it.
+ * VMDK streamOptimized/monolithicFlat → monolithicSparse) and is asked for by naming it; so is a
+ * layout of its own (qcow2 → qcow2 with a raw data file, asked for with -o data_file_raw=on; a qcow2
+ * source that already has a data file is a case too, like any other qcow2).
  */
 export function allCases(rows: readonly MatrixRow[]): Case[] {
   const out: Case[] = [];
   for (const row of rows) {
     for (const target of TARGETS) {
       const same = row.imgconvFormat === target.to;
-      if (same && (target.subformat === undefined || target.subformat === expectedSubformat(row))) continue;
+      if (same && (target.subformat !== undefined ? target.subformat === expectedSubformat(row) : target.companion === undefined)) continue;
       const options = same && target.sameFormatOptions ? target.sameFormatOptions : target.options;
       out.push({ row, target, options, id: `${row.name} → ${target.key}` });
     }
@@ -214,6 +227,17 @@ async function imgconvView(file: string, format?: string): Promise<{ format: str
   }
 }
 
+/**
+ * How qemu-img is to open the original from any working directory: its path, or for a qcow2 with a
+ * relative data file name (which QEMU 7.2 resolves against the working directory) a json: name giving
+ * that data file beside the original.
+ */
+function qemuSource(original: string, origInfo: Record<string, unknown>): string {
+  const dataFile = (origInfo['format-specific'] as { data?: { 'data-file'?: unknown } } | undefined)?.data?.['data-file'];
+  if (origInfo.format !== 'qcow2' || typeof dataFile !== 'string' || isAbsolute(dataFile)) return original;
+  return `json:${JSON.stringify({ driver: 'qcow2', file: { driver: 'file', filename: original }, 'data-file': { driver: 'file', filename: join(dirname(original), dataFile) } })}`;
+}
+
 function errorOf(e: unknown): Outcome['error'] {
   const err = e as Error;
   return { name: err?.name ?? typeof e, message: err?.message ?? String(e), ...(e instanceof ConversionFailedError ? { imageState: e.imageState } : {}) };
@@ -293,19 +317,25 @@ async function judgeConverted(c: Case, original: string, file: string, f: Facts,
   const { row, target } = c;
   const { plan, report, vsize, origInfo, sourceUsage, decompressed } = f;
   if (existsSync(journalPath(file))) problems.push('journal left after a successful conversion');
-  // VMDK monolithicFlat: the image becomes the raw extent of a descriptor created beside it; qemu-img
-  // and imgconv open the descriptor. Any other target leaves no file beside the image.
+  // A companion target (VMDK monolithicFlat, qcow2 with a raw data file): the image becomes the raw
+  // extent or data file of a descriptor or qcow2 metadata file created beside it; qemu-img and imgconv
+  // open that file. Any other target leaves no file beside the image.
   const companion = report.companion;
-  const flat = target.subformat === 'monolithicFlat';
-  if (flat && (companion === undefined || !existsSync(companion))) problems.push(`no descriptor file (report.companion ${companion})`);
+  if (target.companion !== undefined && (companion === undefined || !existsSync(companion))) problems.push(`no ${target.companion} file (report.companion ${companion})`);
+  if (target.companion !== undefined && companion !== undefined && dirname(companion) !== dirname(file)) problems.push(`the ${target.companion} file ${companion} is not beside the image`);
+  if (target.companion === undefined && companion !== undefined) problems.push(`report names a companion file ${companion}, the target has none`);
   if (plan && plan.companion !== companion) problems.push(`plan names the companion ${plan.companion}, the conversion made ${companion}`);
   const expectedNew = companion !== undefined ? [companion] : [];
   const stray = f.created.filter((n) => !expectedNew.includes(n));
   if (stray.length) problems.push(`files left beside the image: ${stray.map((n) => basename(n)).join(', ')}`);
   const judged = companion ?? file;
 
-  // qemu-img compare against the untouched original (explicit formats on both sides).
-  const cmp = qemu(['compare', '-f', row.qemuFormat, '-F', target.qemuFormat, original, judged], dirname(original));
+  // qemu-img compare against the untouched original (explicit formats on both sides). Run in the
+  // result's directory: QEMU 7.2 resolves a qcow2 metadata file's relative data file name against its
+  // working directory, not the metadata file's (every other qemu-img call below runs there too). The
+  // original's backing files resolve against its own directory whatever the working directory is; its
+  // data file, if it has one, is named explicitly (qemuSource).
+  const cmp = qemu(['compare', '-f', row.qemuFormat, '-F', target.qemuFormat, qemuSource(original, origInfo), basename(judged)], dirname(judged));
   if (cmp.status !== 0 || !cmp.out.includes('Images are identical')) problems.push(`qemu-img compare exit ${cmp.status}: ${cmp.out.trim().split('\n').slice(0, 3).join(' | ')}`);
 
   // qemu-img info: probes as the target, virtual size and backing file unchanged. An identity target
@@ -320,6 +350,13 @@ async function judgeConverted(c: Case, original: string, file: string, f: Facts,
   const infoF = qemuInfo(judged, target.qemuFormat);
   if (infoF['virtual-size'] !== vsize) problems.push(`virtual size ${String(infoF['virtual-size'])}, source ${vsize}`);
   if (infoF['backing-filename'] !== origInfo['backing-filename']) problems.push(`backing file ${String(infoF['backing-filename'])}, source ${String(origInfo['backing-filename'])}`);
+  if (target.companion === 'qcow2 metadata') {
+    // The metadata file names the image as its raw data file, by the name beside it.
+    const data = ((infoF['format-specific'] as { data?: Record<string, unknown> } | undefined)?.data ?? {}) as Record<string, unknown>;
+    if (data['data-file'] !== basename(file) || data['data-file-raw'] !== true) {
+      problems.push(`qemu-img info: data-file ${String(data['data-file'])}, data-file-raw ${String(data['data-file-raw'])}; expected ${basename(file)}, true`);
+    }
+  }
   const view = await imgconvView(judged);
   if (view.format !== target.to) problems.push(`imgconv probes ${view.format}, expected ${target.to}`);
   if (target.subformat !== undefined && view.subformat !== target.subformat) problems.push(`subformat ${view.subformat}, expected ${target.subformat}`);
