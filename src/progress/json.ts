@@ -1,48 +1,29 @@
 /**
- * `--progress json`: one JSON object per line (README, "Progress output", is the schema). Every
- * event carries event, phase, bytesDone, bytesTotal, rate, etaSeconds and elapsedMs; fields are only
- * ever added, never renamed or removed.
+ * `--progress json` for one conversion: one JSON object per line (README, "Progress output", is the
+ * schema; json-lines.ts writes the fields every event carries).
  */
-import type { ConversionReport, ProgressEvent } from '../engine/convert.js';
+import type { ConversionReport, Phase, ProgressEvent } from '../engine/convert.js';
 import { ImgconvError } from '../errors.js';
 import { shellQuote } from './format.js';
 import type { ProgressReporter } from './reporter.js';
 import { errorMessage, imageStateOf } from './state.js';
-import { ProgressTracker, percent, type Snapshot } from './tracker.js';
+import { JsonLines } from './json-lines.js';
+import { ProgressTracker } from './tracker.js';
 
 export type JsonEventName = 'phase' | 'progress' | 'stopping' | 'done' | 'error';
-
-/** A progress event at most this often within a phase, even when the percent has not moved. */
-const HEARTBEAT_MS = 1000;
 
 export class JsonReporter implements ProgressReporter {
   readonly showsErrors = true;
   readonly showsReport = false;
-  private readonly tracker: ProgressTracker;
-  private lastPercent = 0;
-  private lastEmitMs = 0;
+  private readonly lines: JsonLines<Phase>;
   private image = '';
 
-  constructor(
-    private readonly writeLine: (line: string) => void,
-    now?: () => number,
-  ) {
-    this.tracker = new ProgressTracker(now);
+  constructor(writeLine: (line: string) => void, now?: () => number) {
+    this.lines = new JsonLines(new ProgressTracker(now), writeLine);
   }
 
   private emit(event: JsonEventName, extra: Record<string, unknown> = {}): void {
-    const s: Snapshot | undefined = this.tracker.snapshot();
-    const common = {
-      event,
-      phase: s?.phase ?? null,
-      bytesDone: s?.bytesDone ?? 0,
-      bytesTotal: s?.bytesTotal ?? 0,
-      rate: s?.rate ?? 0,
-      etaSeconds: s?.etaSeconds === null || s === undefined ? null : Math.round(s.etaSeconds * 10) / 10,
-      elapsedMs: s?.elapsedMs ?? Math.round(this.tracker.elapsedMs()),
-    };
-    this.lastEmitMs = common.elapsedMs;
-    this.writeLine(JSON.stringify({ ...common, ...extra }) + '\n');
+    this.lines.emit(event, extra);
   }
 
   async begin(image: string): Promise<void> {
@@ -50,16 +31,7 @@ export class JsonReporter implements ProgressReporter {
   }
 
   progress(e: ProgressEvent): void {
-    if (this.tracker.update(e)) {
-      this.lastPercent = percent(e);
-      this.emit('phase');
-      return;
-    }
-    const p = percent(e);
-    if (p > this.lastPercent || this.tracker.elapsedMs() - this.lastEmitMs >= HEARTBEAT_MS) {
-      this.lastPercent = p;
-      this.emit('progress');
-    }
+    this.lines.progress(e);
   }
 
   stopping(): void {

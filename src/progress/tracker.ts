@@ -3,7 +3,7 @@
  * which phase, how far, how fast and how long to go. Time comes from an injectable clock so tests
  * can replay a conversion exactly.
  */
-import { PHASES, type Phase, type ProgressEvent } from '../engine/convert.js';
+import { PHASES, type Phase } from '../engine/convert.js';
 
 /**
  * Phases whose counts are bytes. The others count one step (bytesTotal 1, bytesDone 0 → 1), so they
@@ -14,9 +14,10 @@ export const BYTE_PHASES: ReadonlySet<Phase> = new Set<Phase>(['move', 'write'])
 /** Below this much time in a phase a rate is noise (the first chunk lands in the page cache). */
 const MIN_RATE_MS = 100;
 
-export interface Snapshot {
-  phase: Phase;
-  /** 1-based position in PHASES. */
+/** Where a conversion (or a stream) stands: the current phase and how far, how fast, how long to go. */
+export interface PhaseSnapshot<P extends string> {
+  phase: P;
+  /** 1-based position in the tracker's phase order. */
   phaseIndex: number;
   bytesDone: number;
   bytesTotal: number;
@@ -30,16 +31,26 @@ export interface Snapshot {
   phaseElapsedMs: number;
 }
 
-export class ProgressTracker {
-  private current: { phase: Phase; startedAt: number; bytesDone: number; bytesTotal: number } | undefined;
+export type Snapshot = PhaseSnapshot<Phase>;
+
+/**
+ * Tracks phases of any kind of run: the conversion's (ProgressTracker) and the stream commands' phases
+ * (src/stream/progress.ts) share it. Only `bytePhases` get a rate.
+ */
+export class PhaseTracker<P extends string> {
+  private current: { phase: P; startedAt: number; bytesDone: number; bytesTotal: number } | undefined;
   readonly startedAt: number;
 
-  constructor(private readonly now: () => number = () => performance.now()) {
+  constructor(
+    private readonly order: readonly P[],
+    private readonly bytePhases: ReadonlySet<P>,
+    private readonly now: () => number = () => performance.now(),
+  ) {
     this.startedAt = now();
   }
 
   /** Records an event; true when it begins a new phase. */
-  update(e: ProgressEvent): boolean {
+  update(e: { phase: P; bytesDone: number; bytesTotal: number }): boolean {
     const begins = this.current?.phase !== e.phase;
     if (begins) this.current = { phase: e.phase, startedAt: this.now(), bytesDone: e.bytesDone, bytesTotal: e.bytesTotal };
     else {
@@ -49,7 +60,7 @@ export class ProgressTracker {
     return begins;
   }
 
-  get phase(): Phase | undefined {
+  get phase(): P | undefined {
     return this.current?.phase;
   }
 
@@ -58,15 +69,15 @@ export class ProgressTracker {
   }
 
   /** The current state; undefined before the first event. */
-  snapshot(): Snapshot | undefined {
+  snapshot(): PhaseSnapshot<P> | undefined {
     const c = this.current;
     if (!c) return undefined;
     const now = this.now();
     const inPhase = now - c.startedAt;
-    const rate = BYTE_PHASES.has(c.phase) && inPhase >= MIN_RATE_MS && c.bytesDone > 0 ? Math.round((c.bytesDone * 1000) / inPhase) : 0;
+    const rate = this.bytePhases.has(c.phase) && inPhase >= MIN_RATE_MS && c.bytesDone > 0 ? Math.round((c.bytesDone * 1000) / inPhase) : 0;
     return {
       phase: c.phase,
-      phaseIndex: PHASES.indexOf(c.phase) + 1,
+      phaseIndex: this.order.indexOf(c.phase) + 1,
       bytesDone: c.bytesDone,
       bytesTotal: c.bytesTotal,
       rate,
@@ -74,6 +85,13 @@ export class ProgressTracker {
       elapsedMs: Math.round(now - this.startedAt),
       phaseElapsedMs: Math.round(inPhase),
     };
+  }
+}
+
+/** The conversion's phases (PHASES), `move` and `write` counting bytes. */
+export class ProgressTracker extends PhaseTracker<Phase> {
+  constructor(now?: () => number) {
+    super(PHASES, BYTE_PHASES, now);
   }
 }
 

@@ -10,6 +10,8 @@
  */
 import { ImgconvError } from '../errors.js';
 import { bytes, duration, speedAndEta } from '../progress/format.js';
+import { JsonLines } from '../progress/json-lines.js';
+import { PhaseTracker, percent } from '../progress/tracker.js';
 
 export type StreamPhase = 'map' | 'measure' | 'head' | 'write' | 'convert';
 export const STREAM_PROGRESS_MODES = ['auto', 'plain', 'json', 'none'] as const;
@@ -32,58 +34,8 @@ export interface StreamReporter {
 }
 
 const BYTE_PHASES = new Set<StreamPhase>(['measure', 'write']);
-/** Below this much time in a phase a rate is noise. */
-const MIN_RATE_MS = 100;
-const HEARTBEAT_MS = 1000;
-
-interface Snapshot {
-  phase: StreamPhase;
-  bytesDone: number;
-  bytesTotal: number;
-  rate: number;
-  etaSeconds: number | null;
-  elapsedMs: number;
-}
-
-class Tracker {
-  private current: { phase: StreamPhase; startedAt: number; bytesDone: number; bytesTotal: number } | undefined;
-  private readonly startedAt: number;
-
-  constructor(private readonly now: () => number) {
-    this.startedAt = now();
-  }
-
-  /** Records an event; true when it begins a new phase. */
-  update(e: StreamProgressEvent): boolean {
-    const begins = this.current?.phase !== e.phase;
-    if (begins) this.current = { phase: e.phase, startedAt: this.now(), bytesDone: e.bytesDone, bytesTotal: e.bytesTotal };
-    else Object.assign(this.current!, { bytesDone: e.bytesDone, bytesTotal: e.bytesTotal });
-    return begins;
-  }
-
-  elapsedMs(): number {
-    return this.now() - this.startedAt;
-  }
-
-  snapshot(): Snapshot | undefined {
-    const c = this.current;
-    if (!c) return undefined;
-    const inPhase = this.now() - c.startedAt;
-    const rate = BYTE_PHASES.has(c.phase) && inPhase >= MIN_RATE_MS && c.bytesDone > 0 ? Math.round((c.bytesDone * 1000) / inPhase) : 0;
-    return {
-      phase: c.phase,
-      bytesDone: c.bytesDone,
-      bytesTotal: c.bytesTotal,
-      rate,
-      etaSeconds: rate > 0 ? Math.max(0, c.bytesTotal - c.bytesDone) / rate : null,
-      elapsedMs: Math.round(this.elapsedMs()),
-    };
-  }
-}
-
-function percent(e: { bytesDone: number; bytesTotal: number }): number {
-  return e.bytesTotal > 0 ? Math.floor((Math.min(e.bytesDone, e.bytesTotal) * 100) / e.bytesTotal) : 100;
-}
+const PHASE_ORDER: readonly StreamPhase[] = ['map', 'measure', 'head', 'write', 'convert'];
+const tracker = (now: () => number) => new PhaseTracker(PHASE_ORDER, BYTE_PHASES, now);
 
 function messageOf(error: unknown): string {
   return error instanceof ImgconvError ? error.message : `internal error: ${error instanceof Error ? error.message : String(error)}`;
@@ -92,43 +44,18 @@ function messageOf(error: unknown): string {
 /** `--progress json`: one object per line. */
 export class JsonStreamReporter implements StreamReporter {
   readonly showsErrors = true;
-  private readonly tracker: Tracker;
-  private lastPercent = 0;
-  private lastEmitMs = 0;
+  private readonly lines: JsonLines<StreamPhase>;
 
-  constructor(
-    private readonly writeLine: (line: string) => void,
-    now: () => number = () => performance.now(),
-  ) {
-    this.tracker = new Tracker(now);
+  constructor(writeLine: (line: string) => void, now: () => number = () => performance.now()) {
+    this.lines = new JsonLines(tracker(now), writeLine);
   }
 
   private emit(event: string, extra: Record<string, unknown> = {}): void {
-    const s = this.tracker.snapshot();
-    const common = {
-      event,
-      phase: s?.phase ?? null,
-      bytesDone: s?.bytesDone ?? 0,
-      bytesTotal: s?.bytesTotal ?? 0,
-      rate: s?.rate ?? 0,
-      etaSeconds: s === undefined || s.etaSeconds === null ? null : Math.round(s.etaSeconds * 10) / 10,
-      elapsedMs: s?.elapsedMs ?? Math.round(this.tracker.elapsedMs()),
-    };
-    this.lastEmitMs = common.elapsedMs;
-    this.writeLine(JSON.stringify({ ...common, ...extra }) + '\n');
+    this.lines.emit(event, extra);
   }
 
   progress(e: StreamProgressEvent): void {
-    if (this.tracker.update(e)) {
-      this.lastPercent = percent(e);
-      this.emit('phase');
-      return;
-    }
-    const p = percent(e);
-    if (p > this.lastPercent || this.tracker.elapsedMs() - this.lastEmitMs >= HEARTBEAT_MS) {
-      this.lastPercent = p;
-      this.emit('progress');
-    }
+    this.lines.progress(e);
   }
 
   stopping(): void {
@@ -147,7 +74,7 @@ export class JsonStreamReporter implements StreamReporter {
 /** Plain lines: one per phase and per 10% of a byte phase; with `progress: false`, nothing. */
 export class PlainStreamReporter implements StreamReporter {
   readonly showsErrors = false;
-  private readonly tracker: Tracker;
+  private readonly tracker: PhaseTracker<StreamPhase>;
   private tenths = 0;
 
   constructor(
@@ -155,7 +82,7 @@ export class PlainStreamReporter implements StreamReporter {
     private readonly opts: { progress: boolean; phases: readonly StreamPhase[] },
     now: () => number = () => performance.now(),
   ) {
-    this.tracker = new Tracker(now);
+    this.tracker = tracker(now);
   }
 
   progress(e: StreamProgressEvent): void {
