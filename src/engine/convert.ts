@@ -19,7 +19,7 @@ import { guestEquivalent, readTopLayer } from './mapping.js';
 import { holesAsData, scanHoles } from './holes.js';
 import { compact, estimateCompaction } from './compact.js';
 import { NeedsIntermediateError, planIdentity, type IdentityPlan } from './identity.js';
-import { executeRelocation } from './relocate.js';
+import { executeRelocation, identityPeakExtra } from './relocate.js';
 import { identityEquivalent } from './mapping.js';
 import { OverlayDevice } from '../blockdev/overlay.js';
 import { writeIntoFree } from '../blockdev/sparse.js';
@@ -215,9 +215,9 @@ async function prepare(path: string, dev: BlockDevice, opts: ConvertOptions, int
       dataMoveBytes,
       compactionMoveBytes: compaction.tablesBytes + compaction.dataBytes,
       // Identity targets grow the file's length to the virtual size, sparsely; what costs disk space is
-      // a round's second copies, the scratch window and the commit record (new and old bytes).
+      // a round's second copies, or at the commit the record (new and old bytes) and the redo writes.
       peakExtraBytes: identity
-        ? identity.relocation.largestRound + identity.relocation.scratchPeak + 2 * commitBytes
+        ? identityPeakExtra(identity.relocation, commitBytes)
         : Math.max(0, finalLength - fileLength) + compaction.tablesBytes / 2,
       ...(identity ? { relocation: { rounds: identity.relocation.rounds.length, scratchPeakBytes: identity.relocation.scratchPeak, commitBytes } } : {}),
       ...(companionPath !== undefined ? { companion: companionPath } : {}),

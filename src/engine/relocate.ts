@@ -176,6 +176,19 @@ export function planRelocation(input: RelocationInput): RelocationPlan {
   return { rounds, movedBytes, largestRound, scratchPeak, scratchEnd, parked, placed };
 }
 
+/**
+ * Most extra disk space an identity conversion holds at once, for `imgconv plan`. Relocation is
+ * space-neutral per round: every copy (to a unit's identity place or, evicted, to scratch) is made
+ * before its old place is punched, and the round ends by punching them all. So while relocating, the
+ * extra space is one round's copies (`largestRound`); units parked in scratch take no more than the
+ * places they left, and the scratch window is not added on top. At the commit, the journal holds the
+ * COMMIT record (`commitBytes` new and `commitBytes` old), and writing the redo bytes in place may fill
+ * holes inside the source's structures (at most `commitBytes` more). The two phases do not overlap.
+ */
+export function identityPeakExtra(plan: Pick<RelocationPlan, 'largestRound'>, commitBytes: number): number {
+  return Math.max(plan.largestRound, 3 * commitBytes);
+}
+
 function gcd(a: number, b: number): number {
   while (b) [a, b] = [b, a % b];
   return a;
