@@ -2,6 +2,7 @@
 import { randomFillSync } from 'node:crypto';
 import { closeSync, fsyncSync, openSync, rmSync, statSync, writeSync } from 'node:fs';
 import { statfsSync } from 'node:fs';
+import { checkNotStopping } from './cleanup.js';
 import { run } from './measure.js';
 
 const RANDOM_CHUNK = 16 << 20;
@@ -10,11 +11,14 @@ const RANDOM_CHUNK = 16 << 20;
  * A raw file of `bytes` random bytes (crypto-strength, so neither compression nor zero detection can
  * shortcut anything), written in 16 MiB pieces and made durable.
  */
-export function writeRandomRaw(path: string, bytes: number): void {
+export async function writeRandomRaw(path: string, bytes: number): Promise<void> {
   const buf = Buffer.allocUnsafe(Math.min(RANDOM_CHUNK, bytes));
   const fd = openSync(path, 'w');
   try {
     for (let pos = 0; pos < bytes; ) {
+      // Between pieces a SIGINT/SIGTERM handler gets to run (the file may be many GiB); once it has, stop.
+      await new Promise((r) => setImmediate(r));
+      checkNotStopping();
       const len = Math.min(buf.length, bytes - pos);
       const piece = buf.subarray(0, len);
       randomFillSync(piece);

@@ -70,7 +70,7 @@ export async function inplaceSection(cfg: Config): Promise<{ markdown: string; t
   for (const size of cfg.inplaceSizes) {
     log(`in place ${sizeLabel(size)}: writing random data`);
     let src = join(cfg.dir, 'src.raw');
-    writeRandomRaw(src, size);
+    await writeRandomRaw(src, size);
     coverage ??= await targetCoverage(src);
     for (const [i, from] of sources.entries()) {
       if (i > 0) {

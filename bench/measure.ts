@@ -13,11 +13,11 @@
  *   (the image and its journal, or the output file) and keeps the largest growth over the start.
  *   The poll can miss a peak shorter than its interval; the plan's own peakExtraBytes is reported beside.
  */
-import { spawn } from 'node:child_process';
 import { existsSync, readdirSync, readFileSync, statSync } from 'node:fs';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { forget, removeOnStop, spawnTracked } from './cleanup.js';
 
 export const TIME_BIN = '/usr/bin/time';
 export const hasGnuTime = existsSync(TIME_BIN);
@@ -126,6 +126,7 @@ const WRAPPER = 'out="$1"; shift; s=$(date +%s%N); "$@"; rc=$?; e=$(date +%s%N);
 
 export async function measure(cmd: string, args: string[], opts: MeasureOptions = {}): Promise<Measurement> {
   const scratch = mkdtempSync(join(tmpdir(), 'imgconv-bench-m-'));
+  removeOnStop(scratch);
   const ioFile = join(scratch, 'io');
   const rssFile = join(scratch, 'rss');
   const watch = opts.watch ?? [];
@@ -137,7 +138,7 @@ export async function measure(cmd: string, args: string[], opts: MeasureOptions 
   let peakAlloc = 0;
   let polledRss = 0;
   try {
-    const child = spawn(bin, binArgs, { cwd: opts.cwd, stdio: ['ignore', 'pipe', 'pipe'] });
+    const child = spawnTracked(bin, binArgs, { cwd: opts.cwd });
     let stdout = '';
     let stderr = '';
     child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
@@ -192,13 +193,14 @@ export async function measure(cmd: string, args: string[], opts: MeasureOptions 
     };
   } finally {
     rmSync(scratch, { recursive: true, force: true });
+    forget(scratch);
   }
 }
 
 /** Runs a command to completion (not measured); returns stdout. */
 export function run(cmd: string, args: string[], opts: { cwd?: string } = {}): Promise<string> {
   return new Promise((resolve, reject) => {
-    const child = spawn(cmd, args, { cwd: opts.cwd, stdio: ['ignore', 'pipe', 'pipe'] });
+    const child = spawnTracked(cmd, args, { cwd: opts.cwd });
     let stdout = '';
     let stderr = '';
     child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));

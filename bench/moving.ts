@@ -45,7 +45,7 @@ export async function movingSection(cfg: Config): Promise<{ markdown: string; ta
   const bytes = cfg.movingBytes;
   const raw = join(cfg.dir, 'moving.raw');
   log(`moving ${sizeLabel(bytes)}: random data`);
-  writeRandomRaw(raw, bytes);
+  await writeRandomRaw(raw, bytes);
   const results: ConversionResult[] = [];
   for (const name of [...new Set(PLAN.map((c) => c.src))]) {
     const s = SOURCES[name];

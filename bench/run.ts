@@ -4,10 +4,14 @@
  * it prints. Options: --out FILE, --dir DIR (scratch parent; default the OS temp dir), --runs N,
  * --only startup,inplace,scale,moving, and the image sizes (e.g. 64M, 1G, 1T): --sizes LIST (in-place
  * section), --scale-sizes LIST, --moving-size SIZE.
+ *
+ * Stopped by SIGINT (Ctrl-C) or SIGTERM, or by an uncaught error, it kills the command it is running and
+ * removes its scratch directory before it exits (130, 143 or 1): bench/cleanup.ts.
  */
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { loadavg, tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { installStopHandlers, removeOnStop, stop, stopReason } from './cleanup.js';
 import { type Config, HEADINGS, log, ROOT, SECTION_NAMES, type SectionName, type TargetResult } from './context.js';
 import { freeBytes } from './images.js';
 import { inplaceSection } from './inplace.js';
@@ -85,7 +89,10 @@ const METHOD = [
 ];
 
 async function main(): Promise<void> {
+  // SIGINT/SIGTERM or an uncaught error: the running command is killed and the scratch removed (cleanup.ts).
+  installStopHandlers();
   const cfg = parseArgs(process.argv.slice(2));
+  removeOnStop(cfg.dir);
   const needed = Math.max(
     cfg.sections.has('inplace') ? 2 * Math.max(...cfg.inplaceSizes) + GiB : GiB,
     cfg.sections.has('moving') ? movingSpaceNeeded(cfg.movingBytes) : 0,
@@ -150,6 +157,8 @@ async function main(): Promise<void> {
 }
 
 main().catch((e: unknown) => {
+  // Stopping on a signal fails whatever was running; the stop handler exits with the signal's code.
+  if (stopReason() !== undefined) return;
   process.stderr.write(`bench: ${(e as Error).stack ?? e}\n`);
-  process.exit(1);
+  void stop('error', 1);
 });
