@@ -42,6 +42,7 @@ function planHuman(p: ConversionPlan): string {
   lines.push(`peak extra disk space: ${humanSize(p.peakExtraBytes)} (${p.peakExtraBytes} bytes)`);
   lines.push(`file size: ${p.source.fileLength} → at most ${p.finalLength} bytes before reclaim`);
   if (p.companion) lines.push(`creates: ${p.companion} (the ${p.target.format} image to open; ${p.image} becomes its data)`);
+  if (p.adoption) lines.push(`adopts the data file: ${p.adoption.dataFile} (zeroes ${humanSize(p.adoption.zeroBytes)} (${p.adoption.zeroBytes} bytes) where the image reads zeros; length ${p.adoption.lengthBefore} → ${p.adoption.lengthAfter}), then renames it to ${p.adoption.renamedTo} (the commit point; the ${p.source.format} file is replaced)`);
   if (p.relocation) lines.push(`relocation: ${p.relocation.rounds} rounds, scratch window ${humanSize(p.relocation.scratchPeakBytes)}, commit record carries ${humanSize(p.relocation.commitBytes)} of guest bytes`);
   if (p.dropped.length) lines.push(`not carried over: ${p.dropped.join(', ')}`);
   if (p.steps) {
@@ -349,6 +350,7 @@ export function buildProgram(): Command {
               `old metadata reclaimed: ${humanSize(r.reclaimedBytes)}`,
               `file size: ${r.source.fileLength} → ${r.finalLength} bytes`,
               ...(r.companion ? [`open as ${r.target.format}: ${r.companion} (its data is ${image})`] : []),
+              ...(r.adoption ? [`${image} is now raw; its data file ${r.adoption.dataFile} was adopted and no longer exists by that name (${humanSize(r.adoption.zeroBytes)} zeroed where the image read zeros)`] : []),
               `verified: ${r.verified.join(', ')}`,
               ...(r.dropped.length ? [`not carried over: ${r.dropped.join(', ')}`] : []),
             ].join('\n') + '\n',

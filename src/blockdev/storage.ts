@@ -4,7 +4,7 @@
  * only through this, so tests can record every operation across the image and its journal in one
  * global order, and replay any prefix or subset of it as a crash.
  */
-import { open as fsOpen, rm, stat } from 'node:fs/promises';
+import { open as fsOpen, rename as fsRename, rm, stat } from 'node:fs/promises';
 import { dirname } from 'node:path';
 import { FileBlockDevice } from './file.js';
 import { MemoryBlockDevice } from './memory.js';
@@ -17,8 +17,23 @@ export interface Storage {
   create(path: string): Promise<BlockDevice>;
   remove(path: string): Promise<void>;
   exists(path: string): Promise<boolean>;
-  /** Makes a file's creation or removal durable (fsync of its directory). */
+  /** Makes a file's creation, removal or renaming durable (fsync of its directory). */
   syncDir(path: string): Promise<void>;
+  /**
+   * Atomically gives the file at `from` the name `to`, replacing whatever `to` named (rename(2): both on
+   * one file system). Durable once the directories of both names are synced.
+   */
+  rename(from: string, to: string): Promise<void>;
+  /** Which file system and file a path names (stat(2): st_dev, st_ino), and whether it is a regular file. */
+  identify(path: string): Promise<FileIdentity>;
+}
+
+export interface FileIdentity {
+  /** The file system (st_dev): a rename works only within one. */
+  device: number;
+  /** The file (st_ino): two paths with the same device and inode are one file. */
+  inode: number;
+  regular: boolean;
 }
 
 function ioErr(op: string, path: string, e: unknown): IoError {
@@ -67,11 +82,28 @@ export const fileStorage: Storage = {
       if (code !== 'EINVAL' && code !== 'EISDIR' && code !== 'EBADF') throw ioErr('fsync directory', dir, e);
     }
   },
+  async rename(from, to) {
+    try {
+      await fsRename(from, to);
+    } catch (e) {
+      throw ioErr('rename', `${from} → ${to}`, e);
+    }
+  },
+  async identify(path) {
+    try {
+      const st = await stat(path);
+      return { device: st.dev, inode: st.ino, regular: st.isFile() };
+    } catch (e) {
+      throw ioErr('stat', path, e);
+    }
+  },
 };
 
 /** In-memory storage: a map of path → MemoryBlockDevice (shared, so reopening sees the same bytes). */
 export class MemoryStorage implements Storage {
   readonly files = new Map<string, MemoryBlockDevice>();
+  /** The file system a path lies on (`identify().device`): one for all, unless a test says otherwise. */
+  deviceOf: (path: string) => number = () => 1;
 
   put(path: string, bytes: Uint8Array): MemoryBlockDevice {
     const d = MemoryBlockDevice.from(bytes, path);
@@ -101,6 +133,28 @@ export class MemoryStorage implements Storage {
   }
 
   async syncDir(): Promise<void> {}
+
+  async rename(from: string, to: string): Promise<void> {
+    const d = this.files.get(from);
+    if (!d) throw new IoError('rename', from, 0, 'ENOENT', 'no such file');
+    if (this.deviceOf(from) !== this.deviceOf(to)) throw new IoError('rename', `${from} → ${to}`, 0, 'EXDEV', 'invalid cross-device link');
+    this.files.delete(from);
+    this.files.set(to, d);
+  }
+
+  async identify(path: string): Promise<FileIdentity> {
+    const d = this.files.get(path);
+    if (!d) throw new IoError('stat', path, 0, 'ENOENT', 'no such file');
+    return { device: this.deviceOf(path), inode: inodeOf(d), regular: true };
+  }
+}
+
+const inodes = new WeakMap<MemoryBlockDevice, number>();
+let nextInode = 1;
+function inodeOf(d: MemoryBlockDevice): number {
+  let n = inodes.get(d);
+  if (n === undefined) inodes.set(d, (n = nextInode++));
+  return n;
 }
 
 function readOnlyView(d: MemoryBlockDevice): BlockDevice {

@@ -5,7 +5,7 @@
  * flushed, and the single commit point (the durable COMMIT record in the journal).
  */
 import type { BlockDevice, DeviceOpener } from '../blockdev/types.js';
-import { basename, dirname, join } from 'node:path';
+import { dirname, join } from 'node:path';
 import { fileStorage, type Storage } from '../blockdev/storage.js';
 import { CARRIED_LABELS, type CarriedField, type FormatDriver, type HostWrite, type PlanInput, type SourceImage, type TargetDriver, type TargetOptions, type TargetPlan, type TargetBuild, type ImageInfo } from '../driver.js';
 import { ExtentMap, type Extent } from '../extent-map.js';
@@ -23,6 +23,7 @@ import { executeRelocation, identityPeakExtra } from './relocate.js';
 import { identityEquivalent } from './mapping.js';
 import { OverlayDevice } from '../blockdev/overlay.js';
 import { writeIntoFree } from '../blockdev/sparse.js';
+import { AdoptDataFile, adoptDataFile, dataFileSource, planAdoptionOf, type AdoptionSummary } from './adopt.js';
 
 export type Phase = 'analyse' | 'plan' | 'move' | 'write' | 'commit' | 'verify' | 'reclaim';
 export const PHASES: readonly Phase[] = ['analyse', 'plan', 'move', 'write', 'commit', 'verify', 'reclaim'];
@@ -89,6 +90,8 @@ export interface ConversionPlan {
   companion?: string;
   /** Two-step conversions: every intermediate format compared, with the bytes it would move or why it cannot serve. */
   alternatives?: RouteAlternative[];
+  /** An image whose data lives in another file → raw: that file is zeroed where needed and renamed to the image (src/engine/adopt.ts). */
+  adoption?: AdoptionSummary;
 }
 
 export interface ConversionReport extends Omit<ConversionPlan, 'steps'> {
@@ -127,7 +130,9 @@ interface Prepared {
 async function prepare(path: string, dev: BlockDevice, opts: ConvertOptions, intermediate = false): Promise<Prepared> {
   const targetDriver = findDriver(opts.drivers, opts.to);
   if (!targetDriver.target) throw new UsageError(`${opts.to} cannot be a conversion target yet`);
-  const chain = await openImage(path, { drivers: opts.drivers, format: opts.format, topDevice: dev, backing: false });
+  const storage = opts.storage ?? fileStorage;
+  // Related files (an external data file, a flat extent) are opened read-only through the same storage.
+  const chain = await openImage(path, { drivers: opts.drivers, format: opts.format, topDevice: dev, backing: false, opener: (p, o) => storage.open(p, { ...o, write: false }) });
   try {
     const source = chain.layers[0]!;
     const info = source.info;
@@ -140,7 +145,8 @@ async function prepare(path: string, dev: BlockDevice, opts: ConvertOptions, int
     for (const f of info.notCarried ?? []) {
       if (f.action === 'refuse') throw new UnsupportedError(info.format, f.feature, `${f.detail}; a conversion cannot carry it`);
     }
-    if (source.dataDev !== source.dev) throw dataFileRefusal(path, source, await source.mapping(), opts);
+    // Data in another file: to raw by adopting that file (AdoptDataFile, src/engine/adopt.ts), else refused.
+    if (source.dataDev !== source.dev) throw await dataFileSource(path, source, await source.mapping(), opts);
     const fileLength = await dev.size();
     const holesToData = targetDriver.target.holesAsData?.(opts.options ?? {}) ?? true;
     const mapping = holesToData ? holesAsData(await source.mapping(), await scanHoles(dev)) : await source.mapping();
@@ -236,32 +242,6 @@ async function prepare(path: string, dev: BlockDevice, opts: ConvertOptions, int
     await chain.close();
     throw e;
   }
-}
-
-/**
- * An image whose data lives in another file (a qcow2 external data file, a VMDK flat extent) is not
- * converted in place: the file to keep is not the one named, and no journal is needed to keep it — the
- * metadata file stays valid until it is deleted. When that data file holds every allocated cluster at its
- * guest offset (no backing file, nothing compressed), it is the raw disk once it has the virtual size and
- * reads zeros where the image does: the refusal says exactly how to finish, with qemu-img compare proving
- * the second condition before the metadata file is removed (after the data file is synced).
- */
-function dataFileRefusal(path: string, source: SourceImage, mapping: ExtentMap, opts: ConvertOptions): UnsupportedError {
-  const { info } = source;
-  const base = 'converting an image whose data lives in another file is not supported yet';
-  const name = source.dataFile;
-  const identity = [...mapping].every((e) => e.kind !== 'compressed' && (e.kind !== 'data' || e.host === e.guest));
-  if (name === undefined || info.backing || !identity) return new UnsupportedError(info.format, 'external data file', `${base}; copy it with qemu-img convert`);
-  const driver = findDriver(opts.drivers, info.format);
-  const q = (s: string) => (/^[\w@%+=:,./-]+$/.test(s) ? s : `'${s.replace(/'/g, `'\\''`)}'`);
-  const image = q(basename(path));
-  const data = q(name);
-  const then = opts.to === 'raw' ? '' : `; then: imgconv inplace --to ${opts.to}${Object.keys(opts.options ?? {}).length ? ` -o ${Object.entries(opts.options ?? {}).map(([k, v]) => `${k}=${v}`).join(',')}` : ''} -f raw ${data}`;
-  return new UnsupportedError(
-    info.format,
-    'external data file',
-    `${base}. Its data file ${name} holds every allocated cluster at its guest offset, so it is the raw disk itself once it has the virtual size and reads zeros where the image does (qemu-img compare checks that; it fails when the image marks zeros over stale bytes, and then only qemu-img convert helps). To keep the data file as the raw disk and delete the ${info.format} file, run in ${dirname(path)}: truncate -s ${info.virtualSize} ${data} && qemu-img compare -f ${driver.qemuName ?? driver.name} -F raw ${image} ${data} && sync ${data} && rm ${image}${then}`,
-  );
 }
 
 /**
@@ -442,7 +422,13 @@ export async function planConversion(path: string, opts: ConvertOptions): Promis
   await refuseInterrupted(path, storage);
   const dev = await storage.open(path, { write: false });
   try {
-    const route = await chooseRoute(path, dev, opts);
+    let route: Route;
+    try {
+      route = await chooseRoute(path, dev, opts);
+    } catch (e) {
+      if (e instanceof AdoptDataFile) return await planAdoptionOf(path, dev, opts);
+      throw e;
+    }
     await route.prepared.chain.close();
     return route.then ? { ...combinePlans(route.prepared.plan, route.then.estimate), ...(route.alternatives ? { alternatives: route.alternatives } : {}) } : route.prepared.plan;
   } finally {
@@ -526,6 +512,8 @@ export async function convertInPlace(path: string, opts: ConvertOptions): Promis
     route = await chooseRoute(path, dev, opts);
     progress('plan', 1, 1);
   } catch (e) {
+    // An image whose data lives in another file → raw: that file becomes the image (no journal).
+    if (e instanceof AdoptDataFile) return adoptDataFile(path, dev, opts, (state, message, cause) => new ConversionFailedError(state, message, cause));
     await dev.close();
     throw untouched(e); // nothing was written: the file is byte-identical
   }

@@ -321,11 +321,12 @@ describe.runIf(haveQemu)('qcow2 data file target: recover after an I/O error at 
 });
 
 // ---------------------------------------------------------------------------------------------------
-// The reverse, qcow2 with a raw data file → raw: refused (the file to keep is not the one named), with the
-// exact commands that keep the data file as the raw disk — run here, and judged.
+// The reverse, qcow2 with a data file → raw: the data file is adopted (src/engine/adopt.ts; more cases in
+// test/engine/adopt.test.ts) — zeroed where the image reads zeros, given the virtual size, renamed to the
+// image's name — and judged. Other targets are refused with the two imgconv commands that get there.
 
-describe.runIf(haveQemu)('qcow2 with a data file → raw: refused with the commands that finish it', () => {
-  it('round trip raw → qcow2 + data file → (the commands) raw: byte-identical, the qcow2 file gone', async () => {
+describe.runIf(haveQemu)('qcow2 with a data file → raw: the data file is adopted', () => {
+  it('round trip raw → qcow2 + data file → raw: byte-identical, the data file now named disk.qcow2', async () => {
     const t = withTmpDir();
     try {
       const file = t.path('disk.img');
@@ -337,44 +338,40 @@ describe.runIf(haveQemu)('qcow2 with a data file → raw: refused with the comma
       execFileSync('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x73 12M 4k', 'disk.qcow2'], { cwd: t.dir, stdio: ['ignore', 'ignore', 'pipe'] });
       const want = Buffer.from(original);
       want.fill(0x73, 12 << 20, (12 << 20) + 4096);
-      const metaBefore = readFileSync(t.path('disk.qcow2'));
-      const e = await convertInPlace(t.path('disk.qcow2'), { to: 'raw', drivers: allDrivers }).catch((x: unknown) => x);
-      expect(e).toBeInstanceOf(UnsupportedError);
-      const msg = (e as Error).message;
-      expect(msg).toMatch(/external data file/);
-      const cmd = /run in (\S+): (.*)$/.exec(msg);
-      expect(cmd?.[1]).toBe(t.dir);
-      expect(cmd?.[2]).toBe(`truncate -s ${16 << 20} disk.img && qemu-img compare -f qcow2 -F raw disk.qcow2 disk.img && sync disk.img && rm disk.qcow2`);
-      // Refused before any write: both files as they were, no journal.
-      expect(readFileSync(t.path('disk.qcow2')).equals(metaBefore)).toBe(true);
-      expect(readFileSync(file).equals(want)).toBe(true);
+      const r = await convertInPlace(t.path('disk.qcow2'), { to: 'raw', drivers: allDrivers });
+      expect(r.adoption).toEqual({ dataFile: file, zeroBytes: 0, lengthBefore: 16 << 20, lengthAfter: 16 << 20, renamedTo: t.path('disk.qcow2') });
+      expect(existsSync(file)).toBe(false);
       expect(existsSync(journalPath(t.path('disk.qcow2')))).toBe(false);
-      execFileSync('sh', ['-c', cmd![2]!], { cwd: t.dir, stdio: ['ignore', 'ignore', 'pipe'] });
-      expect(existsSync(t.path('disk.qcow2'))).toBe(false);
-      expect(readFileSync(file).equals(want)).toBe(true);
-      // Another target: the commands end with the in-place conversion of the raw disk.
+      expect(readFileSync(t.path('disk.qcow2')).equals(want)).toBe(true);
+      expect(qemuIn(t.dir, ['info', 'disk.qcow2']).out).toMatch(/file format: raw/);
+      // Another target from a data-file qcow2: refused before any write, naming the two conversions.
+      copyFileSync(t.path('disk.qcow2'), file);
       await convertInPlace(file, { to: 'qcow2', options: { ...DF, metadata_file: 'again.qcow2' }, drivers: allDrivers });
+      const before = [readFileSync(t.path('again.qcow2')), readFileSync(file)];
       const e2 = await convertInPlace(t.path('again.qcow2'), { to: 'qed', options: { cluster_size: '64k' }, drivers: allDrivers }).catch((x: unknown) => x);
-      expect((e2 as Error).message).toMatch(/rm again\.qcow2; then: imgconv inplace --to qed -o cluster_size=64k -f raw disk\.img$/);
+      expect(e2).toBeInstanceOf(UnsupportedError);
+      expect((e2 as Error).message).toMatch(/external data file/);
+      expect((e2 as Error).message).toContain(`run: imgconv inplace --to raw ${t.path('again.qcow2')} && imgconv inplace -f raw --to qed -o cluster_size=64k ${t.path('again.qcow2')}`);
+      expect(readFileSync(t.path('again.qcow2')).equals(before[0]!)).toBe(true);
+      expect(readFileSync(file).equals(before[1]!)).toBe(true);
     } finally {
       t.cleanup();
     }
   }, 60_000);
 
-  it('data_file_raw=off with zeros marked over stale bytes: the commands stop at qemu-img compare, the qcow2 file stays', async () => {
+  it('data_file_raw=off with zeros marked over stale bytes: the stale bytes are zeroed, then the data file adopted', async () => {
     const t = withTmpDir();
     try {
       qemuIn(t.dir, ['create', '-q', '-f', 'qcow2', '-o', 'data_file=d.raw', 'd.qcow2', '8M']);
       execFileSync('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x81 0 128k', '-c', 'write -z 64k 64k', 'd.qcow2'], { cwd: t.dir, stdio: ['ignore', 'ignore', 'pipe'] });
-      const e = await convertInPlace(t.path('d.qcow2'), { to: 'raw', drivers: allDrivers }).catch((x: unknown) => x);
-      expect(e).toBeInstanceOf(UnsupportedError);
-      const cmd = /run in (\S+): (.*)$/.exec((e as Error).message);
-      expect(cmd).not.toBeNull();
-      const r = spawnSync('sh', ['-c', cmd![2]!], { cwd: t.dir, encoding: 'utf8' });
-      expect(r.status).not.toBe(0);
-      expect(r.stdout + r.stderr).toMatch(/Content mismatch/);
-      expect(existsSync(t.path('d.qcow2'))).toBe(true);
-      expect(qemuIn(t.dir, ['check', 'd.qcow2']).status).toBe(0);
+      expect(qemuIn(t.dir, ['convert', '-O', 'raw', 'd.qcow2', 'want.raw']).status).toBe(0);
+      // The data file holds 0x81 where the image reads zeros: as it is, it is not the disk.
+      expect(qemuIn(t.dir, ['compare', '-f', 'qcow2', '-F', 'raw', 'd.qcow2', 'd.raw']).out).toMatch(/Content mismatch/);
+      const r = await convertInPlace(t.path('d.qcow2'), { to: 'raw', drivers: allDrivers });
+      expect(r.adoption?.zeroBytes).toBe(64 << 10);
+      expect(existsSync(t.path('d.raw'))).toBe(false);
+      expect(qemuIn(t.dir, ['compare', '-f', 'raw', '-F', 'raw', 'want.raw', 'd.qcow2']).out).toContain('Images are identical');
+      expect(statSync(t.path('d.qcow2')).size).toBe(8 << 20);
     } finally {
       t.cleanup();
     }

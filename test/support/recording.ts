@@ -16,7 +16,7 @@
  */
 import { createHash } from 'node:crypto';
 import { MemoryBlockDevice } from '../../src/blockdev/memory.js';
-import { MemoryStorage, type Storage } from '../../src/blockdev/storage.js';
+import { MemoryStorage, type FileIdentity, type Storage } from '../../src/blockdev/storage.js';
 import type { BlockDevice, OpenOptions } from '../../src/blockdev/types.js';
 import { IoError } from '../../src/errors.js';
 
@@ -36,6 +36,7 @@ export type Op =
   | { kind: 'flush'; path: string }
   | { kind: 'create'; path: string }
   | { kind: 'remove'; path: string }
+  | { kind: 'rename'; path: string; to: string }
   | { kind: 'syncDir'; path: string };
 
 export type Files = Map<string, Uint8Array>;
@@ -114,6 +115,13 @@ export class RecordingStorage implements Storage {
   async syncDir(path: string): Promise<void> {
     this.log.push({ kind: 'syncDir', path });
   }
+  async rename(from: string, to: string): Promise<void> {
+    await this.live.rename(from, to);
+    this.log.push({ kind: 'rename', path: from, to });
+  }
+  identify(path: string): Promise<FileIdentity> {
+    return this.live.identify(path);
+  }
 }
 
 /** The bytes of every file of a storage (for building further states from it). */
@@ -150,6 +158,14 @@ function applyOp(files: Map<string, MemoryBlockDevice>, op: Op): void {
     case 'remove':
       files.delete(op.path);
       return;
+    case 'rename': {
+      // The file keeps its bytes (and writes made before, durable or not, which a rename does not order).
+      const d = files.get(op.path);
+      if (!d) return;
+      files.delete(op.path);
+      files.set(op.to, d);
+      return;
+    }
     case 'flush':
     case 'syncDir':
       return;
@@ -211,7 +227,7 @@ export function durability(log: Op[], n: number): { durable: (i: number) => bool
   const durable = (i: number): boolean => {
     const op = log[i]!;
     if (op.kind === 'flush' || op.kind === 'syncDir') return true;
-    if (op.kind === 'create' || op.kind === 'remove') return i < lastDirSync;
+    if (op.kind === 'create' || op.kind === 'remove' || op.kind === 'rename') return i < lastDirSync;
     return i < (lastFlush.get(op.path) ?? -1);
   };
   const volatile: number[] = [];
@@ -404,7 +420,7 @@ export function tornState(initial: Files, log: Op[], c: TornChoice, seed: number
 export type FaultCode = 'EIO' | 'ENOSPC';
 
 /** Which operations a fault can hit: mutations (any code) and reads (EIO only). */
-export type FaultableOp = 'open' | 'create' | 'remove' | 'syncDir' | 'read' | 'write' | 'flush' | 'truncate' | 'punch';
+export type FaultableOp = 'open' | 'create' | 'remove' | 'rename' | 'syncDir' | 'read' | 'write' | 'flush' | 'truncate' | 'punch';
 
 /**
  * A storage that throws IoError(code) at the `at`-th faultable operation (0-based, counted over
@@ -492,6 +508,13 @@ export class FaultyStorage implements Storage {
   async syncDir(path: string): Promise<void> {
     this.gate('syncDir', path);
     return this.inner.syncDir(path);
+  }
+  async rename(from: string, to: string): Promise<void> {
+    this.gate('rename', from);
+    return this.inner.rename(from, to);
+  }
+  identify(path: string): Promise<FileIdentity> {
+    return this.inner.identify(path);
   }
 }
 

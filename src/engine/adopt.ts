@@ -1,0 +1,344 @@
+/**
+ * Adoption: an image whose guest data lives in another file (a qcow2 external data file, a VMDK
+ * monolithicFlat extent) → raw, without copying. When that data file holds every allocated cluster at
+ * its guest offset, it *is* the raw disk once it reads zeros wherever the image reads zeros and has the
+ * virtual size; renaming it over the image's name is then the whole conversion (DESIGN.md, "Adopting a
+ * data file").
+ *
+ *   1. Zero, in the data file, every guest range the source reads as zero or unallocated but the file
+ *      holds non-zero bytes there (stale bytes under qcow2 zero clusters); set its length to the
+ *      virtual size (extended sparse, or cut where the source never reads); flush. The source never
+ *      reads those bytes, so the image at its path is the same valid source throughout.
+ *   2. Verify the data file read as raw against the source's mapping, by runs and holes.
+ *   3. THE COMMIT POINT: rename(data file, image path), then fsync the directories. Before it the file
+ *      at the image's path is the source; after it, the raw disk with the same guest content.
+ *
+ * No journal: there is nothing to undo before the rename and nothing to finish after it, so `recover`
+ * finds nothing pending. The core knows only "the data is in another file" (SourceImage.dataDev) and
+ * generic storage operations (Storage.rename, identify, syncDir); never a format's bytes.
+ */
+import { basename, dirname } from 'node:path';
+import { fileStorage, type Storage } from '../blockdev/storage.js';
+import { HOLE_BLOCK, isAllZero } from '../blockdev/sparse.js';
+import type { BlockDevice } from '../blockdev/types.js';
+import { OverlayDevice } from '../blockdev/overlay.js';
+import { CARRIED_LABELS, type CarriedField, type SourceImage } from '../driver.js';
+import type { ExtentMap } from '../extent-map.js';
+import { ImgconvError, IoError, UnsupportedError, UsageError } from '../errors.js';
+import { findDriver, openImage, probe, resolveRelated } from '../image.js';
+import type { ConversionFailedError as ConversionFailedErrorType, ConversionPlan, ConversionReport, ConvertOptions, Phase } from './convert.js';
+import { identityEquivalent, readTopLayer } from './mapping.js';
+
+/** What an adoption does; `imgconv plan` prints it and the report carries it. */
+export interface AdoptionSummary {
+  /** The data file that becomes the raw disk (its name is gone afterwards). */
+  dataFile: string;
+  /** Bytes of the data file zeroed (hole punched) where the image reads zeros over stale bytes. */
+  zeroBytes: number;
+  /** The data file's length before, and after (the virtual size). */
+  lengthBefore: number;
+  lengthAfter: number;
+  /** The commit point: the data file is renamed to this (the image's path). */
+  renamedTo: string;
+}
+
+/**
+ * Thrown by the engine's `prepare` when the source's data lives in another file that can be adopted
+ * and the target is raw: the conversion is an adoption, not the commit protocol. Not an ImgconvError, so
+ * no route chooser takes it for a refusal.
+ */
+export class AdoptDataFile extends Error {
+  constructor() {
+    super('the source can be converted to raw by adopting its data file');
+    this.name = 'AdoptDataFile';
+  }
+}
+
+interface Range {
+  start: number;
+  length: number;
+}
+
+/** A source whose data file holds every allocated cluster at its guest offset: the condition for adoption. */
+function identityPlaced(mapping: ExtentMap): boolean {
+  return [...mapping].every((e) => e.kind !== 'compressed' && (e.kind !== 'data' || e.host === e.guest));
+}
+
+const shellQuote = (s: string) => (/^[\w@%+=:,./-]+$/.test(s) ? s : `'${s.replace(/'/g, `'\\''`)}'`);
+
+/**
+ * Called by the engine for a source with `dataDev !== dev`, before any write. Returns the refusal to
+ * throw, or throws AdoptDataFile when the conversion is to raw and the data file can be adopted.
+ */
+export async function dataFileSource(path: string, source: SourceImage, mapping: ExtentMap, opts: ConvertOptions): Promise<UnsupportedError | UsageError> {
+  const { info } = source;
+  const base = 'converting an image whose data lives in another file is supported only to raw, by adopting a data file that holds every cluster at its guest offset';
+  const name = source.dataFile;
+  if (name === undefined || info.backing || !identityPlaced(mapping)) {
+    const why = name === undefined ? 'the data file has no name' : info.backing ? 'the image has a backing file' : 'its data file does not hold every cluster at its guest offset (or holds compressed clusters)';
+    return new UnsupportedError(info.format, 'external data file', `${base}; ${why}: copy it with qemu-img convert`);
+  }
+  const storage = opts.storage ?? fileStorage;
+  const dataPath = resolveRelated(path, name);
+  const other = await sameFileSystemRefusal(path, dataPath, source, opts, storage);
+  if (other) return other;
+  if (opts.to === 'raw') {
+    if (Object.keys(opts.options ?? {}).length > 0) return new UsageError(`raw takes no options (${Object.keys(opts.options ?? {}).join(', ')})`);
+    throw new AdoptDataFile();
+  }
+  const q = shellQuote;
+  const o = Object.entries(opts.options ?? {});
+  return new UnsupportedError(
+    info.format,
+    'external data file',
+    `its data file ${name} holds every allocated cluster at its guest offset, so it converts to raw in place (the data file becomes ${basename(path)}, no copy), and the raw disk then to ${opts.to}; run: imgconv inplace --to raw ${q(path)} && imgconv inplace -f raw --to ${opts.to}${o.length ? ` -o ${q(o.map(([k, v]) => `${k}=${v}`).join(','))}` : ''} ${q(path)}`,
+  );
+}
+
+/**
+ * The rename is the commit point, so the data file must be a regular file on the image's file system
+ * (and not the image itself). Otherwise the refusal gives the commands that keep the data file as the
+ * raw disk under its own name (qemu-img compare proves it reads as the image before the image goes).
+ */
+async function sameFileSystemRefusal(path: string, dataPath: string, source: SourceImage, opts: ConvertOptions, storage: Storage): Promise<UnsupportedError | undefined> {
+  const { info } = source;
+  const [img, data] = await Promise.all([storage.identify(path), storage.identify(dataPath)]);
+  if (img.device === data.device && img.inode === data.inode) return new UnsupportedError(info.format, 'external data file', `the data file ${dataPath} is the image itself`);
+  if (data.regular && img.device === data.device) return undefined;
+  const why = !data.regular ? `the data file ${dataPath} is not a regular file, so it cannot be renamed to the image's name` : `the data file ${dataPath} is on another file system than ${path}, so it cannot be renamed to the image's name`;
+  const driver = findDriver(opts.drivers, info.format);
+  const q = shellQuote;
+  const image = q(basename(path));
+  const d = q(source.dataFile!);
+  const then = opts.to === 'raw' ? '' : `; then: imgconv inplace --to ${opts.to}${Object.keys(opts.options ?? {}).length ? ` -o ${Object.entries(opts.options ?? {}).map(([k, v]) => `${k}=${v}`).join(',')}` : ''} -f raw ${d}`;
+  return new UnsupportedError(
+    info.format,
+    'external data file',
+    `${why}. It holds every allocated cluster at its guest offset, so it is the raw disk itself once it has the virtual size and reads zeros where the image does (qemu-img compare checks that; it fails when the image marks zeros over stale bytes, and then only qemu-img convert helps). To keep the data file as the raw disk and delete the ${info.format} file, run in ${dirname(path)}: truncate -s ${info.virtualSize} ${d} && qemu-img compare -f ${driver.qemuName ?? driver.name} -F raw ${image} ${d} && sync ${d} && rm ${image}${then}`,
+  );
+}
+
+/** Everything decided before the first write: the plan, and what the execution needs. */
+interface Adoption {
+  plan: ConversionPlan;
+  summary: AdoptionSummary;
+  zero: Range[];
+  expected: ExtentMap;
+  dataLength: number;
+}
+
+/**
+ * The guest ranges the source reads as zeros (zero or unallocated runs) where the data file holds
+ * non-zero bytes: found by the file's holes first (SEEK_DATA/SEEK_HOLE), then by reading only what is
+ * not a hole, in 4 KiB blocks (clipped to the range).
+ */
+async function staleRanges(dataDev: BlockDevice, mapping: ExtentMap, dataLength: number): Promise<Range[]> {
+  const out: Range[] = [];
+  const push = (start: number, end: number) => {
+    const last = out[out.length - 1];
+    if (last && last.start + last.length === start) last.length += end - start;
+    else out.push({ start, length: end - start });
+  };
+  const buf = new Uint8Array(1 << 20);
+  for (const e of mapping) {
+    if (e.kind === 'data') continue;
+    const end = Math.min(e.guest + e.length, dataLength);
+    let pos = e.guest;
+    while (pos < end) {
+      const data = await dataDev.nextData(pos);
+      if (data === null || data >= end) break;
+      const hole = Math.min(await dataDev.nextHole(data), end);
+      for (let at = data; at < hole; ) {
+        const n = Math.min(buf.length, hole - at);
+        const view = buf.subarray(0, n);
+        view.fill(0);
+        let got = 0;
+        while (got < n) {
+          const r = await dataDev.read(view.subarray(got), at + got);
+          if (r === 0) break;
+          got += r;
+        }
+        if (!isAllZero(view)) {
+          for (let b = at; b < at + n; ) {
+            const bEnd = Math.min(at + n, (Math.floor(b / HOLE_BLOCK) + 1) * HOLE_BLOCK);
+            if (!isAllZero(view.subarray(b - at, bEnd - at))) push(b, bEnd);
+            b = bEnd;
+          }
+        }
+        at += n;
+      }
+      pos = hole;
+    }
+  }
+  return out;
+}
+
+/** Plans an adoption of the image at `path` (opened as `dev`), reading only. */
+async function planAdoption(path: string, dev: BlockDevice, opts: ConvertOptions, storage: Storage): Promise<Adoption> {
+  const chain = await openImage(path, { drivers: opts.drivers, format: opts.format, topDevice: dev, backing: false, opener: (p, o) => storage.open(p, { ...o, write: false }) });
+  try {
+    const source = chain.layers[0]!;
+    const { info } = source;
+    const mapping = await source.mapping();
+    const dataPath = resolveRelated(path, source.dataFile!);
+    const V = info.virtualSize;
+    const dataLength = await source.dataDev.size();
+    const zero = await staleRanges(source.dataDev, mapping, dataLength);
+    const zeroBytes = zero.reduce((s, r) => s + r.length, 0);
+    await refuseProbeTrap(path, source, mapping, opts);
+    const summary: AdoptionSummary = { dataFile: dataPath, zeroBytes, lengthBefore: dataLength, lengthAfter: V, renamedTo: path };
+    const plan: ConversionPlan = {
+      image: path,
+      source: { format: info.format, virtualSize: V, fileLength: await dev.size() },
+      target: { format: 'raw', parameters: {} },
+      metadataBytes: 0,
+      moves: [],
+      dataMoveBytes: 0,
+      compactionMoveBytes: 0,
+      peakExtraBytes: 0,
+      finalLength: V,
+      dropped: [
+        ...(info.notCarried ?? []).filter((f) => f.action === 'drop').map((f) => f.feature),
+        ...Object.entries(info.carried ?? {}).map(([k, v]) => `${CARRIED_LABELS[k as CarriedField]} (${v})`),
+      ],
+      adoption: summary,
+    };
+    return { plan, summary, zero, expected: mapping, dataLength };
+  } finally {
+    await chain.close();
+  }
+}
+
+/**
+ * The data file becomes a file whose first bytes are the guest's; when they would probe as another
+ * format (a disk holding an image, a sector with a magic), the raw result is a probe trap: refused
+ * before any write, as for the engine's other identity targets.
+ */
+async function refuseProbeTrap(path: string, source: SourceImage, mapping: ExtentMap, opts: ConvertOptions): Promise<void> {
+  const V = mapping.virtualSize;
+  const head = Math.min(V, 65536);
+  const tail = Math.max(0, V - 512);
+  const view = new OverlayDevice(
+    source.dataDev,
+    [
+      { offset: 0, bytes: await readTopLayer(source, mapping, 0, head) },
+      { offset: tail, bytes: await readTopLayer(source, mapping, tail, V - tail) },
+    ],
+    V,
+  );
+  const probed = await probe(view, opts.drivers);
+  if (probed.driver.name !== 'raw') {
+    throw new UnsupportedError(
+      source.format,
+      'guest data that looks like another format',
+      `the disk's first or last bytes read as a ${probed.driver.name} image; as a raw file ${path} would be taken for something else by anything that probes it (imgconv, qemu-img). Convert to a format with its own header (qcow2, QED, VMDK, VHD dynamic) with qemu-img convert instead`,
+    );
+  }
+}
+
+/** `imgconv plan` / `inplace --dry-run` for an adoption: reads only. */
+export async function planAdoptionOf(path: string, dev: BlockDevice, opts: ConvertOptions): Promise<ConversionPlan> {
+  return (await planAdoption(path, dev, opts, opts.storage ?? fileStorage)).plan;
+}
+
+/**
+ * Converts by adoption. `dev` is the image, opened for writing with its lock (it is never written);
+ * the data file is opened for writing with its own lock. `failed` builds the engine's
+ * ConversionFailedError (imported lazily by the caller to keep the module graph acyclic).
+ */
+export async function adoptDataFile(
+  path: string,
+  dev: BlockDevice,
+  opts: ConvertOptions,
+  failed: (state: 'untouched' | 'converted', message: string, cause: unknown) => ConversionFailedErrorType,
+): Promise<ConversionReport> {
+  const storage = opts.storage ?? fileStorage;
+  const progress = (phase: Phase, done: number, total: number) => opts.onProgress?.({ phase, bytesDone: done, bytesTotal: total });
+  let adoption: Adoption;
+  try {
+    progress('analyse', 0, 1);
+    adoption = await planAdoption(path, dev, opts, storage);
+    progress('plan', 1, 1);
+  } catch (e) {
+    await dev.close();
+    throw e;
+  }
+  const { plan, summary, zero, expected } = adoption;
+  const dataPath = summary.dataFile;
+  const V = summary.lengthAfter;
+  let data: BlockDevice | undefined;
+  let committed = false;
+  /** Set before the first change to the data file (none of which the source can see). */
+  let touched = false;
+  try {
+    opts.signal?.throwIfAborted();
+    data = await storage.open(dataPath, { write: true, lock: true });
+    // The plan read the data file before its lock was taken: it must not have changed length since.
+    if ((await data.size()) !== adoption.dataLength) throw new ImgconvError(`${dataPath} changed while the conversion was planned`);
+    // 1. Zeros where the source reads zeros over stale bytes; the length of the disk. Invisible to the source.
+    let done = 0;
+    touched = true;
+    progress('write', 0, summary.zeroBytes);
+    for (const r of zero) {
+      opts.signal?.throwIfAborted();
+      await data.punchHole(r.start, r.length);
+      done += r.length;
+      progress('write', done, summary.zeroBytes);
+    }
+    if (adoption.dataLength !== V) await data.truncate(V);
+    await data.flush();
+    // 2. Verify: the data file, read as raw, must read what the source reads. (Reported as part of the
+    //    commit phase: the progress views show phases in the engine's order, where verify follows commit.)
+    progress('commit', 0, 1);
+    await verifyAdopted(dataPath, data, expected, V, opts);
+    opts.signal?.throwIfAborted();
+    // 3. THE COMMIT POINT: the data file takes the image's name.
+    await storage.rename(dataPath, path);
+    committed = true;
+    await storage.syncDir(path);
+    if (dirname(dataPath) !== dirname(path)) await storage.syncDir(dataPath);
+    progress('commit', 1, 1);
+  } catch (e) {
+    await data?.close().catch(() => {});
+    await dev.close().catch(() => {});
+    if (committed) {
+      // The rename happened; only making it durable failed. The file at the path is the raw disk.
+      throw failed('converted', `${path} is now raw (its data file ${dataPath} was adopted), but syncing the directory failed: ${(e as Error).message}; run sync`, e);
+    }
+    // A refusal before any change (the data file is locked by a VM, it changed meanwhile) keeps its own error.
+    if (!touched && e instanceof ImgconvError && !(e instanceof IoError)) throw e;
+    const cancelled = e instanceof Error && (e.name === 'AbortError' || (e as { code?: string }).code === 'ABORT_ERR');
+    throw failed(
+      'untouched',
+      `${cancelled ? 'cancelled' : `conversion failed (${(e as Error).message})`} before the commit point; ${path} is unchanged (${plan.source.format})${touched ? ` and reads the same (its data file ${dataPath} may have been zeroed where the image reads zeros, or changed length past what the image reads)` : ''}`,
+      e,
+    );
+  }
+  await data.close();
+  await dev.close();
+  return {
+    ...plan,
+    steps: undefined,
+    written: { metadataBytes: 0, dataBytes: 0, compactionBytes: 0 },
+    // The metadata file is gone, and the data file no longer holds what lay past the virtual size.
+    reclaimedBytes: plan.source.fileLength + Math.max(0, summary.lengthBefore - V),
+    verified: ['probes as raw', 'virtual size unchanged', 'guest content identical (by runs and holes)'],
+  };
+}
+
+class VerificationFailed extends ImgconvError {}
+
+async function verifyAdopted(dataPath: string, data: BlockDevice, expected: ExtentMap, V: number, opts: ConvertOptions): Promise<void> {
+  const probed = await probe(data, opts.drivers);
+  if (probed.driver.name !== 'raw') throw new VerificationFailed(`the data file probes as ${probed.driver.name}, not raw`);
+  if ((await data.size()) !== V) throw new VerificationFailed(`the data file is ${await data.size()} bytes, not the virtual size ${V}`);
+  const chain = await openImage(dataPath, { drivers: opts.drivers, format: 'raw', topDevice: data, backing: false });
+  try {
+    const img = chain.layers[0]!;
+    if (img.info.virtualSize !== V) throw new VerificationFailed(`as raw it has virtual size ${img.info.virtualSize}, not ${V}`);
+    const diff = await identityEquivalent(expected, await img.mapping(), data);
+    if (diff) throw new VerificationFailed(`the data file does not read as the image: ${diff}`);
+  } finally {
+    await chain.close();
+  }
+}
