@@ -13,7 +13,7 @@
 import { execFileSync, spawnSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { existsSync, readdirSync, readFileSync, statSync } from 'node:fs';
-import { basename, dirname, isAbsolute, join } from 'node:path';
+import { basename, dirname, isAbsolute, join, relative, resolve } from 'node:path';
 import { allDrivers } from '../../drivers/index.js';
 import { checkExitCode, checkImage } from '../../src/check.js';
 import { ConversionFailedError, convertInPlace, planConversion, type ConversionPlan, type ConversionReport } from '../../src/engine/convert.js';
@@ -117,7 +117,7 @@ export function allCases(rows: readonly MatrixRow[]): Case[] {
 export interface Measured {
   plan: Pick<ConversionPlan, 'dataMoveBytes' | 'finalLength' | 'metadataBytes' | 'compactionMoveBytes'> & { via?: string };
   report: Pick<ConversionReport, 'dataMoveBytes' | 'finalLength' | 'metadataBytes'> & { via?: string; compactionBytes: number; reclaimedBytes: number };
-  /** st_blocks × 512 of the source file and of the result. */
+  /** st_blocks × 512 of the source (the image and its data files) and of the result (with its companion file). */
   sourceUsage: number;
   usage: number;
   usageBound: number;
@@ -228,6 +228,22 @@ async function imgconvView(file: string, format?: string): Promise<{ format: str
 }
 
 /**
+ * The other files the original keeps guest data in (qemu-img info: a qcow2 data file, VMDK extents
+ * other than the image), as the same names relative to `dir` (the work copies beside the case's image).
+ */
+function sourceDataFiles(original: string, origInfo: Record<string, unknown>, dir: string): string[] {
+  const data = ((origInfo['format-specific'] as { data?: Record<string, unknown> } | undefined)?.data ?? {}) as {
+    'data-file'?: unknown;
+    extents?: { filename?: unknown }[];
+  };
+  const names: string[] = [];
+  if (typeof data['data-file'] === 'string') names.push(data['data-file']);
+  for (const e of data.extents ?? []) if (typeof e.filename === 'string') names.push(e.filename);
+  const at = dirname(original);
+  return [...new Set(names.map((n) => resolve(at, n)).filter((p) => p !== resolve(original)).map((p) => join(dir, relative(at, p))))];
+}
+
+/**
  * How qemu-img is to open the original from any working directory: its path, or for a qcow2 with a
  * relative data file name (which QEMU 7.2 resolves against the working directory) a json: name giving
  * that data file beside the original.
@@ -259,8 +275,11 @@ export async function runCase(c: Case, original: string, file: string): Promise<
   const done = (o: Omit<Outcome, 'id' | 'problems' | 'ms' | 'created'>): Outcome => ({ id: c.id, ...o, problems, created: newFiles(), ms: Math.round(performance.now() - t0) });
 
   const hashBefore = sha(file);
-  const sourceUsage = usageOf(file);
   const origInfo = qemuInfo(original, row.qemuFormat);
+  // The source's footprint: the image and the files it keeps guest data in (a qcow2 data file, a VMDK
+  // flat extent), the copies beside `file`, which a conversion may take over (adoption renames the data
+  // file to the image's path).
+  const sourceUsage = [file, ...sourceDataFiles(original, origInfo, dir)].reduce((n, p) => n + (existsSync(p) ? usageOf(p) : 0), 0);
   const vsize = origInfo['virtual-size'] as number;
   const expectedSub = expectedSubformat(row);
   if (expectedSub !== undefined) {
@@ -376,8 +395,8 @@ async function judgeConverted(c: Case, original: string, file: string, f: Facts,
     if (pv !== rv) problems.push(`plan goes via ${pv ?? 'nothing'}, the conversion went via ${rv ?? 'nothing'}`);
   }
 
-  // Disk usage: not above the source's plus the new metadata (VHD dynamic: plus each allocated
-  // block's rounding to 2 MiB; compressed sources: plus their data decompressed) plus slack.
+  // Disk usage: not above the source's (with its data files) plus the new metadata (VHD dynamic: plus
+  // each allocated block's rounding to 2 MiB; compressed sources: plus their data decompressed) plus slack.
   const usage = usageOf(file) + (companion !== undefined && existsSync(companion) ? usageOf(companion) : 0);
   const vhdRounding = target.to === 'vhd' && target.subformat === 'dynamic' ? view.dataBlocks * VHD_BLOCK : 0;
   const usageBound = sourceUsage + report.metadataBytes + vhdRounding + decompressed + USAGE_SLACK;
