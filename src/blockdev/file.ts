@@ -121,26 +121,24 @@ export class FileBlockDevice implements BlockDevice {
     }
   }
 
+  // No fstat per call: lseek itself answers ENXIO at or past the end of the file (null), and
+  // SEEK_HOLE finds the implicit hole at the end. The length is asked only where the answer needs it.
   async nextData(offset: number): Promise<number | null> {
-    const size = await this.size();
-    if (offset >= size) return null;
     if (this.seekSupported) {
       const r = seekDataHole(this.fh.fd, offset, false);
       if (r !== undefined) return r;
       this.seekSupported = false;
     }
-    return offset; // fallback: everything is data
+    return offset < (await this.size()) ? offset : null; // fallback: everything is data
   }
 
   async nextHole(offset: number): Promise<number> {
-    const size = await this.size();
-    if (offset >= size) return size;
     if (this.seekSupported) {
       const r = seekDataHole(this.fh.fd, offset, true);
-      if (r !== undefined) return r ?? size;
+      if (r !== undefined) return r ?? (await this.size());
       this.seekSupported = false;
     }
-    return size;
+    return await this.size();
   }
 
   private closed = false;

@@ -81,6 +81,19 @@ describe('FileBlockDevice and MemoryBlockDevice', () => {
       await dev.punchHole(196608, 4096);
       expect(await dev.nextData(0)).toBeNull();
       expect(await dev.size()).toBe(1 << 20);
+      // At and past the end: no data, the hole is the end (answered by lseek's ENXIO, no fstat).
+      await dev.write(new Uint8Array(4096).fill(7), (1 << 20) - 4096);
+      expect(await dev.nextData(0)).toBe((1 << 20) - 4096);
+      expect(await dev.nextHole((1 << 20) - 4096)).toBe(1 << 20);
+      expect(await dev.nextData(1 << 20)).toBeNull();
+      expect(await dev.nextData((1 << 20) + 12345)).toBeNull();
+      expect(await dev.nextHole(1 << 20)).toBe(1 << 20);
+      expect(await dev.nextHole((1 << 20) + 12345)).toBe(1 << 20);
+      // The length as it is after writes that grow the file, not as it was.
+      await dev.write(new Uint8Array(10).fill(1), 2 << 20);
+      expect(await dev.nextData((1 << 20) + 1)).toBe(2 << 20);
+      expect(await dev.nextHole(2 << 20)).toBe((2 << 20) + 10);
+      expect(await dev.nextHole((2 << 20) + 10)).toBe((2 << 20) + 10);
     } finally {
       await dev.close();
     }
@@ -111,6 +124,9 @@ describe('fallbacks without syscalls', () => {
       expect(back[300]).toBe(9);
       expect(await dev.nextData(0)).toBe(0);
       expect(await dev.nextHole(0)).toBe(10000);
+      expect(await dev.nextData(9999)).toBe(9999);
+      expect(await dev.nextData(10000)).toBeNull();
+      expect(await dev.nextHole(20000)).toBe(10000);
       await dev.close();
     } finally {
       delete process.env.IMGCONV_NO_SYSCALLS;
