@@ -47,7 +47,11 @@ function planHuman(p: ConversionPlan): string {
   if (p.dropped.length) lines.push(`not carried over: ${p.dropped.join(', ')}`);
   if (p.steps) {
     const [a, b] = p.steps as [ConversionPlan, ConversionPlan];
-    lines.push(`in two steps (${a.source.format} cannot move its data where ${b.target.format} needs it, ${a.target.format} can; the second step is estimated):`);
+    lines.push(
+      p.adoption
+        ? `in two steps (the data file becomes the raw disk, which then converts to ${b.target.format}; the second step is planned on the data file as the first leaves it):`
+        : `in two steps (${a.source.format} cannot move its data where ${b.target.format} needs it, ${a.target.format} can; the second step is estimated):`,
+    );
     for (const step of p.steps) lines.push(...planHuman(step).split('\n').filter((l) => !l.startsWith('image: ')).map((l) => `  ${l}`));
     if (p.alternatives) {
       lines.push('routes compared:');
@@ -350,7 +354,7 @@ export function buildProgram(): Command {
               `old metadata reclaimed: ${humanSize(r.reclaimedBytes)}`,
               `file size: ${r.source.fileLength} → ${r.finalLength} bytes`,
               ...(r.companion ? [`open as ${r.target.format}: ${r.companion} (its data is ${image})`] : []),
-              ...(r.adoption ? [`${image} is now raw; its data file ${r.adoption.dataFile} was adopted and no longer exists by that name (${humanSize(r.adoption.zeroBytes)} zeroed where the image read zeros)`] : []),
+              ...(r.adoption ? [`${image} is now ${r.target.format}; its data file ${r.adoption.dataFile} was adopted${r.steps ? ' as the raw disk (the first step)' : ''} and no longer exists by that name (${humanSize(r.adoption.zeroBytes)} zeroed where the image read zeros)`] : []),
               `verified: ${r.verified.join(', ')}`,
               ...(r.dropped.length ? [`not carried over: ${r.dropped.join(', ')}`] : []),
             ].join('\n') + '\n',

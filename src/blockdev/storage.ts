@@ -4,7 +4,7 @@
  * only through this, so tests can record every operation across the image and its journal in one
  * global order, and replay any prefix or subset of it as a crash.
  */
-import { open as fsOpen, rename as fsRename, rm, stat } from 'node:fs/promises';
+import { lstat, open as fsOpen, rename as fsRename, rm, stat } from 'node:fs/promises';
 import { dirname } from 'node:path';
 import { FileBlockDevice } from './file.js';
 import { MemoryBlockDevice } from './memory.js';
@@ -34,6 +34,8 @@ export interface FileIdentity {
   /** The file (st_ino): two paths with the same device and inode are one file. */
   inode: number;
   regular: boolean;
+  /** The path is a symbolic link (the other fields describe the file it points to). */
+  symlink: boolean;
 }
 
 function ioErr(op: string, path: string, e: unknown): IoError {
@@ -91,8 +93,9 @@ export const fileStorage: Storage = {
   },
   async identify(path) {
     try {
-      const st = await stat(path);
-      return { device: st.dev, inode: st.ino, regular: st.isFile() };
+      const l = await lstat(path);
+      const st = l.isSymbolicLink() ? await stat(path) : l;
+      return { device: st.dev, inode: st.ino, regular: st.isFile(), symlink: l.isSymbolicLink() };
     } catch (e) {
       throw ioErr('stat', path, e);
     }
@@ -145,7 +148,7 @@ export class MemoryStorage implements Storage {
   async identify(path: string): Promise<FileIdentity> {
     const d = this.files.get(path);
     if (!d) throw new IoError('stat', path, 0, 'ENOENT', 'no such file');
-    return { device: this.deviceOf(path), inode: inodeOf(d), regular: true };
+    return { device: this.deviceOf(path), inode: inodeOf(d), regular: true, symlink: false };
   }
 }
 

@@ -22,11 +22,12 @@ import { fileStorage, type Storage } from '../blockdev/storage.js';
 import { HOLE_BLOCK, isAllZero } from '../blockdev/sparse.js';
 import type { BlockDevice } from '../blockdev/types.js';
 import { OverlayDevice } from '../blockdev/overlay.js';
-import { CARRIED_LABELS, type CarriedField, type SourceImage } from '../driver.js';
+import { CARRIED_LABELS, type CarriedField, type SourceImage, type TargetOptions } from '../driver.js';
 import type { ExtentMap } from '../extent-map.js';
 import { ImgconvError, IoError, UnsupportedError, UsageError } from '../errors.js';
 import { findDriver, openImage, probe, resolveRelated } from '../image.js';
-import type { ConversionFailedError as ConversionFailedErrorType, ConversionPlan, ConversionReport, ConvertOptions, Phase } from './convert.js';
+import { combinePlans, continueStages, ConversionFailedError, planStep, type ConversionPlan, type ConversionReport, type ConvertOptions, type JournalHandle, type Phase } from './convert.js';
+import { encodeRecord, journalPath, regionsDigest } from './journal.js';
 import { identityEquivalent, readTopLayer } from './mapping.js';
 
 /** What an adoption does; `imgconv plan` prints it and the report carries it. */
@@ -48,7 +49,10 @@ export interface AdoptionSummary {
  * no route chooser takes it for a refusal.
  */
 export class AdoptDataFile extends Error {
-  constructor() {
+  constructor(
+    /** Another target: after the adoption a second step converts the raw disk to it. */
+    readonly then?: { to: string; options: TargetOptions },
+  ) {
     super('the source can be converted to raw by adopting its data file');
     this.name = 'AdoptDataFile';
   }
@@ -68,11 +72,11 @@ const shellQuote = (s: string) => (/^[\w@%+=:,./-]+$/.test(s) ? s : `'${s.replac
 
 /**
  * Called by the engine for a source with `dataDev !== dev`, before any write. Returns the refusal to
- * throw, or throws AdoptDataFile when the conversion is to raw and the data file can be adopted.
+ * throw, or throws AdoptDataFile when the data file can be adopted (to raw; another target follows it).
  */
 export async function dataFileSource(path: string, source: SourceImage, mapping: ExtentMap, opts: ConvertOptions): Promise<UnsupportedError | UsageError> {
   const { info } = source;
-  const base = 'converting an image whose data lives in another file is supported only to raw, by adopting a data file that holds every cluster at its guest offset';
+  const base = 'an image whose data lives in another file converts only by adopting that file as the raw disk, which needs every cluster at its guest offset';
   const name = source.dataFile;
   if (name === undefined || info.backing || !identityPlaced(mapping)) {
     const why = name === undefined ? 'the data file has no name' : info.backing ? 'the image has a backing file' : 'its data file does not hold every cluster at its guest offset (or holds compressed clusters)';
@@ -86,13 +90,11 @@ export async function dataFileSource(path: string, source: SourceImage, mapping:
     if (Object.keys(opts.options ?? {}).length > 0) return new UsageError(`raw takes no options (${Object.keys(opts.options ?? {}).join(', ')})`);
     throw new AdoptDataFile();
   }
-  const q = shellQuote;
-  const o = Object.entries(opts.options ?? {});
-  return new UnsupportedError(
-    info.format,
-    'external data file',
-    `its data file ${name} holds every allocated cluster at its guest offset, so it converts to raw in place (the data file becomes ${basename(path)}, no copy), and the raw disk then to ${opts.to}; run: imgconv inplace --to raw ${q(path)} && imgconv inplace -f raw --to ${opts.to}${o.length ? ` -o ${q(o.map(([k, v]) => `${k}=${v}`).join(','))}` : ''} ${q(path)}`,
-  );
+  if (opts.to === info.format && opts.options?.subformat !== undefined && opts.options.subformat === info.subformat) {
+    return new UsageError(`${path} is already ${opts.to} ${info.subformat}; nothing to do`);
+  }
+  // Another target: two steps, the adoption and then raw → target (planned before any write).
+  throw new AdoptDataFile({ to: opts.to, options: opts.options ?? {} });
 }
 
 /**
@@ -104,6 +106,10 @@ async function sameFileSystemRefusal(path: string, dataPath: string, source: Sou
   const { info } = source;
   const [img, data] = await Promise.all([storage.identify(path), storage.identify(dataPath)]);
   if (img.device === data.device && img.inode === data.inode) return new UnsupportedError(info.format, 'external data file', `the data file ${dataPath} is the image itself`);
+  // rename(2) renames a link, not the file it points to: the link would become the disk, the file keep its name.
+  if (img.symlink || data.symlink) {
+    return new UnsupportedError(info.format, 'external data file', `${img.symlink ? path : dataPath} is a symbolic link; adopting the data file renames it over the image, which would replace the link, not its file: run imgconv on the files the links point to`);
+  }
   if (data.regular && img.device === data.device) return undefined;
   const why = !data.regular ? `the data file ${dataPath} is not a regular file, so it cannot be renamed to the image's name` : `the data file ${dataPath} is on another file system than ${path}, so it cannot be renamed to the image's name`;
   const driver = findDriver(opts.drivers, info.format);
@@ -121,6 +127,8 @@ async function sameFileSystemRefusal(path: string, dataPath: string, source: Sou
 /** Everything decided before the first write: the plan, and what the execution needs. */
 interface Adoption {
   plan: ConversionPlan;
+  /** The second step's plan (raw → the target), made on a view of the data file as the adoption leaves it. */
+  second?: ConversionPlan;
   summary: AdoptionSummary;
   zero: Range[];
   expected: ExtentMap;
@@ -174,7 +182,7 @@ async function staleRanges(dataDev: BlockDevice, mapping: ExtentMap, dataLength:
 }
 
 /** Plans an adoption of the image at `path` (opened as `dev`), reading only. */
-async function planAdoption(path: string, dev: BlockDevice, opts: ConvertOptions, storage: Storage): Promise<Adoption> {
+async function planAdoption(path: string, dev: BlockDevice, opts: ConvertOptions, storage: Storage, then?: AdoptDataFile['then']): Promise<Adoption> {
   const chain = await openImage(path, { drivers: opts.drivers, format: opts.format, topDevice: dev, backing: false, opener: (p, o) => storage.open(p, { ...o, write: false }) });
   try {
     const source = chain.layers[0]!;
@@ -203,7 +211,17 @@ async function planAdoption(path: string, dev: BlockDevice, opts: ConvertOptions
       ],
       adoption: summary,
     };
-    return { plan, summary, zero, expected: mapping, dataLength };
+    let second: ConversionPlan | undefined;
+    if (then) {
+      const view = new AdoptedView(source.dataDev, zero, V);
+      try {
+        second = await planStep(path, view, { ...opts, format: 'raw', to: then.to, options: then.options });
+      } catch (e) {
+        if (!(e instanceof ImgconvError) || e instanceof IoError) throw e;
+        throw new UnsupportedError(info.format, 'external data file', `adopting its data file ${source.dataFile} would make ${path} raw (no copy), but raw → ${then.to} is refused: ${(e as Error).message}`);
+      }
+    }
+    return { plan, summary, zero, expected: mapping, dataLength, ...(second ? { second } : {}) };
   } finally {
     await chain.close();
   }
@@ -236,28 +254,119 @@ async function refuseProbeTrap(path: string, source: SourceImage, mapping: Exten
   }
 }
 
-/** `imgconv plan` / `inplace --dry-run` for an adoption: reads only. */
-export async function planAdoptionOf(path: string, dev: BlockDevice, opts: ConvertOptions): Promise<ConversionPlan> {
-  return (await planAdoption(path, dev, opts, opts.storage ?? fileStorage)).plan;
+/** `imgconv plan` / `inplace --dry-run` for an adoption (and the step after it): reads only. */
+export async function planAdoptionOf(path: string, dev: BlockDevice, opts: ConvertOptions, then?: AdoptDataFile['then']): Promise<ConversionPlan> {
+  const a = await planAdoption(path, dev, opts, opts.storage ?? fileStorage, then);
+  return a.second ? twoSteps(combinePlans(a.plan, a.second), a.plan, a.second) : a.plan;
+}
+
+/** The adoption adds no disk space (the data file exists already): a two-step peak is the second step's. */
+function twoSteps<T extends ConversionPlan | ConversionReport>(whole: T, a: { peakExtraBytes: number }, b: { peakExtraBytes: number }): T {
+  return { ...whole, peakExtraBytes: Math.max(a.peakExtraBytes, b.peakExtraBytes) };
+}
+
+/**
+ * The data file as the adoption leaves it, for planning the step after it: its length is the virtual size,
+ * and the stale ranges read zeros and are holes (they are punched); everything else is the data file.
+ */
+class AdoptedView implements BlockDevice {
+  readonly writable = false;
+  constructor(
+    private readonly inner: BlockDevice,
+    private readonly zero: Range[],
+    private readonly length: number,
+  ) {}
+  get path(): string {
+    return this.inner.path;
+  }
+  async size(): Promise<number> {
+    return this.length;
+  }
+  allocated(): Promise<number> {
+    return this.inner.allocated();
+  }
+  async read(buf: Uint8Array, offset: number): Promise<number> {
+    const n = Math.max(0, Math.min(buf.length, this.length - offset));
+    if (n === 0) return 0;
+    const view = buf.subarray(0, n);
+    let got = 0;
+    while (got < n) {
+      const r = await this.inner.read(view.subarray(got), offset + got);
+      if (r === 0) break;
+      got += r;
+    }
+    view.fill(0, got);
+    for (const z of this.zero) {
+      const s = Math.max(offset, z.start);
+      const e = Math.min(offset + n, z.start + z.length);
+      if (s < e) view.fill(0, s - offset, e - offset);
+    }
+    return n;
+  }
+  /** The first stale range that ends after `pos` (they are sorted and disjoint), if any. */
+  private zeroAfter(pos: number): Range | undefined {
+    let lo = 0;
+    let hi = this.zero.length;
+    while (lo < hi) {
+      const mid = (lo + hi) >> 1;
+      const z = this.zero[mid]!;
+      if (z.start + z.length <= pos) lo = mid + 1;
+      else hi = mid;
+    }
+    return this.zero[lo];
+  }
+  /** The stale range containing `pos`, if any. */
+  private zeroAt(pos: number): Range | undefined {
+    const z = this.zeroAfter(pos);
+    return z && z.start <= pos ? z : undefined;
+  }
+  async nextData(offset: number): Promise<number | null> {
+    let pos = offset;
+    for (;;) {
+      if (pos >= this.length) return null;
+      const d = await this.inner.nextData(pos);
+      if (d === null || d >= this.length) return null;
+      const z = this.zeroAt(d);
+      if (!z) return d;
+      pos = z.start + z.length;
+    }
+  }
+  async nextHole(offset: number): Promise<number> {
+    if (offset >= this.length || this.zeroAt(offset)) return offset;
+    const h = Math.min(Math.max(await this.inner.nextHole(offset), offset), this.length);
+    const z = this.zeroAfter(offset);
+    return z && z.start < h ? z.start : h;
+  }
+  private refuse(op: string): never {
+    throw new IoError(op, this.path, 0, 'EROFS', 'read-only view');
+  }
+  async write(): Promise<void> {
+    this.refuse('write');
+  }
+  async flush(): Promise<void> {}
+  async truncate(): Promise<void> {
+    this.refuse('truncate');
+  }
+  async punchHole(): Promise<void> {
+    this.refuse('punch');
+  }
+  async close(): Promise<void> {}
 }
 
 /**
  * Converts by adoption. `dev` is the image, opened for writing with its lock (it is never written);
- * the data file is opened for writing with its own lock. `failed` builds the engine's
- * ConversionFailedError (imported lazily by the caller to keep the module graph acyclic).
+ * the data file is opened for writing with its own lock. With `then`, a second step converts the raw
+ * disk to that target: a journal holding the adoption's PREPARE (and `then`) is made durable before the
+ * rename, so that `recover` after a crash between the steps tells a done rename from a pending one (by
+ * the data file's name) and runs the second step.
  */
-export async function adoptDataFile(
-  path: string,
-  dev: BlockDevice,
-  opts: ConvertOptions,
-  failed: (state: 'untouched' | 'converted', message: string, cause: unknown) => ConversionFailedErrorType,
-): Promise<ConversionReport> {
+export async function adoptDataFile(path: string, dev: BlockDevice, opts: ConvertOptions, then?: AdoptDataFile['then']): Promise<ConversionReport> {
   const storage = opts.storage ?? fileStorage;
   const progress = (phase: Phase, done: number, total: number) => opts.onProgress?.({ phase, bytesDone: done, bytesTotal: total });
   let adoption: Adoption;
   try {
     progress('analyse', 0, 1);
-    adoption = await planAdoption(path, dev, opts, storage);
+    adoption = await planAdoption(path, dev, opts, storage, then);
     progress('plan', 1, 1);
   } catch (e) {
     await dev.close();
@@ -266,6 +375,8 @@ export async function adoptDataFile(
   const { plan, summary, zero, expected } = adoption;
   const dataPath = summary.dataFile;
   const V = summary.lengthAfter;
+  const jpath = journalPath(path);
+  const journal: JournalHandle = { dev: undefined, end: 0 };
   let data: BlockDevice | undefined;
   let committed = false;
   /** Set before the first change to the data file (none of which the source can see). */
@@ -292,6 +403,24 @@ export async function adoptDataFile(
     progress('commit', 0, 1);
     await verifyAdopted(dataPath, data, expected, V, opts);
     opts.signal?.throwIfAborted();
+    if (then) {
+      // A second step follows: the journal says so before the rename (recover finishes from there).
+      journal.dev = await storage.create(jpath);
+      const rec = encodeRecord({
+        type: 'prepare',
+        sourceFormat: plan.source.format,
+        targetFormat: 'raw',
+        originalLength: plan.source.fileLength,
+        sourceDigest: regionsDigest([]),
+        undo: [],
+        plan: { virtualSize: V, backing: null, moves: [], metadataBytes: 0, dataMoveBytes: 0, finalLength: V, adoption: { dataFile: dataPath } },
+        then,
+      });
+      await journal.dev.write(rec, 0);
+      journal.end = rec.length;
+      await journal.dev.flush();
+      await storage.syncDir(jpath);
+    }
     // 3. THE COMMIT POINT: the data file takes the image's name.
     await storage.rename(dataPath, path);
     committed = true;
@@ -301,22 +430,28 @@ export async function adoptDataFile(
   } catch (e) {
     await data?.close().catch(() => {});
     await dev.close().catch(() => {});
+    await journal.dev?.close().catch(() => {});
     if (committed) {
       // The rename happened; only making it durable failed. The file at the path is the raw disk.
-      throw failed('converted', `${path} is now raw (its data file ${dataPath} was adopted), but syncing the directory failed: ${(e as Error).message}; run sync`, e);
+      if (then) throw new ConversionFailedError('needs-recover', `${path} is now raw (its data file ${dataPath} was adopted), but syncing the directory failed: ${(e as Error).message}; finish the conversion to ${then.to} with: imgconv recover ${path}`, e);
+      throw new ConversionFailedError('converted', `${path} is now raw (its data file ${dataPath} was adopted), but syncing the directory failed: ${(e as Error).message}; run sync`, e);
     }
+    // Before the rename the journal says nothing that needs doing: remove it (recover would, too).
+    let journalLeft = false;
+    if (journal.dev) await storage.remove(jpath).then(() => storage.syncDir(jpath)).catch(() => (journalLeft = true));
     // A refusal before any change (the data file is locked by a VM, it changed meanwhile) keeps its own error.
-    if (!touched && e instanceof ImgconvError && !(e instanceof IoError)) throw e;
+    if (!touched && !journalLeft && e instanceof ImgconvError && !(e instanceof IoError)) throw e;
     const cancelled = e instanceof Error && (e.name === 'AbortError' || (e as { code?: string }).code === 'ABORT_ERR');
-    throw failed(
-      'untouched',
-      `${cancelled ? 'cancelled' : `conversion failed (${(e as Error).message})`} before the commit point; ${path} is unchanged (${plan.source.format})${touched ? ` and reads the same (its data file ${dataPath} may have been zeroed where the image reads zeros, or changed length past what the image reads)` : ''}`,
+    const what = `${path} is unchanged (${plan.source.format})${touched ? ` and reads the same (its data file ${dataPath} may have been zeroed where the image reads zeros, or changed length past what the image reads)` : ''}`;
+    throw new ConversionFailedError(
+      journalLeft ? 'needs-recover' : 'untouched',
+      `${cancelled ? 'cancelled' : `conversion failed (${(e as Error).message})`} before the commit point; ${what}${journalLeft ? `; remove the journal with: imgconv recover ${path}` : ''}`,
       e,
     );
   }
   await data.close();
   await dev.close();
-  return {
+  const first: ConversionReport = {
     ...plan,
     steps: undefined,
     written: { metadataBytes: 0, dataBytes: 0, compactionBytes: 0 },
@@ -324,6 +459,17 @@ export async function adoptDataFile(
     reclaimedBytes: plan.source.fileLength + Math.max(0, summary.lengthBefore - V),
     verified: ['probes as raw', 'virtual size unchanged', 'guest content identical (by runs and holes)'],
   };
+  if (!then) return first;
+  // The second step, from the raw disk, appending to the same journal.
+  let raw: BlockDevice;
+  try {
+    raw = await storage.open(path, { write: true, lock: true });
+  } catch (e) {
+    await journal.dev?.close().catch(() => {});
+    throw new ConversionFailedError('needs-recover', `${path} is now raw (its data file ${dataPath} was adopted; the first of two steps is done); the step to ${then.to} failed: ${(e as Error).message}; finish it with: imgconv recover ${path}`, e);
+  }
+  const report = await continueStages(path, raw, storage, { ...opts, to: then.to, options: then.options }, journal, first, 'raw');
+  return twoSteps(report, first, report.steps?.[1] ?? report);
 }
 
 class VerificationFailed extends ImgconvError {}

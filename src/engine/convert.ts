@@ -384,10 +384,18 @@ async function chooseRoute(path: string, dev: BlockDevice, opts: ConvertOptions)
   }
 }
 
+/** One step's plan on `dev` (a view of the image as an earlier step leaves it), reading only. */
+export async function planStep(path: string, dev: BlockDevice, opts: ConvertOptions): Promise<ConversionPlan> {
+  const p = await prepare(path, dev, opts);
+  await p.chain.close();
+  return p.plan;
+}
+
 /** A two-step conversion seen whole: from the original source to the final target, bytes summed. */
-function combinePlans(a: ConversionPlan, b: ConversionPlan): ConversionPlan {
+export function combinePlans(a: ConversionPlan, b: ConversionPlan): ConversionPlan {
   return {
     ...b,
+    ...(a.adoption ? { adoption: a.adoption } : {}),
     image: a.image,
     source: a.source,
     metadataBytes: a.metadataBytes + b.metadataBytes,
@@ -400,7 +408,7 @@ function combinePlans(a: ConversionPlan, b: ConversionPlan): ConversionPlan {
   };
 }
 
-function combineReports(a: ConversionReport, b: ConversionReport): ConversionReport {
+export function combineReports(a: ConversionReport, b: ConversionReport): ConversionReport {
   const { steps: _s, ...plan } = combinePlans({ ...a, steps: undefined }, { ...b, steps: undefined });
   void _s;
   return {
@@ -426,7 +434,7 @@ export async function planConversion(path: string, opts: ConvertOptions): Promis
     try {
       route = await chooseRoute(path, dev, opts);
     } catch (e) {
-      if (e instanceof AdoptDataFile) return await planAdoptionOf(path, dev, opts);
+      if (e instanceof AdoptDataFile) return await planAdoptionOf(path, dev, opts, e.then);
       throw e;
     }
     await route.prepared.chain.close();
@@ -513,7 +521,7 @@ export async function convertInPlace(path: string, opts: ConvertOptions): Promis
     progress('plan', 1, 1);
   } catch (e) {
     // An image whose data lives in another file → raw: that file becomes the image (no journal).
-    if (e instanceof AdoptDataFile) return adoptDataFile(path, dev, opts, (state, message, cause) => new ConversionFailedError(state, message, cause));
+    if (e instanceof AdoptDataFile) return adoptDataFile(path, dev, opts, e.then);
     await dev.close();
     throw untouched(e); // nothing was written: the file is byte-identical
   }

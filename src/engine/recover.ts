@@ -8,7 +8,7 @@ import { fileStorage, type Storage } from '../blockdev/storage.js';
 import { OverlayDevice } from '../blockdev/overlay.js';
 import type { FormatDriver } from '../driver.js';
 import { ImgconvError } from '../errors.js';
-import { openImage } from '../image.js';
+import { openImage, probe } from '../image.js';
 import { applyRedo, continueStages, writeCompanion, finishCommitted, overlayMoves, reclaim, reclaimAfterRollback, rollBack, type DataMove, type JournalHandle, type ProgressEvent } from './convert.js';
 import { holesAsData, scanHoles } from './holes.js';
 import { decodeJournal, journalPath, journalState, undoOf, type JournalState, type Region } from './journal.js';
@@ -135,6 +135,20 @@ async function recoverStep(path: string, dev: BlockDevice, storage: Storage, st:
       await storage.syncDir(jpath);
     };
     const identity = prepare.plan.identity === true;
+    const adopted = prepare.plan.adoption as { dataFile?: string } | undefined;
+    if (st.state === 'prepared' && typeof adopted?.dataFile === 'string') {
+      // An adoption with a step after it (src/engine/adopt.ts): its commit point is renaming the data
+      // file to the image. The data file still there: the rename did not happen, the image is the source.
+      if (await storage.exists(adopted.dataFile)) {
+        await removeJournal(true);
+        return { image: path, action: 'rolled-back', format: prepare.sourceFormat, detail: `the conversion stopped before its commit point (renaming the data file ${adopted.dataFile} to the image); the ${prepare.sourceFormat} image is unchanged` };
+      }
+      const probed = await probe(dev, opts.drivers);
+      if (probed.driver.name !== 'raw') {
+        throw new RecoveryRefusedError(`${path}: the data file ${adopted.dataFile} is gone but the image probes as ${probed.driver.name}, not the adopted raw disk; refusing to touch it (the journal ${jpath} is kept)`);
+      }
+      return { image: path, action: 'rolled-forward', format: 'raw', detail: `the data file ${adopted.dataFile} was adopted: ${path} is raw` };
+    }
     if (st.state === 'prepared' && prepare.relocating) {
       // Relocation keeps a valid source at every step and nothing in place was overwritten yet: the
       // source stays as the last durable pointers say; reclaim tidies what the moves left behind.

@@ -323,7 +323,7 @@ describe.runIf(haveQemu)('qcow2 data file target: recover after an I/O error at 
 // ---------------------------------------------------------------------------------------------------
 // The reverse, qcow2 with a data file → raw: the data file is adopted (src/engine/adopt.ts; more cases in
 // test/engine/adopt.test.ts) — zeroed where the image reads zeros, given the virtual size, renamed to the
-// image's name — and judged. Other targets are refused with the two imgconv commands that get there.
+// image's name — and judged. Other targets: two steps, the adoption and then raw → the target.
 
 describe.runIf(haveQemu)('qcow2 with a data file → raw: the data file is adopted', () => {
   it('round trip raw → qcow2 + data file → raw: byte-identical, the data file now named disk.qcow2', async () => {
@@ -344,16 +344,14 @@ describe.runIf(haveQemu)('qcow2 with a data file → raw: the data file is adopt
       expect(existsSync(journalPath(t.path('disk.qcow2')))).toBe(false);
       expect(readFileSync(t.path('disk.qcow2')).equals(want)).toBe(true);
       expect(qemuIn(t.dir, ['info', 'disk.qcow2']).out).toMatch(/file format: raw/);
-      // Another target from a data-file qcow2: refused before any write, naming the two conversions.
+      // Another target from a data-file qcow2: two steps, the adoption and raw → QED.
       copyFileSync(t.path('disk.qcow2'), file);
       await convertInPlace(file, { to: 'qcow2', options: { ...DF, metadata_file: 'again.qcow2' }, drivers: allDrivers });
-      const before = [readFileSync(t.path('again.qcow2')), readFileSync(file)];
-      const e2 = await convertInPlace(t.path('again.qcow2'), { to: 'qed', options: { cluster_size: '64k' }, drivers: allDrivers }).catch((x: unknown) => x);
-      expect(e2).toBeInstanceOf(UnsupportedError);
-      expect((e2 as Error).message).toMatch(/external data file/);
-      expect((e2 as Error).message).toContain(`run: imgconv inplace --to raw ${t.path('again.qcow2')} && imgconv inplace -f raw --to qed -o cluster_size=64k ${t.path('again.qcow2')}`);
-      expect(readFileSync(t.path('again.qcow2')).equals(before[0]!)).toBe(true);
-      expect(readFileSync(file).equals(before[1]!)).toBe(true);
+      const r2 = await convertInPlace(t.path('again.qcow2'), { to: 'qed', options: { cluster_size: '64k' }, drivers: allDrivers });
+      expect(r2.steps?.map((s) => s.target.format)).toEqual(['raw', 'qed']);
+      expect(existsSync(file)).toBe(false);
+      expect(qemuIn(t.dir, ['compare', '-f', 'raw', '-F', 'qed', 'disk.qcow2', 'again.qcow2']).out).toContain('Images are identical');
+      expect(qemuIn(t.dir, ['check', '-f', 'qed', 'again.qcow2']).status).toBe(0);
     } finally {
       t.cleanup();
     }

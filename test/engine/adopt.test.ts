@@ -8,7 +8,7 @@
  */
 import { execFileSync, spawnSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { existsSync, readFileSync, readdirSync, statSync, truncateSync, writeFileSync } from 'node:fs';
+import { existsSync, lstatSync, readFileSync, readdirSync, statSync, symlinkSync, truncateSync, writeFileSync } from 'node:fs';
 import { describe, expect, it } from 'vitest';
 import { allDrivers } from '../../drivers/index.js';
 import { fileStorage, type MemoryStorage } from '../../src/blockdev/storage.js';
@@ -162,33 +162,43 @@ describe.runIf(haveQemu)('an image whose data lives in another file → raw, by 
     }
   }, 60_000);
 
-  it('to another format: refused before any write, with the two imgconv commands — which, run, give the target', async () => {
-    const m = make('qcow2-stale');
-    try {
-      const imageBytes = readFileSync(m.image);
-      const dataBytes = readFileSync(m.dataFile);
-      for (const [to, options] of [['qed', {}], ['vmdk', {}], ['vhd', {}], ['vhd', { subformat: 'fixed' }]] as const) {
-        const e = await convertInPlace(m.image, { to, options, drivers: allDrivers }).catch((x: unknown) => x);
-        expect(e, to).toBeInstanceOf(UnsupportedError);
-        expect((e as Error).message).toMatch(/external data file/);
+  const twoStep: { kind: Kind; to: string; options: Record<string, string>; qemuFormat: string }[] = [
+    { kind: 'qcow2-stale', to: 'qed', options: {}, qemuFormat: 'qed' },
+    { kind: 'qcow2-raw', to: 'vmdk', options: {}, qemuFormat: 'vmdk' },
+    { kind: 'qcow2-long', to: 'vhd', options: {}, qemuFormat: 'vpc' },
+    { kind: 'vmdk-flat', to: 'vhd', options: { subformat: 'fixed' }, qemuFormat: 'vpc' },
+    { kind: 'vmdk-flat', to: 'qcow2', options: {}, qemuFormat: 'qcow2' },
+    { kind: 'qcow2-short', to: 'qcow2', options: { data_file_raw: 'on' }, qemuFormat: 'qcow2' },
+  ];
+  for (const c of twoStep) {
+    it(`to another format, in two steps (adoption, then raw → ${c.to}${Object.keys(c.options).length ? ` -o ${Object.entries(c.options).map(([k, v]) => `${k}=${v}`).join(',')}` : ''}): ${c.kind}`, async () => {
+      const m = make(c.kind);
+      try {
+        const imageBytes = readFileSync(m.image);
+        const plan = await planConversion(m.image, { to: c.to, options: c.options, drivers: allDrivers });
         expect(readFileSync(m.image).equals(imageBytes)).toBe(true);
-        expect(readFileSync(m.dataFile).equals(dataBytes)).toBe(true);
+        expect(plan.steps?.map((p) => p.target.format)).toEqual(['raw', c.to]);
+        expect(plan.adoption?.dataFile).toBe(m.dataFile);
+        const r = await convertInPlace(m.image, { to: c.to, options: c.options, drivers: allDrivers });
+        expect(r.steps?.map((p) => p.target.format)).toEqual(['raw', c.to]);
+        expect(r.adoption).toEqual(plan.adoption);
+        // The plan of the second step was made on the data file as the adoption leaves it: exact.
+        expect(r.steps![1]!.dataMoveBytes).toBe(plan.steps![1]!.dataMoveBytes);
+        expect(r.steps![1]!.metadataBytes).toBe(plan.steps![1]!.metadataBytes);
+        expect(existsSync(m.dataFile)).toBe(false);
         expect(existsSync(journalPath(m.image))).toBe(false);
+        const judged = r.companion ?? m.image;
+        const cmp = q(m.dir, 'qemu-img', ['compare', '-f', 'raw', '-F', c.qemuFormat, m.expected, judged]);
+        expect(cmp.out).toContain('Images are identical');
+        const info = JSON.parse(qOk(m.dir, 'qemu-img', ['info', '--output=json', '-f', c.qemuFormat, judged])) as { 'virtual-size': number };
+        expect(info['virtual-size']).toBe(m.vsize);
+        if (c.qemuFormat !== 'vpc') expect(q(m.dir, 'qemu-img', ['check', '-f', c.qemuFormat, judged]).status).toBe(0);
+        expect((await probe(await fileStorage.open(judged, { write: false }), allDrivers)).driver.name).toBe(c.to);
+      } finally {
+        m.cleanup();
       }
-      const e = await convertInPlace(m.image, { to: 'vhd', options: { subformat: 'fixed' }, drivers: allDrivers }).catch((x: unknown) => x);
-      const cmd = /run: (imgconv .*)$/.exec((e as Error).message)?.[1];
-      expect(cmd).toBe(`imgconv inplace --to raw ${m.image} && imgconv inplace -f raw --to vhd -o subformat=fixed ${m.image}`);
-      const bin = new URL('../../bin/', import.meta.url).pathname;
-      const r = spawnSync('sh', ['-c', cmd!.replace(/imgconv /g, `${bin}imgconv `).replace(/inplace /g, 'inplace --progress none ')], { encoding: 'utf8' });
-      expect(r.status, r.stderr).toBe(0);
-      const info = JSON.parse(qOk(m.dir, 'qemu-img', ['info', '--output=json', m.image])) as { format: string; 'virtual-size': number };
-      expect(info.format).toBe('raw'); // qemu-img probes a fixed VHD as raw; imgconv checks the footer
-      expect((await probe(await fileStorage.open(m.image, { write: false }), allDrivers)).driver.name).toBe('vhd');
-      expect(q(m.dir, 'qemu-img', ['compare', '-f', 'raw', '-F', 'vpc', m.expected, m.image]).out).toContain('Images are identical');
-    } finally {
-      m.cleanup();
-    }
-  }, 60_000);
+    }, 60_000);
+  }
 
   it('refused byte-identical: a backing file; a flat extent not at its guest offset (both with the old advice: qemu-img convert)', async () => {
     const t = withTmpDir('imgconv-adopt-');
@@ -219,6 +229,27 @@ describe.runIf(haveQemu)('an image whose data lives in another file → raw, by 
       }
     } finally {
       t.cleanup();
+    }
+  }, 60_000);
+
+  it('refused byte-identical: the image or its data file named through a symbolic link (the rename would replace the link)', async () => {
+    const m = make('qcow2-stale');
+    try {
+      symlinkSync('disk.qcow2', `${m.dir}/link.qcow2`);
+      // A second qcow2 whose data file name is a link to the first one's data file.
+      symlinkSync('d.raw', `${m.dir}/dlink.raw`);
+      qOk(m.dir, 'qemu-img', ['create', '-q', '-f', 'qcow2', '-o', 'data_file=dlink.raw', 'other.qcow2', String(m.vsize)]);
+      const before = [readFileSync(m.image), readFileSync(m.dataFile), readFileSync(`${m.dir}/other.qcow2`)];
+      for (const image of [`${m.dir}/link.qcow2`, `${m.dir}/other.qcow2`]) {
+        const e = await convertInPlace(image, { to: 'raw', drivers: allDrivers }).catch((x: unknown) => x);
+        expect(e, image).toBeInstanceOf(UnsupportedError);
+        expect((e as Error).message).toMatch(/is a symbolic link/);
+      }
+      expect([readFileSync(m.image), readFileSync(m.dataFile), readFileSync(`${m.dir}/other.qcow2`)].every((b, i) => b.equals(before[i]!))).toBe(true);
+      expect(lstatSync(`${m.dir}/link.qcow2`).isSymbolicLink()).toBe(true);
+      expect(lstatSync(`${m.dir}/dlink.raw`).isSymbolicLink()).toBe(true);
+    } finally {
+      m.cleanup();
     }
   }, 60_000);
 
@@ -259,11 +290,12 @@ function loadMade(m: Made): { files: Files; image: string; data: string; want: s
 }
 
 /** The guest SHA-256 of the file at `path`, opened as whatever it probes as, and that format. */
-async function guestOf(storage: MemoryStorage, path: string): Promise<{ format: string; sha: string }> {
+async function guestOf(storage: MemoryStorage, path: string): Promise<{ format: string; sha: string; subformat?: string }> {
   const chain = await openImage(path, { drivers: allDrivers, opener: (p, o) => storage.open(p, o) });
   try {
     const r = await GuestReader.create(chain);
-    return { format: chain.layers[0]!.format, sha: sha(await r.read(0, chain.layers[0]!.info.virtualSize)) };
+    const { info } = chain.layers[0]!;
+    return { format: chain.layers[0]!.format, sha: sha(await r.read(0, info.virtualSize)), ...(info.subformat !== undefined ? { subformat: info.subformat } : {}) };
   } finally {
     await chain.close();
   }
@@ -354,5 +386,58 @@ describe.runIf(haveQemu)('adoption: every crash point and every I/O error leaves
         m.cleanup();
       }
     }, 120_000);
+  }
+});
+
+describe.runIf(haveQemu)('adoption then a second step: every crash point and I/O error, then recover, ends in the source or the target', () => {
+  for (const [kind, to] of [['qcow2-stale', 'qed'], ['vmdk-flat', 'vmdk']] as const) {
+    it(`${kind} → ${to}`, async () => {
+      const m = make(kind);
+      try {
+        const { files, image, data, want, format } = loadMade(m);
+        const options = kind === 'vmdk-flat' ? { subformat: 'monolithicSparse' } : {};
+        const rec = new RecordingStorage(files);
+        await convertInPlace(image, { to, options, drivers: allDrivers, storage: rec });
+        const kinds = rec.log.map((o) => o.kind);
+        const renameAt = kinds.indexOf('rename');
+        // The journal (with the step after the adoption) is durable before the rename.
+        const created = rec.log.findIndex((o) => o.kind === 'create' && o.path === journalPath(image));
+        expect(created).toBeGreaterThanOrEqual(0);
+        expect(created).toBeLessThan(renameAt);
+        expect(kinds.slice(created, renameAt)).toEqual(expect.arrayContaining(['write', 'flush', 'syncDir']));
+        const seen: Record<string, number> = {};
+        const judge = async (state: MemoryStorage, what: string) => {
+          await recover(image, { drivers: allDrivers, storage: state });
+          expect(await state.exists(journalPath(image)), `${what}: journal left`).toBe(false);
+          expect((await recover(image, { drivers: allDrivers, storage: state })).action, `${what}: second recover`).toBe('none');
+          const g = await guestOf(state, image);
+          expect(g.sha, `${what}: guest content of ${g.format}`).toBe(want);
+          // The source while its data file is there; the target once the data file was adopted.
+          const end = (await state.exists(data)) ? 'source' : 'target';
+          expect(g.format, what).toBe(end === 'source' ? format : to);
+          if (kind === 'vmdk-flat') expect(g.subformat, what).toBe(end === 'source' ? 'monolithicFlat' : 'monolithicSparse');
+          seen[end] = (seen[end] ?? 0) + 1;
+        };
+        for (let n = 0; n <= rec.log.length; n++) await judge(stateAfter(rec.initial, rec.log, n), `kill after op ${n}`);
+        const rnd = prng(20261204);
+        for (const cut of powerLossCuts(rec.log)) {
+          for (const ch of powerLossChoices(rec.log, cut, rnd, 6, 8)) await judge(powerLossState(rec.initial, rec.log, cut, ch.kept), `power loss at ${cut} keeping ${ch.kept.join(',')}`);
+        }
+        expect(seen.source).toBeGreaterThan(0);
+        expect(seen.target).toBeGreaterThan(0);
+        // An EIO at each faultable operation, from then on (a dead disk): a clear error; then recover.
+        const counter = new FaultyStorage(memoryStorageOf(files), 'EIO', -1, false);
+        await convertInPlace(image, { to, options, drivers: allDrivers, storage: counter });
+        for (let at = 0; at < counter.count; at++) {
+          const inner = memoryStorageOf(files);
+          const faulty = new FaultyStorage(inner, 'EIO', at, true);
+          const e = await convertInPlace(image, { to, options, drivers: allDrivers, storage: faulty }).catch((x: unknown) => x);
+          expect(e, `EIO from ${at} (${faulty.hit})`).toBeInstanceOf(ImgconvError);
+          await judge(inner, `EIO from ${at} (${faulty.hit})`);
+        }
+      } finally {
+        m.cleanup();
+      }
+    }, 300_000);
   }
 });
