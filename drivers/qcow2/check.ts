@@ -25,7 +25,7 @@ import {
 } from './entries.js';
 import { FORMAT, MAX_L1_BYTES } from './header.js';
 import type { Qcow2Layout } from './open.js';
-import { readL2 } from './tables.js';
+import { forEachL2, readL2 } from './tables.js';
 
 const hex = (n: number) => n.toString(16);
 const hex64 = (hi: number, lo: number) => (hi ? hi.toString(16) + (lo >>> 0).toString(16).padStart(8, '0') : (lo >>> 0).toString(16));
@@ -41,8 +41,6 @@ class RefcountCheck {
   /** Refcounts per refcount block. */
   private readonly perBlock: number;
   private nextContiguous = 0;
-  /** One cluster, reused for every L2 table checkL2 reads. */
-  private l2Buffer: Uint8Array | undefined;
   /** The stored reftable and refblocks (undefined: no block, null: unusable offset). */
   private reftable: DataView | undefined;
   private blocks = new Map<number, Uint8Array | null | undefined>();
@@ -129,7 +127,8 @@ class RefcountCheck {
     if (layout.bitmaps) await this.checkBitmaps();
     await this.checkRefblocks();
     const highest = await this.compare();
-    await this.checkCopied();
+    this.report.corruptions += this.copied.corruptions;
+    for (const m of this.copied.messages) this.report.messages.push(m);
     this.report.imageEndOffset = (highest + 1) * this.cs;
     return this.report;
   }
@@ -139,24 +138,74 @@ class RefcountCheck {
     this.inc(offset, size * 8);
     const l1 = await readAt(this.layout.dev, offset, size * 8);
     const dv = new DataView(l1.buffer);
-    for (let i = 0; i < size; i++) {
-      const hi = dv.getUint32(i * 8);
-      const lo = dv.getUint32(i * 8 + 4);
-      if (!hi && !lo) continue;
-      if (l1ReservedBits(hi, lo)) this.corrupt(`ERROR found L1 entry with reserved bits set: ${hex64(hi, lo)}`);
-      const l2 = entryOffset(hi, lo);
-      this.inc(l2, this.cs);
-      if (l2 % this.cs) this.corrupt(`ERROR l2_offset=${hex(l2)}: Table is not cluster aligned; L1 entry corrupted`);
-      await this.checkL2(l2, active);
-    }
+    // One reading of the tables serves both the counting and, for the active table, check_oflag_copied
+    // (which reads only stored refcounts and the same bytes; its messages are kept apart and reported
+    // after compare's, where QEMU reports them).
+    let zeroCluster: DataView | undefined;
+    await forEachL2(
+      this.layout,
+      size,
+      (i) => entryOffset(dv.getUint32(i * 8), dv.getUint32(i * 8 + 4)),
+      async (i, l2, table) => {
+        const hi = dv.getUint32(i * 8);
+        const lo = dv.getUint32(i * 8 + 4);
+        if (!hi && !lo) return;
+        if (l1ReservedBits(hi, lo)) this.corrupt(`ERROR found L1 entry with reserved bits set: ${hex64(hi, lo)}`);
+        this.inc(l2, this.cs);
+        if (l2 % this.cs) this.corrupt(`ERROR l2_offset=${hex(l2)}: Table is not cluster aligned; L1 entry corrupted`);
+        // An entry with flags but offset 0 points at cluster 0, which QEMU reads as the table.
+        if (!table) table = zeroCluster ??= await readL2(this.layout, 0);
+        await this.checkL2(table, active);
+        if (active && l2 !== 0) await this.checkCopied(i, hi, lo, table);
+      },
+    );
   }
 
-  private async checkL2(l2Offset: number, active: boolean): Promise<void> {
-    const { l2Entries, l2EntryBytes, extendedL2, clusterBits } = this.layout;
-    this.l2Buffer ??= new Uint8Array(this.cs);
-    const dv = await readL2(this.layout, l2Offset, this.l2Buffer);
+  private async checkL2(dv: DataView, active: boolean): Promise<void> {
+    const { l2Entries, l2EntryBytes, extendedL2 } = this.layout;
     this.nextContiguous = 0;
+    if (extendedL2 || this.external) {
+      for (let i = 0; i < l2Entries; i++) this.checkL2Entry(dv, i, l2EntryBytes, active);
+      return;
+    }
+    // Standard entries of the common kinds — allocated, aligned, inside the file, no reserved bits —
+    // counted inline (16 million at 1 TiB); every other entry goes through checkL2Entry.
+    const cs = this.cs;
+    const fileSize = this.layout.fileSize;
+    const refs = this.refs;
+    const max = this.max;
+    let next = 0;
+    let allocated = 0;
+    let fragmented = 0;
     for (let i = 0; i < l2Entries; i++) {
+      const hi = dv.getUint32(i * 8);
+      const lo = dv.getUint32(i * 8 + 4);
+      if ((hi | lo) === 0) continue; // unallocated
+      if ((hi & 0x7f000000) === 0 && (lo & 0x1fe) === 0) {
+        const offset = (hi & 0x00ffffff) * 0x1_0000_0000 + ((lo & 0xfffffe00) >>> 0);
+        const k = offset / cs;
+        if (offset !== 0 && offset % cs === 0 && offset + cs - fileSize < cs && k < this.nbClusters && refs[k] !== max) {
+          if (active) {
+            allocated++;
+            if (next && offset !== next) fragmented++;
+            next = offset + cs;
+          }
+          refs[k]!++;
+          continue;
+        }
+        if (offset === 0) continue; // zero without a host, or unallocated with COPIED
+      }
+      this.nextContiguous = next;
+      this.checkL2Entry(dv, i, 8, active);
+      next = this.nextContiguous;
+    }
+    this.report.allocatedClusters! += allocated;
+    this.report.fragmentedClusters! += fragmented;
+  }
+
+  private checkL2Entry(dv: DataView, i: number, l2EntryBytes: number, active: boolean): void {
+    const { extendedL2, clusterBits } = this.layout;
+    {
       const at = i * l2EntryBytes;
       let hi = dv.getUint32(at);
       const lo = dv.getUint32(at + 4);
@@ -326,62 +375,101 @@ class RefcountCheck {
     return this.storedNow(k);
   }
 
+  /** The refcount block holding cluster k's refcount, once ensured (undefined: none, null: unusable offset). */
+  private blockOf(index: number): Uint8Array | null | undefined {
+    return this.blocks.has(index) ? this.blocks.get(index) : this.farBlock!.block;
+  }
+
   private async compare(): Promise<number> {
     let highest = 0;
-    for (let i = 0; i < this.nbClusters; i++) {
-      if (i % this.perBlock === 0) await this.ensureBlock(i / this.perBlock);
-      const stored = this.storedNow(i);
-      if (stored === null) {
-        this.report.checkErrors++;
-        this.report.messages.push(`Can't get refcount for cluster ${i}: Input/output error`);
-        continue;
-      }
-      const counted = this.refs[i]!;
-      if (stored > 0 || counted > 0) highest = i;
-      if (stored === counted) continue;
-      if (stored < counted) {
-        this.corrupt(`ERROR cluster ${i} refcount=${stored} reference=${counted}`);
-      } else {
-        this.report.leaks++;
-        this.report.messages.push(`Leaked cluster ${i} refcount=${stored} reference=${counted}`);
+    const order = this.layout.header.refcountOrder;
+    const refs = this.refs;
+    // Block by block: each block's stored refcounts against the counted ones, reading 16-bit refcounts
+    // (qemu-img's default) straight from the bytes.
+    for (let first = 0; first < this.nbClusters; first += this.perBlock) {
+      const index = first / this.perBlock;
+      await this.ensureBlock(index);
+      const block = this.blockOf(index);
+      const end = Math.min(this.nbClusters, first + this.perBlock);
+      for (let i = first; i < end; i++) {
+        let stored: number;
+        if (block === undefined) stored = 0;
+        else if (block === null) {
+          this.report.checkErrors++;
+          this.report.messages.push(`Can't get refcount for cluster ${i}: Input/output error`);
+          continue;
+        } else if (order === 4) {
+          const at = (i - first) * 2;
+          stored = (block[at]! << 8) | block[at + 1]!;
+        } else stored = getRefcount(block, i - first, order);
+        const counted = refs[i]!;
+        if (stored > 0 || counted > 0) highest = i;
+        if (stored === counted) continue;
+        if (stored < counted) {
+          this.corrupt(`ERROR cluster ${i} refcount=${stored} reference=${counted}`);
+        } else {
+          this.report.leaks++;
+          this.report.messages.push(`Leaked cluster ${i} refcount=${stored} reference=${counted}`);
+        }
       }
     }
     return highest;
   }
 
-  /** check_oflag_copied: COPIED must say whether the refcount is exactly 1 (active tables only). */
-  private async checkCopied(): Promise<void> {
-    const { header: h, l2Entries, l2EntryBytes } = this.layout;
-    const l1 = new DataView((await readAt(this.layout.dev, h.l1TableOffset, h.l1Size * 8)).buffer);
-    const l2Buffer = new Uint8Array(this.cs);
-    for (let i = 0; i < h.l1Size; i++) {
-      const hi = l1.getUint32(i * 8);
-      const lo = l1.getUint32(i * 8 + 4);
-      const l2 = entryOffset(hi, lo);
-      if (!l2) continue;
-      const rc = await this.stored(Math.floor(l2 / this.cs));
-      if (rc === null) continue;
-      if ((rc === 1) !== isCopied(hi)) {
-        this.corrupt(`ERROR OFLAG_COPIED L2 cluster: l1_index=${i} l1_entry=${hex64(hi, lo)} refcount=${rc}`);
+  /** check_oflag_copied's findings, reported after compare's as QEMU does. */
+  private copied = { corruptions: 0, messages: [] as string[] };
+
+  private corruptCopied(msg: string): void {
+    this.copied.corruptions++;
+    this.copied.messages.push(msg);
+  }
+
+  /**
+   * check_oflag_copied for active L1 entry i (offset non-zero) and its table: COPIED must say whether
+   * the stored refcount is exactly 1.
+   */
+  private async checkCopied(i: number, hi: number, lo: number, dv: DataView): Promise<void> {
+    const { l2Entries, l2EntryBytes, extendedL2 } = this.layout;
+    const l2 = entryOffset(hi, lo);
+    const rc = await this.stored(Math.floor(l2 / this.cs));
+    if (rc === null) return;
+    if ((rc === 1) !== isCopied(hi)) {
+      this.corruptCopied(`ERROR OFLAG_COPIED L2 cluster: l1_index=${i} l1_entry=${hex64(hi, lo)} refcount=${rc}`);
+    }
+    const order = this.layout.header.refcountOrder;
+    let blockIndex = -1;
+    let block: Uint8Array | null | undefined;
+    for (let j = 0; j < l2Entries; j++) {
+      const ehi = dv.getUint32(j * l2EntryBytes);
+      const elo = dv.getUint32(j * l2EntryBytes + 4);
+      if (!extendedL2 && !this.external) {
+        // Without extended L2 or a data file, the entries clusterType calls normal or zeroAlloc are
+        // exactly those neither compressed nor with offset 0.
+        if ((ehi | elo) === 0 || isCompressedEntry(ehi)) continue;
       }
-      const dv = await readL2(this.layout, l2, l2Buffer);
-      for (let j = 0; j < l2Entries; j++) {
-        const ehi = dv.getUint32(j * l2EntryBytes);
-        const elo = dv.getUint32(j * l2EntryBytes + 4);
-        const type = this.clusterType(ehi, elo);
-        if (type !== 'normal' && type !== 'zeroAlloc') continue;
-        const offset = entryOffset(ehi, elo);
-        let drc: number | null = 1;
-        if (!this.external) {
-          // stored() without a promise per entry when the block is already at hand (16 million entries at 1 TiB).
-          const k = Math.floor(offset / this.cs);
-          if (!this.blocks.has(Math.floor(k / this.perBlock))) await this.ensureBlock(Math.floor(k / this.perBlock));
-          drc = this.storedNow(k);
+      const type = this.clusterType(ehi, elo);
+      if (type !== 'normal' && type !== 'zeroAlloc') continue;
+      const offset = entryOffset(ehi, elo);
+      let drc: number | null = 1;
+      if (!this.external) {
+        // The stored refcount without a promise or a map lookup per entry (16 million entries at 1 TiB).
+        const k = Math.floor(offset / this.cs);
+        const index = Math.floor(k / this.perBlock);
+        if (index !== blockIndex) {
+          if (!this.blocks.has(index)) await this.ensureBlock(index);
+          block = this.blockOf(index);
+          blockIndex = index;
         }
-        if (drc === null) continue;
-        if ((drc === 1) !== isCopied(ehi)) {
-          this.corrupt(`ERROR OFLAG_COPIED data cluster: l2_entry=${hex64(ehi, elo)} refcount=${drc}`);
-        }
+        if (block === undefined) drc = 0;
+        else if (block === null) drc = null;
+        else if (order === 4) {
+          const at = (k % this.perBlock) * 2;
+          drc = (block[at]! << 8) | block[at + 1]!;
+        } else drc = getRefcount(block, k % this.perBlock, order);
+      }
+      if (drc === null) continue;
+      if ((drc === 1) !== isCopied(ehi)) {
+        this.corruptCopied(`ERROR OFLAG_COPIED data cluster: l2_entry=${hex64(ehi, elo)} refcount=${drc}`);
       }
     }
   }

@@ -20,7 +20,7 @@ import {
 import { decodeReftableEntry } from './entries.js';
 import { FORMAT, validateTable } from './header.js';
 import type { Qcow2Layout } from './open.js';
-import { classifyL2, l1EntryL2Offset, quickL2, readL1, readL2, requireHostCluster } from './tables.js';
+import { classifyL2, forEachL2, l1EntryL2Offset, quickL2, readL1, requireHostCluster } from './tables.js';
 
 /** Per-cluster marks over the file: clusters earlier layers recorded, and those of the current one. */
 class LayerMarks {
@@ -100,32 +100,53 @@ async function addLayer(
   const external = layout.dataFileName !== undefined;
   const fast = !layout.extendedL2 && !external && marks === undefined;
   const v3 = layout.header.version >= 3;
-  const l2Buffer = new Uint8Array(cs);
-  for (let i = 0; i < l1Size; i++) {
-    const l2Offset = l1EntryL2Offset(layout, l1, i, table);
-    if (l2Offset === 0 || marks?.sharedWithEarlierLayer(l2Offset)) continue;
-    hs.add(l2Offset, cs, 'metadata', 'L2 table');
-    const l2 = await readL2(layout, l2Offset, l2Buffer);
-    for (let j = 0; j < layout.l2Entries; j++) {
-      if (fast) {
-        // Standard entries of the common kinds without an object each (classifyL2 judges the rest).
-        const q = quickL2(l2.getUint32(j * 8), l2.getUint32(j * 8 + 4), cs, layout.fileSize, v3);
-        if (q === q) {
-          if (q > 1) hs.add(q, cs, 'data', 'data');
-          else if (q < 0) hs.add(-q, cs, 'data', 'preallocated zero');
-          continue;
+  await forEachL2(
+    layout,
+    l1Size,
+    (i) => l1EntryL2Offset(layout, l1, i, table),
+    (i, l2Offset, l2) => {
+      if (!l2 || marks?.sharedWithEarlierLayer(l2Offset)) return;
+      hs.add(l2Offset, cs, 'metadata', 'L2 table');
+      // Back-to-back clusters of the same kind are added as one range (what HostSpace.add would merge
+      // them into anyway), so a table of 8,192 contiguous entries costs one call, not 8,192.
+      let runStart = 0;
+      let runEnd = 0;
+      let runZero = false;
+      const endRun = () => {
+        if (runEnd > runStart) hs.add(runStart, runEnd - runStart, 'data', runZero ? 'preallocated zero' : 'data');
+        runEnd = runStart;
+      };
+      for (let j = 0; j < layout.l2Entries; j++) {
+        if (fast) {
+          // Standard entries of the common kinds without an object each (classifyL2 judges the rest).
+          const q = quickL2(l2.getUint32(j * 8), l2.getUint32(j * 8 + 4), cs, layout.fileSize, v3);
+          if (q === q) {
+            if (q > 1 || q < 0) {
+              const host = q > 1 ? q : -q;
+              if (host !== runEnd || q < 0 !== runZero || runEnd === runStart) {
+                endRun();
+                runStart = host;
+                runEnd = host;
+                runZero = q < 0;
+              }
+              runEnd += cs;
+            }
+            continue;
+          }
+          endRun();
+        }
+        const s = classifyL2(layout, l2, j, i * coverage + j * cs, l2Offset);
+        if (s.type === 'compressed') {
+          hs.add(s.host, s.length, 'data', 'compressed data', true);
+        } else if ((s.type === 'normal' || s.type === 'zeroAlloc' || (s.type === 'subclusters' && s.host !== undefined)) && !external) {
+          const host = s.host!;
+          if (marks?.sharedWithEarlierLayer(host)) continue;
+          hs.add(host, cs, 'data', s.type === 'zeroAlloc' ? 'preallocated zero' : 'data');
         }
       }
-      const s = classifyL2(layout, l2, j, i * coverage + j * cs, l2Offset);
-      if (s.type === 'compressed') {
-        hs.add(s.host, s.length, 'data', 'compressed data', true);
-      } else if ((s.type === 'normal' || s.type === 'zeroAlloc' || (s.type === 'subclusters' && s.host !== undefined)) && !external) {
-        const host = s.host!;
-        if (marks?.sharedWithEarlierLayer(host)) continue;
-        hs.add(host, cs, 'data', s.type === 'zeroAlloc' ? 'preallocated zero' : 'data');
-      }
-    }
-  }
+      endRun();
+    },
+  );
   marks?.endLayer();
 }
 

@@ -22,7 +22,7 @@ import {
 } from './header.js';
 import { buildHostSpace } from './hostspace.js';
 import { openDataFile, readLayout, type Qcow2Layout } from './open.js';
-import { activeMapping, l1EntryL2Offset, readL2 } from './tables.js';
+import { activeMapping, forEachL2, l1EntryL2Offset } from './tables.js';
 import { qcow2Target } from './target.js';
 import { qcow2Stream } from './stream.js';
 
@@ -96,25 +96,31 @@ async function scanClusterKinds(layout: Qcow2Layout): Promise<{ zero: boolean; c
   const { l1Size, l1TableOffset } = layout.header;
   const l1Bytes = await readAt(layout.dev, l1TableOffset, l1Size * 8);
   const l1 = new DataView(l1Bytes.buffer);
-  const l2Buffer = new Uint8Array(layout.clusterSize);
-  for (let i = 0; i < l1Size && !(found.zero && found.compressed); i++) {
-    let l2Offset: number;
-    try {
-      l2Offset = l1EntryL2Offset(layout, l1, i, 'L1');
-    } catch {
-      continue;
-    }
-    if (!l2Offset) continue;
-    // Byte tests on the big-endian entries: bit 62 (compressed) is in the first byte, bit 0 (zero) in
-    // the eighth; an extended entry's zero bitmap is its third u32.
-    const b = new Uint8Array((await readL2(layout, l2Offset, l2Buffer)).buffer);
-    const step = layout.l2EntryBytes;
-    const extended = layout.extendedL2;
-    for (let at = 0; at < layout.l2Entries * step && !(found.zero && found.compressed); at += step) {
-      if ((b[at]! & 0x40) !== 0) found.compressed = true;
-      else if (extended ? (b[at + 8]! | b[at + 9]! | b[at + 10]! | b[at + 11]!) !== 0 : (b[at + 7]! & 1) !== 0) found.zero = true;
-    }
-  }
+  const step = layout.l2EntryBytes;
+  const extended = layout.extendedL2;
+  const done = () => found.zero && found.compressed;
+  await forEachL2(
+    layout,
+    l1Size,
+    (i) => {
+      if (done()) return 0; // both found: the remaining tables need not be read
+      try {
+        return l1EntryL2Offset(layout, l1, i, 'L1');
+      } catch {
+        return 0;
+      }
+    },
+    (_i, _offset, table) => {
+      if (!table || done()) return;
+      // Byte tests on the big-endian entries: bit 62 (compressed) is in the first byte, bit 0 (zero) in
+      // the eighth; an extended entry's zero bitmap is its third u32.
+      const b = new Uint8Array(table.buffer, table.byteOffset, table.byteLength);
+      for (let at = 0; at < layout.l2Entries * step && !done(); at += step) {
+        if ((b[at]! & 0x40) !== 0) found.compressed = true;
+        else if (extended ? (b[at + 8]! | b[at + 9]! | b[at + 10]! | b[at + 11]!) !== 0 : (b[at + 7]! & 1) !== 0) found.zero = true;
+      }
+    },
+  );
   return found;
 }
 

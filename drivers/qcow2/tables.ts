@@ -59,6 +59,87 @@ export async function readL2(layout: Qcow2Layout, offset: number, into?: Uint8Ar
   return new DataView(into.buffer, into.byteOffset, into.length);
 }
 
+/** Bytes of neighbouring L2 tables read at once (at least one table), and how far reading runs ahead. */
+const L2_BATCH_BYTES = 2 << 20;
+
+/**
+ * Visits L2 tables 0..count−1 in order: `offsetOf(i)` gives table i's offset (0: none; it may throw,
+ * e.g. on a malformed L1 entry), `visit(i, offset, table)` sees it (`table` undefined for offset 0).
+ * Tables lying side by side in the file are read with one read of up to 2 MiB, and the next batch is
+ * read while the current one is visited: a 1 TiB image has 2,048 tables, and one awaited read each
+ * kept the scans waiting. Order and errors are those of a table-by-table loop: an offset that throws
+ * is thrown when its turn comes, after the tables before it were visited; a read error likewise.
+ * The DataView given to `visit` is valid only during the call (its buffer is reused).
+ */
+export async function forEachL2(
+  layout: Qcow2Layout,
+  count: number,
+  offsetOf: (i: number) => number,
+  visit: (i: number, offset: number, table: DataView | undefined) => void | Promise<void>,
+): Promise<void> {
+  const cs = layout.clusterSize;
+  const perBatch = Math.max(1, Math.floor(L2_BATCH_BYTES / cs));
+  interface Batch {
+    first: number;
+    /** Offsets of tables first.., ending where an offset threw (error) or at a table that does not continue the run. */
+    offsets: number[];
+    error?: { e: unknown };
+    buf?: Uint8Array;
+    read?: Promise<void>;
+  }
+  const spare: Uint8Array[] = [];
+  const plan = (first: number): Batch => {
+    const b: Batch = { first, offsets: [] };
+    for (let i = first; i < count && b.offsets.length < perBatch; i++) {
+      let off: number;
+      try {
+        off = offsetOf(i);
+      } catch (e) {
+        b.error = { e };
+        break;
+      }
+      const prev = b.offsets[b.offsets.length - 1];
+      // A batch is one table without a read (offset 0), or tables that continue each other.
+      if (prev !== undefined && (prev === 0 || off === 0 || off !== prev + cs)) {
+        // Table i belongs to the next batch; its offset is asked again then (offsetOf is pure).
+        break;
+      }
+      b.offsets.push(off);
+      if (off === 0) break;
+    }
+    if (b.offsets.length > 0 && b.offsets[0] !== 0) {
+      const bytes = b.offsets.length * cs;
+      const buf = spare.pop() ?? new Uint8Array(perBatch * cs);
+      b.buf = buf.subarray(0, bytes);
+      const start = b.offsets[0]!;
+      b.read = (async () => {
+        let got = 0;
+        while (got < bytes) {
+          const n = await layout.dev.read(b.buf!.subarray(got), start + got);
+          if (n === 0) break;
+          got += n;
+        }
+        b.buf!.fill(0, got); // past the end of the file: zeros, as readAt gives
+      })();
+      b.read.catch(() => undefined); // awaited in turn below; not an unhandled rejection meanwhile
+    }
+    return b;
+  };
+  let next: Batch | undefined = count > 0 ? plan(0) : undefined;
+  while (next) {
+    const b: Batch = next;
+    const after = b.first + b.offsets.length;
+    next = b.error === undefined && after < count ? plan(after) : undefined;
+    if (b.read) await b.read;
+    for (let k = 0; k < b.offsets.length; k++) {
+      const off = b.offsets[k]!;
+      await visit(b.first + k, off, off === 0 ? undefined : new DataView(b.buf!.buffer, b.buf!.byteOffset + k * cs, cs));
+    }
+    if (b.buf) spare.push(new Uint8Array(b.buf.buffer));
+    if (b.error) throw b.error.e;
+  }
+}
+
 /** A host cluster some entry points at: aligned and starting inside the file (qemu-img check allows a partial last cluster). */
 export function requireHostCluster(layout: Qcow2Layout, field: string, offset: number, where: () => string): void {
   if (offset % layout.clusterSize !== 0) {
@@ -218,31 +299,33 @@ export async function activeMapping(layout: Qcow2Layout): Promise<ExtentMap> {
     runLength = len;
     runHost = host;
   };
-  const l2Buffer = new Uint8Array(cs);
-  for (let i = 0; i < needed; i++) {
-    const base = i * coverage;
-    const l2Offset = l1EntryL2Offset(layout, l1, i, 'L1');
-    if (l2Offset === 0) {
-      add('unallocated', base, Math.min(coverage, vs - base), NaN);
-      continue;
-    }
-    const l2 = await readL2(layout, l2Offset, l2Buffer);
-    for (let j = 0; j < l2Entries; j++) {
-      const guest = base + j * cs;
-      if (guest >= vs) break;
-      const len = Math.min(cs, vs - guest);
-      if (fast) {
-        const q = quickL2(l2.getUint32(j * 8), l2.getUint32(j * 8 + 4), cs, fileSize, v3);
-        if (q === QUICK_UNALLOCATED) add('unallocated', guest, len, NaN);
-        else if (q === QUICK_ZERO) add('zero', guest, len, NaN);
-        else if (q > 0) add('data', guest, len, q);
-        else if (q < 0) add('zero', guest, len, -q);
-        if (q === q) continue;
+  await forEachL2(
+    layout,
+    needed,
+    (i) => l1EntryL2Offset(layout, l1, i, 'L1'),
+    (i, l2Offset, l2) => {
+      const base = i * coverage;
+      if (!l2) {
+        add('unallocated', base, Math.min(coverage, vs - base), NaN);
+        return;
       }
-      flush();
-      pushCluster(map, layout, classifyL2(layout, l2, j, guest, l2Offset), guest, len);
-    }
-  }
+      for (let j = 0; j < l2Entries; j++) {
+        const guest = base + j * cs;
+        if (guest >= vs) break;
+        const len = Math.min(cs, vs - guest);
+        if (fast) {
+          const q = quickL2(l2.getUint32(j * 8), l2.getUint32(j * 8 + 4), cs, fileSize, v3);
+          if (q === QUICK_UNALLOCATED) add('unallocated', guest, len, NaN);
+          else if (q === QUICK_ZERO) add('zero', guest, len, NaN);
+          else if (q > 0) add('data', guest, len, q);
+          else if (q < 0) add('zero', guest, len, -q);
+          if (q === q) continue;
+        }
+        flush();
+        pushCluster(map, layout, classifyL2(layout, l2, j, guest, l2Offset), guest, len);
+      }
+    },
+  );
   flush();
   return map;
 }
