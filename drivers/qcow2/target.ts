@@ -404,22 +404,40 @@ export function encodeTables(p: Qcow2TargetParams, layout: TargetLayout, runs: C
   const perBlock = (cs * 8) / (1 << p.refcountOrder);
   const reftable = new Uint8Array(layout.reftableClusters * cs);
   const rtv = new DataView(reftable.buffer);
+  // Refcount blocks whose clusters are all referenced are identical (every refcount 1): they share one
+  // buffer, written at each of their offsets (a 1 TiB image with every cluster mapped has 512 of them,
+  // 32 MiB at 64 KiB clusters). Blocks with anything else, or nothing, get their own.
   const blocks = new Map<number, Uint8Array>();
+  let full: Uint8Array | undefined;
+  const fullBlock = () => {
+    if (!full) {
+      full = new Uint8Array(cs);
+      for (let k = 0; k < perBlock; k++) setRefcount(full, k, p.refcountOrder, 1);
+    }
+    return full;
+  };
   for (const [w, offset] of layout.refblocks) {
     const [hi, lo] = encodeReftableEntry({ offset, reserved: 0 });
     rtv.setUint32(w * 8, hi);
     rtv.setUint32(w * 8 + 4, lo);
-    blocks.set(w, new Uint8Array(cs));
   }
   for (const [a, b] of layout.referenced) {
-    // Block by block: one lookup per refcount block, not per cluster.
+    // Block by block: one lookup per refcount block, not per cluster. The intervals are disjoint, so an
+    // interval covering a whole block is the only one touching it.
     for (let k = a; k < b; ) {
       const w = Math.floor(k / perBlock);
-      const block = blocks.get(w)!;
       const stop = Math.min(b, (w + 1) * perBlock);
+      if (k === w * perBlock && stop === (w + 1) * perBlock) {
+        blocks.set(w, fullBlock());
+        k = stop;
+        continue;
+      }
+      let block = blocks.get(w);
+      if (!block) blocks.set(w, (block = new Uint8Array(cs)));
       for (; k < stop; k++) setRefcount(block, k - w * perBlock, p.refcountOrder, 1);
     }
   }
+  for (const w of layout.refblocks.keys()) if (!blocks.has(w)) blocks.set(w, new Uint8Array(cs));
 
   const writes: HostWrite[] = [];
   if (layout.l1Clusters > 0) writes.push({ offset: layout.l1Offset, bytes: l1 });
