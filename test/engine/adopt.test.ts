@@ -14,7 +14,7 @@ import { allDrivers } from '../../drivers/index.js';
 import { fileStorage, type MemoryStorage } from '../../src/blockdev/storage.js';
 import { ConversionFailedError, convertInPlace, planConversion } from '../../src/engine/convert.js';
 import { journalPath } from '../../src/engine/journal.js';
-import { recover } from '../../src/engine/recover.js';
+import { recover, RecoveryRefusedError } from '../../src/engine/recover.js';
 import { ImgconvError, UnsupportedError } from '../../src/errors.js';
 import { GuestReader } from '../../src/guest.js';
 import { openImage, probe } from '../../src/image.js';
@@ -361,6 +361,7 @@ describe.runIf(haveQemu)('adoption: every crash point and every I/O error leaves
         }
         expect(seen.source).toBeGreaterThan(0);
         expect(seen.raw).toBeGreaterThan(0);
+        console.log(`${kind} → raw: ${rec.log.length} operations; ${seen.source + seen.raw} kill and power-loss states (${seen.source} source, ${seen.raw} raw)`);
 
         // An EIO at each faultable operation (once, and from then on): a clear error, the file at the path
         // still the source or the raw disk; after a transient fault, running the conversion again finishes.
@@ -419,12 +420,25 @@ describe.runIf(haveQemu)('adoption then a second step: every crash point and I/O
           seen[end] = (seen[end] ?? 0) + 1;
         };
         for (let n = 0; n <= rec.log.length; n++) await judge(stateAfter(rec.initial, rec.log, n), `kill after op ${n}`);
+        {
+          // Stopped just before the rename, and then the data file deleted by hand: the image is still the
+          // source, not raw, so recover must not run raw → target on it: refused, journal and image kept.
+          const state = stateAfter(rec.initial, rec.log, renameAt);
+          await state.remove(data);
+          const before = sha(state.files.get(image)!.snapshot());
+          const e = await recover(image, { drivers: allDrivers, storage: state }).catch((x: unknown) => x);
+          expect(e).toBeInstanceOf(RecoveryRefusedError);
+          expect((e as Error).message).toMatch(/is gone but the image probes as/);
+          expect(await state.exists(journalPath(image))).toBe(true);
+          expect(sha(state.files.get(image)!.snapshot())).toBe(before);
+        }
         const rnd = prng(20261204);
         for (const cut of powerLossCuts(rec.log)) {
           for (const ch of powerLossChoices(rec.log, cut, rnd, 6, 8)) await judge(powerLossState(rec.initial, rec.log, cut, ch.kept), `power loss at ${cut} keeping ${ch.kept.join(',')}`);
         }
         expect(seen.source).toBeGreaterThan(0);
         expect(seen.target).toBeGreaterThan(0);
+        console.log(`${kind} → ${to}: ${rec.log.length} operations; ${seen.source + seen.target} kill and power-loss states recovered (${seen.source} source, ${seen.target} target)`);
         // An EIO at each faultable operation, from then on (a dead disk): a clear error; then recover.
         const counter = new FaultyStorage(memoryStorageOf(files), 'EIO', -1, false);
         await convertInPlace(image, { to, options, drivers: allDrivers, storage: counter });
