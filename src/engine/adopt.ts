@@ -13,8 +13,10 @@
  *   3. THE COMMIT POINT: rename(data file, image path), then fsync the directories. Before it the file
  *      at the image's path is the source; after it, the raw disk with the same guest content.
  *
- * No journal: there is nothing to undo before the rename and nothing to finish after it, so `recover`
- * finds nothing pending. The core knows only "the data is in another file" (SourceImage.dataDev) and
+ * To raw there is no journal: nothing to undo before the rename and nothing to finish after it, so
+ * `recover` finds nothing pending. To another target a second step (raw → target) follows, and a journal
+ * naming the data file and that step is durable before the rename, so `recover` can tell a rename that
+ * did not happen (data file still there) from one that did (continue with the second step). The core knows only "the data is in another file" (SourceImage.dataDev) and
  * generic storage operations (Storage.rename, identify, syncDir); never a format's bytes.
  */
 import { basename, dirname } from 'node:path';
