@@ -367,13 +367,19 @@ export function encodeTables(p: Qcow2TargetParams, layout: TargetLayout, runs: C
   const l1v = new DataView(l1.buffer);
   const l2Tables = new Map<number, Uint8Array>();
   const l2Views = new Map<number, DataView>();
+  // Every L2 table is a piece of one allocation (128 MiB for a fully mapped 1 TiB image): once the
+  // engine has written them and let them go, the whole block goes back to the system at once, where
+  // thousands of 64 KiB buffers would stay in the allocator's heap and keep the process that large.
+  const l2Arena = new Uint8Array(layout.l2.size * cs);
+  let l2Next = 0;
   for (const [index, offset] of layout.l2) {
     const [hi, lo] = encodeL1Entry({ l2Offset: offset, copied: true, reserved: 0n });
     l1v.setUint32(index * 8, hi);
     l1v.setUint32(index * 8 + 4, lo);
-    const table = new Uint8Array(cs);
+    const table = l2Arena.subarray(l2Next, l2Next + cs);
+    l2Next += cs;
     l2Tables.set(index, table);
-    l2Views.set(index, new DataView(table.buffer));
+    l2Views.set(index, new DataView(table.buffer, table.byteOffset, cs));
   }
   const bits = Math.log2(cs);
   const [zeroHi, zeroLo] = encodeL2Entry({ compressed: false, copied: false, offset: 0, zero: true, reserved: 0n }, bits);
