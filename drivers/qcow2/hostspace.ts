@@ -116,10 +116,24 @@ async function addLayer(
         if (runEnd > runStart) hs.add(runStart, runEnd - runStart, 'data', runZero ? 'preallocated zero' : 'data');
         runEnd = runStart;
       };
+      // The previous entry's halves while it extends the current run (prevHi −1: no such entry).
+      let prevHi = -1;
+      let prevLo = 0;
+      const fileSize = layout.fileSize;
       for (let j = 0; j < layout.l2Entries; j++) {
         if (fast) {
+          const hi = l2.getUint32(j * 8);
+          const lo = l2.getUint32(j * 8 + 4);
+          // The next cluster of the run: the same flags, the offset one cluster on (no carry into the
+          // high half), so quickL2 would accept it as the previous one if it still lies inside the file.
+          if (hi === prevHi && lo === prevLo + cs && runEnd < fileSize) {
+            prevLo = lo;
+            runEnd += cs;
+            continue;
+          }
+          prevHi = -1;
           // Standard entries of the common kinds without an object each (classifyL2 judges the rest).
-          const q = quickL2(l2.getUint32(j * 8), l2.getUint32(j * 8 + 4), cs, layout.fileSize, v3);
+          const q = quickL2(hi, lo, cs, fileSize, v3);
           if (q === q) {
             if (q > 1 || q < 0) {
               const host = q > 1 ? q : -q;
@@ -130,6 +144,8 @@ async function addLayer(
                 runZero = q < 0;
               }
               runEnd += cs;
+              prevHi = hi;
+              prevLo = lo;
             }
             continue;
           }

@@ -299,6 +299,11 @@ export async function activeMapping(layout: Qcow2Layout): Promise<ExtentMap> {
     runLength = len;
     runHost = host;
   };
+  // The previous entry's halves while it extends the current run (prevHi −1: no such entry), and the
+  // host the next cluster of that run would have.
+  let prevHi = -1;
+  let prevLo = 0;
+  let nextHost = 0;
   await forEachL2(
     layout,
     needed,
@@ -306,6 +311,7 @@ export async function activeMapping(layout: Qcow2Layout): Promise<ExtentMap> {
     (i, l2Offset, l2) => {
       const base = i * coverage;
       if (!l2) {
+        prevHi = -1;
         add('unallocated', base, Math.min(coverage, vs - base), NaN);
         return;
       }
@@ -314,13 +320,31 @@ export async function activeMapping(layout: Qcow2Layout): Promise<ExtentMap> {
         if (guest >= vs) break;
         const len = Math.min(cs, vs - guest);
         if (fast) {
-          const q = quickL2(l2.getUint32(j * 8), l2.getUint32(j * 8 + 4), cs, fileSize, v3);
+          const hi = l2.getUint32(j * 8);
+          const lo = l2.getUint32(j * 8 + 4);
+          // The next cluster of a run with a host: the same flags, the offset one cluster on (no carry
+          // into the high half); quickL2 would give the previous answer one cluster on, and add() would
+          // extend the run with it, if it still lies inside the file.
+          if (hi === prevHi && lo === prevLo + cs && nextHost < fileSize) {
+            prevLo = lo;
+            nextHost += cs;
+            runLength += len;
+            continue;
+          }
+          prevHi = -1;
+          const q = quickL2(hi, lo, cs, fileSize, v3);
           if (q === QUICK_UNALLOCATED) add('unallocated', guest, len, NaN);
           else if (q === QUICK_ZERO) add('zero', guest, len, NaN);
           else if (q > 0) add('data', guest, len, q);
           else if (q < 0) add('zero', guest, len, -q);
+          if (q > 1 || q < 0) {
+            prevHi = hi;
+            prevLo = lo;
+            nextHost = (q > 0 ? q : -q) + cs;
+          }
           if (q === q) continue;
         }
+        prevHi = -1;
         flush();
         pushCluster(map, layout, classifyL2(layout, l2, j, guest, l2Offset), guest, len);
       }

@@ -79,3 +79,50 @@ describe('runs', () => {
     ]);
   });
 });
+
+describe('runs continued entry by entry (the shortcut for the next cluster of a run)', () => {
+  it('a run that walks past the end of the file is refused at the first cluster outside it, by mapping and host space', async () => {
+    const b = buildImage();
+    // Guest 0..3 → host 6, 7, 8, 9: the last lies past the file (9 clusters), each entry one cluster on from the last.
+    for (let k = 0; k < 4; k++) put(b, k, std((6 + k) * cs));
+    put(b, 4, [0, 0]);
+    put(b, 5, [0, 0]);
+    expect((await mappingError(b)).field).toBe('data cluster offset');
+    const img = await openBytes(b);
+    const e = await img.hostSpace().then(() => undefined, (x: unknown) => x);
+    expect(e).toBeInstanceOf(FormatError);
+    expect((e as FormatError).field).toBe('data cluster offset');
+  });
+
+  it('the same walk ending inside the file is one run, in the mapping and the host space', async () => {
+    const b = buildImage();
+    for (let k = 0; k < 3; k++) put(b, k, std((6 + k) * cs));
+    put(b, 3, std(7 * cs)); // back down: a new run (and an overlap host space reports)
+    put(b, 4, [0, 0]);
+    put(b, 5, [0, 0]);
+    const m = await (await openBytes(b)).mapping();
+    expect(m.toArray().slice(0, 3)).toEqual([
+      { guest: 0, length: 3 * cs, kind: 'data', host: 6 * cs },
+      { guest: 3 * cs, length: cs, kind: 'data', host: 7 * cs },
+      { guest: 4 * cs, length: BUILT.size - 4 * cs, kind: 'unallocated' },
+    ]);
+    put(b, 3, [0, 0]);
+    const hs = await (await openBytes(b)).hostSpace();
+    expect(hs.ranges().filter((r) => r.role === 'data')).toEqual([expect.objectContaining({ start: 6 * cs, length: 3 * cs, what: 'data' })]);
+  });
+
+  it('a zero flag on the next cluster breaks the run', async () => {
+    const b = buildImage();
+    put(b, 0, std(5 * cs));
+    put(b, 1, std(6 * cs, true)); // one cluster on, but preallocated zero
+    put(b, 2, [0, 0]);
+    put(b, 3, [0, 0]);
+    put(b, 4, [0, 0]);
+    put(b, 5, [0, 0]);
+    const m = await (await openBytes(b)).mapping();
+    expect(m.toArray().slice(0, 2)).toEqual([
+      { guest: 0, length: cs, kind: 'data', host: 5 * cs },
+      { guest: cs, length: cs, kind: 'zero', host: 6 * cs },
+    ]);
+  });
+});
