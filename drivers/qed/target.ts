@@ -133,11 +133,20 @@ export const qedTarget: TargetDriver = {
         const t = l2For(l1Index);
         const stop = Math.min(end, (l1Index + 1) * l2Span);
         let at = (Math.floor(g / cs) % entriesPerTable) * 8;
-        let value = zero ? QED_ZERO_CLUSTER : r.host! + (g - r.guest);
+        const value = zero ? QED_ZERO_CLUSTER : r.host! + (g - r.guest);
+        // The halves carried along (no division per entry): lo steps by the cluster size, hi on overflow.
+        let lo = value % 0x1_0000_0000;
+        let hi = Math.floor(value / 0x1_0000_0000);
+        const step = zero ? 0 : cs;
+        const view = t.view;
         for (; g < stop; g += cs, at += 8) {
-          t.view.setUint32(at, value % 0x1_0000_0000, true);
-          t.view.setUint32(at + 4, Math.floor(value / 0x1_0000_0000), true);
-          if (!zero) value += cs;
+          view.setUint32(at, lo, true);
+          view.setUint32(at + 4, hi, true);
+          lo += step;
+          if (lo >= 0x1_0000_0000) {
+            lo -= 0x1_0000_0000;
+            hi++;
+          }
         }
       }
     }
