@@ -10,12 +10,12 @@
  * before any write (byte-identical, no journal) for a reason listed in REFUSALS below (and in README,
  * "Every direction").
  *
- * What runs: the full product is 372 cases (eight targets) and took 5.9 min here (2 shared cores, a
- * benchmark running); the eight cases of the multi-GiB fixtures to identity targets (raw, VHD fixed,
- * VMDK flat, qcow2 data file) took 0.6–20 s each (38–149 s before, with seven targets: 10.2 min for
+ * What runs: the full product is 372 cases (eight targets) and took 3.4 min here (2 shared cores, at
+ * 79cd752); the eight cases of the multi-GiB fixtures to identity targets (raw, VHD fixed, VMDK flat,
+ * qcow2 data file) took 0.4–18 s each (38–149 s with the engine of the seven-target run: 10.2 min for
  * 319 cases) (SLOW_FIXTURES). The default suite runs a deterministic subset (directions.ts,
  * defaultSubset: every fixture at least once, every source kind × target at least once, none of the
- * slow cases: 74 cases, 46 s on the busy machine); IMGCONV_DIRECTIONS_FULL=1 runs every case. IMGCONV_DIRECTIONS_REPORT=1 writes test/directions-report.md from the cases that ran
+ * slow cases: 74 cases, 46 s with a benchmark running); IMGCONV_DIRECTIONS_FULL=1 runs every case. IMGCONV_DIRECTIONS_REPORT=1 writes test/directions-report.md from the cases that ran
  * (the committed one is from a full run), IMGCONV_DIRECTIONS_JSON=FILE every outcome as JSON.
  *
  * Engine bugs this test found are marked `it.fails` with the bug's key (KNOWN_BUGS): such a case must
@@ -116,8 +116,8 @@ for (const [key, ids] of Object.entries(KNOWN_BUGS)) for (const id of ids) MARKE
  * Multi-GiB fixtures to identity targets (raw, VHD fixed, VMDK monolithicFlat, qcow2 with a raw data
  * file): 1–4 minutes each when this list was made (verifying the result read every byte of the disk
  * that should be zero: src/blockdev/overlay.ts reported no holes to identityEquivalent), where the same
- * fixture to any other target took under 2 s. The last full run: qed-sparse-10g 19 s → VMDK flat, 20 s
- * → VHD fixed, 15 s → qcow2 data file, 0.6 s → raw; vhd-large 9 s → VMDK flat, 3 s → qcow2 data file.
+ * fixture to any other target took under 2 s. The last full run: qed-sparse-10g 18 s → VMDK flat, 6.4 s
+ * → VHD fixed, 3.9 s → qcow2 data file, 0.4 s → raw; vhd-large 5.9 s → VMDK flat, 2.2 s → qcow2 data file.
  */
 const SLOW_FIXTURES = new Set(['qed-sparse-10g', 'vhd-large']);
 const isSlow = (c: Case) => SLOW_FIXTURES.has(c.row.name) && (c.target.to === 'raw' || c.target.subformat === 'fixed' || c.target.companion !== undefined);
