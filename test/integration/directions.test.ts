@@ -50,12 +50,6 @@ const REFUSALS: ExpectedRefusal[] = [
     instead: 'list them with `qemu-img snapshot -l`, keep what you need (`qemu-img convert -l` exports one), delete them with `qemu-img snapshot -d`, then convert.',
   },
   {
-    tag: 'data in another file',
-    applies: (c) => c.row.name === 'qcow2-datafile' || c.row.name === 'qcow2-datafile-raw' || c.row.name === 'vmdk-flat',
-    reason: /external data file/,
-    instead: 'the guest data lives in a second file: copy with `qemu-img convert`; or, where that file is a raw disk itself (a VMDK monolithicFlat extent, a qcow2 data file with data_file_raw=on), convert that file in place with `-f raw` and delete the descriptor or qcow2 file.',
-  },
-  {
     tag: 'backing file: target has none',
     applies: (c) => c.row.name in CHILDREN && noBacking(c),
     reason: /backing file.*(rebase -b ""|flatten)/,
