@@ -439,14 +439,41 @@ class RefcountCheck {
     const order = this.layout.header.refcountOrder;
     let blockIndex = -1;
     let block: Uint8Array | null | undefined;
+    if (!extendedL2 && !this.external) {
+      // Without extended L2 or a data file, the entries clusterType calls normal or zeroAlloc are
+      // exactly those neither compressed nor with offset 0: decoded inline, the refcount read from the
+      // block at hand.
+      const cs = this.cs;
+      const perBlock = this.perBlock;
+      for (let j = 0; j < l2Entries; j++) {
+        const ehi = dv.getUint32(j * 8);
+        const elo = dv.getUint32(j * 8 + 4);
+        if ((ehi & 0x40000000) !== 0) continue; // compressed
+        const offset = (ehi & 0x00ffffff) * 0x1_0000_0000 + ((elo & 0xfffffe00) >>> 0);
+        if (offset === 0) continue;
+        const k = Math.floor(offset / cs);
+        const index = Math.floor(k / perBlock);
+        if (index !== blockIndex) {
+          if (!this.blocks.has(index)) await this.ensureBlock(index);
+          block = this.blockOf(index);
+          blockIndex = index;
+        }
+        let drc: number;
+        if (block === undefined) drc = 0;
+        else if (block === null) continue;
+        else if (order === 4) {
+          const at = (k - index * perBlock) * 2;
+          drc = (block[at]! << 8) | block[at + 1]!;
+        } else drc = getRefcount(block, k - index * perBlock, order);
+        if ((drc === 1) !== ((ehi & 0x80000000) !== 0)) {
+          this.corruptCopied(`ERROR OFLAG_COPIED data cluster: l2_entry=${hex64(ehi, elo)} refcount=${drc}`);
+        }
+      }
+      return;
+    }
     for (let j = 0; j < l2Entries; j++) {
       const ehi = dv.getUint32(j * l2EntryBytes);
       const elo = dv.getUint32(j * l2EntryBytes + 4);
-      if (!extendedL2 && !this.external) {
-        // Without extended L2 or a data file, the entries clusterType calls normal or zeroAlloc are
-        // exactly those neither compressed nor with offset 0.
-        if ((ehi | elo) === 0 || isCompressedEntry(ehi)) continue;
-      }
       const type = this.clusterType(ehi, elo);
       if (type !== 'normal' && type !== 'zeroAlloc') continue;
       const offset = entryOffset(ehi, elo);

@@ -394,12 +394,23 @@ export function encodeTables(p: Qcow2TargetParams, layout: TargetLayout, runs: C
       const index = Math.floor(g / span);
       const dv = l2Views.get(index)!;
       const stop = Math.min(end, (index + 1) * span);
-      for (let at = ((g / cs) % entriesPerL2) * 8; g < stop; g += cs, at += 8) {
-        if (data) {
-          const offset = r.host! + (g - r.guest);
-          dv.setUint32(at, (COPIED_HI | Math.floor(offset / 0x1_0000_0000)) >>> 0);
-          dv.setUint32(at + 4, offset % 0x1_0000_0000);
-        } else {
+      let at = ((g / cs) % entriesPerL2) * 8;
+      if (data) {
+        // The halves carried along (no division per entry): lo steps by the cluster size, hi on overflow.
+        const offset = r.host! + (g - r.guest);
+        let hi = Math.floor(offset / 0x1_0000_0000);
+        let lo = offset % 0x1_0000_0000;
+        for (; g < stop; g += cs, at += 8) {
+          dv.setUint32(at, (COPIED_HI | hi) >>> 0);
+          dv.setUint32(at + 4, lo);
+          lo += cs;
+          if (lo >= 0x1_0000_0000) {
+            lo -= 0x1_0000_0000;
+            hi++;
+          }
+        }
+      } else {
+        for (; g < stop; g += cs, at += 8) {
           dv.setUint32(at, zeroHi);
           dv.setUint32(at + 4, zeroLo);
         }
