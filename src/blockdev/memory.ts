@@ -105,6 +105,8 @@ export class MemoryBlockDevice implements BlockDevice {
   }
 
   async nextData(offset: number): Promise<number | null> {
+    // At or past the end there is no data (as lseek(SEEK_DATA) answers ENXIO), even inside the last page.
+    if (offset >= this.length) return null;
     const first = Math.floor(offset / PAGE);
     let best: number | null = null;
     for (const pno of this.pages.keys()) if (pno >= first && (best === null || pno < best)) best = pno;

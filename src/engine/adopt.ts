@@ -215,7 +215,8 @@ async function planAdoption(path: string, dev: BlockDevice, opts: ConvertOptions
     };
     let second: ConversionPlan | undefined;
     if (then) {
-      const view = new AdoptedView(source.dataDev, zero, V);
+      // The data file as the adoption leaves it: the virtual size, the stale ranges punched (zeros, holes).
+      const view = new OverlayDevice(source.dataDev, [], V, zero);
       try {
         second = await planStep(path, view, { ...opts, format: 'raw', to: then.to, options: then.options });
       } catch (e) {
@@ -265,94 +266,6 @@ export async function planAdoptionOf(path: string, dev: BlockDevice, opts: Conve
 /** The adoption adds no disk space (the data file exists already): a two-step peak is the second step's. */
 function twoSteps<T extends ConversionPlan | ConversionReport>(whole: T, a: { peakExtraBytes: number }, b: { peakExtraBytes: number }): T {
   return { ...whole, peakExtraBytes: Math.max(a.peakExtraBytes, b.peakExtraBytes) };
-}
-
-/**
- * The data file as the adoption leaves it, for planning the step after it: its length is the virtual size,
- * and the stale ranges read zeros and are holes (they are punched); everything else is the data file.
- */
-class AdoptedView implements BlockDevice {
-  readonly writable = false;
-  constructor(
-    private readonly inner: BlockDevice,
-    private readonly zero: Range[],
-    private readonly length: number,
-  ) {}
-  get path(): string {
-    return this.inner.path;
-  }
-  async size(): Promise<number> {
-    return this.length;
-  }
-  allocated(): Promise<number> {
-    return this.inner.allocated();
-  }
-  async read(buf: Uint8Array, offset: number): Promise<number> {
-    const n = Math.max(0, Math.min(buf.length, this.length - offset));
-    if (n === 0) return 0;
-    const view = buf.subarray(0, n);
-    let got = 0;
-    while (got < n) {
-      const r = await this.inner.read(view.subarray(got), offset + got);
-      if (r === 0) break;
-      got += r;
-    }
-    view.fill(0, got);
-    for (const z of this.zero) {
-      const s = Math.max(offset, z.start);
-      const e = Math.min(offset + n, z.start + z.length);
-      if (s < e) view.fill(0, s - offset, e - offset);
-    }
-    return n;
-  }
-  /** The first stale range that ends after `pos` (they are sorted and disjoint), if any. */
-  private zeroAfter(pos: number): Range | undefined {
-    let lo = 0;
-    let hi = this.zero.length;
-    while (lo < hi) {
-      const mid = (lo + hi) >> 1;
-      const z = this.zero[mid]!;
-      if (z.start + z.length <= pos) lo = mid + 1;
-      else hi = mid;
-    }
-    return this.zero[lo];
-  }
-  /** The stale range containing `pos`, if any. */
-  private zeroAt(pos: number): Range | undefined {
-    const z = this.zeroAfter(pos);
-    return z && z.start <= pos ? z : undefined;
-  }
-  async nextData(offset: number): Promise<number | null> {
-    let pos = offset;
-    for (;;) {
-      if (pos >= this.length) return null;
-      const d = await this.inner.nextData(pos);
-      if (d === null || d >= this.length) return null;
-      const z = this.zeroAt(d);
-      if (!z) return d;
-      pos = z.start + z.length;
-    }
-  }
-  async nextHole(offset: number): Promise<number> {
-    if (offset >= this.length || this.zeroAt(offset)) return offset;
-    const h = Math.min(Math.max(await this.inner.nextHole(offset), offset), this.length);
-    const z = this.zeroAfter(offset);
-    return z && z.start < h ? z.start : h;
-  }
-  private refuse(op: string): never {
-    throw new IoError(op, this.path, 0, 'EROFS', 'read-only view');
-  }
-  async write(): Promise<void> {
-    this.refuse('write');
-  }
-  async flush(): Promise<void> {}
-  async truncate(): Promise<void> {
-    this.refuse('truncate');
-  }
-  async punchHole(): Promise<void> {
-    this.refuse('punch');
-  }
-  async close(): Promise<void> {}
 }
 
 /**

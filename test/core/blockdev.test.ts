@@ -4,6 +4,7 @@ import { spawn } from 'node:child_process';
 import { writeFileSync } from 'node:fs';
 import { FileBlockDevice } from '../../src/blockdev/file.js';
 import { MemoryBlockDevice } from '../../src/blockdev/memory.js';
+import { OverlayDevice } from '../../src/blockdev/overlay.js';
 import { readAt, type BlockDevice } from '../../src/blockdev/types.js';
 import { LockedError } from '../../src/errors.js';
 import { qemuAvailable, withTmpDir } from '../support/qemu.js';
@@ -172,4 +173,39 @@ describe('locking', () => {
       await new Promise((r) => q.once('exit', r));
     }
   });
+});
+
+describe('OverlayDevice with hole ranges (the data file as an adoption will leave it)', () => {
+  const holesArb = fc
+    .array(fc.tuple(fc.nat(700_000), fc.integer({ min: 1, max: 100_000 })), { maxLength: 6 })
+    .map((pairs) => {
+      // Sorted and disjoint, as the adoption's stale ranges are.
+      const out: { start: number; length: number }[] = [];
+      for (const [s, l] of pairs.sort((a, b) => a[0] - b[0])) {
+        const prevEnd = out.length ? out[out.length - 1]!.start + out[out.length - 1]!.length : 0;
+        if (s > prevEnd) out.push({ start: s, length: l });
+      }
+      return out;
+    });
+
+  test.prop([fc.array(opArb, { maxLength: 12 }), holesArb, fc.nat(800_000)], { numRuns: 60 })(
+    'reads the device cut or extended to the length with the ranges zeroed, and reports those ranges as holes',
+    async (ops, holes, length) => {
+      const dev = new MemoryBlockDevice();
+      await apply(dev, ops);
+      const view = new OverlayDevice(dev, [], length, holes);
+      const expected = new Uint8Array(length);
+      expected.set((await readAt(dev, 0, Math.min(length, await dev.size()))).subarray(0, length));
+      for (const h of holes) expected.fill(0, Math.min(h.start, length), Math.min(h.start + h.length, length));
+      expect(await view.size()).toBe(length);
+      expect(Buffer.from(await readAt(view, 0, length)).equals(Buffer.from(expected))).toBe(true);
+      await checkHoles(view);
+      for (const h of holes) {
+        if (h.start >= length) continue;
+        const d = await view.nextData(h.start);
+        expect(d === null || d >= Math.min(h.start + h.length, length)).toBe(true);
+        expect(await view.nextHole(h.start)).toBe(h.start);
+      }
+    },
+  );
 });
