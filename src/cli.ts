@@ -55,7 +55,7 @@ function planHuman(p: ConversionPlan): string {
     for (const step of p.steps) lines.push(...planHuman(step).split('\n').filter((l) => !l.startsWith('image: ')).map((l) => `  ${l}`));
     if (p.alternatives) {
       lines.push('routes compared:');
-      for (const a of p.alternatives) lines.push(`  through ${a.via}: ${a.movedBytes !== undefined ? `${humanSize(a.movedBytes)} moved` : `not possible (${a.refused})`}`);
+      for (const a of p.alternatives) lines.push(`  ${a.via === 'direct' ? 'direct' : `through ${a.via}`}: ${a.movedBytes !== undefined ? `${humanSize(a.movedBytes)} moved${a.peakExtraBytes !== undefined ? `, peak extra ${humanSize(a.peakExtraBytes)}` : ''}` : `not possible (${a.refused})`}`);
     }
   }
   return lines.join('\n');

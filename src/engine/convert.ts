@@ -19,7 +19,7 @@ import { guestEquivalent, readTopLayer } from './mapping.js';
 import { holesAsData, scanHoles } from './holes.js';
 import { compact, estimateCompaction } from './compact.js';
 import { NeedsIntermediateError, planIdentity, type IdentityPlan } from './identity.js';
-import { executeRelocation, identityPeakExtra } from './relocate.js';
+import { DEFAULT_WINDOW, executeRelocation, identityPeakExtra, planMoveRelocation, type MoveTarget, type RelocationPlan, type Unit } from './relocate.js';
 import { identityEquivalent } from './mapping.js';
 import { OverlayDevice } from '../blockdev/overlay.js';
 import { writeIntoFree } from '../blockdev/sparse.js';
@@ -45,6 +45,11 @@ export interface ConvertOptions {
   onProgress?: (e: ProgressEvent) => void;
   /** Cancels before the commit point (rolled back); after it the conversion completes. */
   signal?: AbortSignal;
+  /**
+   * Bytes of second copies on disk at once while data is relocated inside the source (a round's size;
+   * DEFAULT_WINDOW, 64 MiB, by default). Used by moves to a non-identity target (VHD dynamic).
+   */
+  relocationWindow?: number;
 }
 
 export interface DataMove {
@@ -120,6 +125,13 @@ interface Prepared {
   undo: Region[];
   /** Identity targets: the relocation and what the commit carries. */
   identity?: IdentityPlan;
+  /**
+   * Moves done inside a relocatable source (QED, VMDK sparse) in rounds instead of copies made before
+   * the commit: the source is repointed round by round and the old places punched, so the disk never
+   * holds more than a round of second copies. `zero`: the moves' destinations, punched first (a free gap
+   * may hold stale bytes where the moved range reads zeros).
+   */
+  moveRelocation?: { units: Unit[]; plan: RelocationPlan; zero: { start: number; length: number }[] };
   /** The file created beside the image at the commit point, and its bytes. */
   companion?: { path: string; bytes: Uint8Array };
   /** Whether zero runs over file holes were mapped as data (recovery must derive the same mapping). */
@@ -178,19 +190,50 @@ async function prepare(path: string, dev: BlockDevice, opts: ConvertOptions, int
 
     // Data the target cannot express where it lies is copied to new space; the source keeps reading
     // the original until the commit, so the copy needs no repointing of the source.
+    // A source that can repoint its own data units (QED, VMDK sparse) moves them there in rounds
+    // instead (relocate.ts, planMoveRelocation): each destination then also needs the source's unit
+    // alignment (a QED cluster), the target's prefix (VHD's bitmap sector) fitting in front of it.
+    const mustMove = identity ? [] : targetPlan.mustMove;
+    const relocAlign = source.relocationAlignment ?? 512;
+    const canRelocate =
+      mustMove.length > 0 &&
+      source.relocatable !== undefined &&
+      source.dataDev === source.dev &&
+      !mustMove.some((m) => [...mapping.range(m.guest, m.length)].some((e) => e.kind === 'compressed'));
     const moves: DataMove[] = [];
-    for (const m of identity ? [] : targetPlan.mustMove) {
+    const targets: MoveTarget[] = [];
+    const zero: { start: number; length: number }[] = [];
+    for (const m of mustMove) {
       if (info.backing && [...mapping.range(m.guest, m.length)].some((e) => e.kind === 'unallocated')) {
         throw new UnsupportedError(info.format, 'partly allocated cluster over a backing file', `guest ${m.guest}+${m.length} must move (${m.reason}) but part of it reads from the backing file`);
       }
       const prefix = targetPlan.movePrefix ?? 0;
-      const to = alloc.alloc(prefix + Math.max(m.length, m.hostLength ?? 0), targetPlan.dataAlignment) + prefix;
+      const room = Math.max(m.length, m.hostLength ?? 0);
+      let to: number;
+      if (canRelocate) {
+        const pad = alignUp(prefix, relocAlign);
+        const start = alloc.alloc(pad + room, Math.max(targetPlan.dataAlignment, relocAlign));
+        to = start + pad;
+        zero.push({ start: to, length: room });
+      } else {
+        to = alloc.alloc(prefix + room, targetPlan.dataAlignment) + prefix;
+      }
+      targets.push({ guest: m.guest, length: m.length, to, room });
       const first = [...mapping.range(m.guest, m.length)].find((e) => e.kind === 'data');
       moves.push({ guest: m.guest, length: m.length, ...(first ? { from: first.host! - (first.guest - m.guest) } : {}), to, reason: m.reason });
     }
+    let moveRelocation: Prepared['moveRelocation'];
+    if (canRelocate) {
+      const dataRuns: { guest: number; length: number; host: number }[] = [];
+      for (const m of mustMove) for (const e of mapping.range(m.guest, m.length)) if (e.kind === 'data') dataRuns.push({ guest: e.guest, length: e.length, host: e.host! });
+      const units: Unit[] = [];
+      for (const r of await source.relocatable!(0, 0)) if (r.guest !== undefined) units.push({ ...r, guest: r.guest });
+      const r = planMoveRelocation(units, targets, dataRuns, relocAlign, opts.relocationWindow ?? DEFAULT_WINDOW);
+      if (r) moveRelocation = { ...r, zero };
+    }
     const movedMapping = identity ? identity.expected : overlayMoves(mapping, moves);
     const build = targetDriver.target.build(targetPlan, { ...input, mapping: movedMapping }, alloc);
-    const dataMoveBytes = identity ? identity.relocation.movedBytes : moves.reduce((s, m) => s + m.length, 0);
+    const dataMoveBytes = identity ? identity.relocation.movedBytes : moveRelocation ? moveRelocation.plan.movedBytes : moves.reduce((s, m) => s + m.length, 0);
     // Identity targets are the guest bytes (plus a footer): their length is exact, and reclaim cuts
     // the relocation's scratch space off once the result is verified.
     const finalLength = identity ? build.finalLength : Math.max(build.finalLength, fileLength);
@@ -222,10 +265,15 @@ async function prepare(path: string, dev: BlockDevice, opts: ConvertOptions, int
       compactionMoveBytes: compaction.tablesBytes + compaction.dataBytes,
       // Identity targets grow the file's length to the virtual size, sparsely; what costs disk space is
       // a round's second copies, or at the commit the record (new and old bytes) and the redo writes.
+      // Moves relocated inside the source: a round's second copies, or later the new tables and the
+      // commit record (the fixed regions' new and old bytes) and their writes in place.
       peakExtraBytes: identity
         ? identityPeakExtra(identity.relocation, commitBytes)
-        : Math.max(0, finalLength - fileLength) + compaction.tablesBytes / 2,
+        : moveRelocation
+          ? Math.max(moveRelocation.plan.largestRound, build.metadataBytes + 2 * build.fixed.reduce((s, f) => s + f.bytes.length, 0)) + compaction.tablesBytes / 2
+          : Math.max(0, finalLength - fileLength) + compaction.tablesBytes / 2,
       ...(identity ? { relocation: { rounds: identity.relocation.rounds.length, scratchPeakBytes: identity.relocation.scratchPeak, commitBytes } } : {}),
+      ...(moveRelocation ? { relocation: { rounds: moveRelocation.plan.rounds.length, scratchPeakBytes: 0, commitBytes: 0 } } : {}),
       ...(companionPath !== undefined ? { companion: companionPath } : {}),
       // After compaction (QED) the file is cut to what it holds.
       finalLength: compaction.finalLength,
@@ -237,7 +285,7 @@ async function prepare(path: string, dev: BlockDevice, opts: ConvertOptions, int
           .map(([k, v]) => `${CARRIED_LABELS[k as CarriedField]} (${v})`),
       ],
     };
-    return { chain, source, target: targetDriver.target, targetPlan, input, moves, movedMapping, writes: build.writes, fixed: build.fixed, finalLength, plan, undo: [], holesAsData: holesToData, ...(identity ? { identity } : {}), ...(companionPath !== undefined ? { companion: { path: companionPath, bytes: build.companion ?? new Uint8Array() } } : {}) };
+    return { chain, source, target: targetDriver.target, targetPlan, input, moves, movedMapping, writes: build.writes, fixed: build.fixed, finalLength, plan, undo: [], holesAsData: holesToData, ...(identity ? { identity } : {}), ...(moveRelocation ? { moveRelocation } : {}), ...(companionPath !== undefined ? { companion: { path: companionPath, bytes: build.companion ?? new Uint8Array() } } : {}) };
   } catch (e) {
     await chain.close();
     throw e;
@@ -333,9 +381,21 @@ interface Route {
 }
 
 export interface RouteAlternative {
+  /** The intermediate format, or 'direct' (one step). */
   via: string;
   movedBytes?: number;
+  /** Most extra disk space the route takes at once (plan's peakExtraBytes). */
+  peakExtraBytes?: number;
   refused?: string;
+}
+
+/**
+ * How many more bytes a two-step route may move than the direct one and still be taken for its smaller
+ * peak: one 64 KiB cluster per direct move (the intermediate's own header displaces about that much), or
+ * 1 % of the direct route's moved bytes, whichever is more.
+ */
+export function routeMargin(direct: ConversionPlan): number {
+  return Math.max(direct.moves.length * 65536, Math.floor((direct.dataMoveBytes + direct.compactionMoveBytes) / 100));
 }
 
 /**
@@ -345,8 +405,9 @@ export interface RouteAlternative {
  * the second is planned on a view of the image as the first step leaves it, and the fewest moved bytes win.
  */
 async function chooseRoute(path: string, dev: BlockDevice, opts: ConvertOptions): Promise<Route> {
+  let direct: Prepared;
   try {
-    return { prepared: await prepare(path, dev, opts) };
+    direct = await prepare(path, dev, opts);
   } catch (e) {
     if (!(e instanceof NeedsIntermediateError)) throw e;
     let best: Route | undefined;
@@ -382,6 +443,53 @@ async function chooseRoute(path: string, dev: BlockDevice, opts: ConvertOptions)
     if (!best) throw new UnsupportedError(e.format, e.feature, `${e.message}; no intermediate format works either (${tried.join('; ')})`);
     return { ...best, alternatives };
   }
+  // Moves the source cannot make by relocating its own data (raw, qcow2, VHD) are copies made before
+  // the commit: the disk holds all of them at once. A route through an intermediate format that can
+  // relocate (QED, VMDK sparse) bounds that by a round, and is taken when it moves no more than the
+  // direct route plus a small margin (routeMargin) and takes less space at its peak. The fewest moved
+  // bytes stay the first rule: past the margin the direct route is kept.
+  // A direct route whose copies fit in one relocation window already keeps the bound: kept as it is.
+  const window = opts.relocationWindow ?? DEFAULT_WINDOW;
+  if (direct.moves.length === 0 || direct.moveRelocation !== undefined || direct.identity !== undefined || direct.plan.peakExtraBytes <= window) return { prepared: direct };
+  const directCost = direct.plan.dataMoveBytes + direct.plan.compactionMoveBytes;
+  const alternatives: RouteAlternative[] = [{ via: 'direct', movedBytes: directCost, peakExtraBytes: direct.plan.peakExtraBytes }];
+  let best: Route | undefined;
+  let bestPeak = direct.plan.peakExtraBytes;
+  const limit = directCost + routeMargin(direct.plan);
+  for (const d of opts.drivers) {
+    if (!d.target || d.name === opts.to || d.name === direct.plan.source.format) continue;
+    let first: Prepared | undefined;
+    try {
+      first = await prepare(path, dev, { ...opts, to: d.name, options: {} }, true);
+      const view = new OverlayDevice(dev, [...first.writes, ...first.fixed], first.finalLength);
+      const second = await prepare(path, view, { ...opts, format: d.name });
+      await second.chain.close();
+      const cost = first.plan.dataMoveBytes + first.plan.compactionMoveBytes + second.plan.dataMoveBytes + second.plan.compactionMoveBytes;
+      const peak = combinePlans(first.plan, second.plan).peakExtraBytes;
+      alternatives.push({ via: d.name, movedBytes: cost, peakExtraBytes: peak });
+      if (cost <= limit && peak < bestPeak) {
+        if (best) await best.prepared.chain.close();
+        best = { prepared: first, then: { to: opts.to, options: opts.options ?? {}, estimate: second.plan } };
+        bestPeak = peak;
+        first = undefined;
+      }
+    } catch (err) {
+      if (!(err instanceof ImgconvError) || err instanceof IoError) {
+        if (best) await best.prepared.chain.close();
+        await direct.chain.close();
+        throw err;
+      }
+      alternatives.push({ via: d.name, refused: (err as Error).message });
+    } finally {
+      if (first) await first.chain.close();
+    }
+  }
+  if (!best) {
+    direct.plan.alternatives = alternatives;
+    return { prepared: direct };
+  }
+  await direct.chain.close();
+  return { ...best, alternatives };
 }
 
 /** One step's plan on `dev` (a view of the image as an earlier step leaves it), reading only. */
@@ -585,7 +693,9 @@ async function runStage(
 ): Promise<ConversionReport> {
   const opts = { ...stageOpts, to: prepared.plan.target.format };
   const progress = (phase: Phase, bytesDone: number, bytesTotal: number) => opts.onProgress?.({ phase, bytesDone, bytesTotal });
-  const { plan, moves, writes, source, identity } = prepared;
+  const { plan, moves, writes, source, identity, moveRelocation } = prepared;
+  /** Data is relocated inside the source before the commit (identity targets, or moves of a relocatable source). */
+  const relocating = identity !== undefined || moveRelocation !== undefined;
   let fixed = prepared.fixed;
   const jpath = journalPath(path);
   let journal: BlockDevice | undefined = jh.dev;
@@ -608,7 +718,7 @@ async function runStage(
     // 2. Journal: the old bytes of every fixed region, and the original length. Durable before any
     //    write to the image, so any later crash can be rolled back. (A relocating conversion changes
     //    the source's own tables first, so its undo bytes are read just before the commit instead.)
-    const undo = identity ? [] : await readRegions(dev, fixed.map((f) => ({ offset: f.offset, length: f.bytes.length })));
+    const undo = relocating ? [] : await readRegions(dev, fixed.map((f) => ({ offset: f.offset, length: f.bytes.length })));
     prepared.undo = undo;
     if (!journal) {
       journal = jh.dev = await storage.create(jpath);
@@ -634,7 +744,7 @@ async function runStage(
           ...(prepared.holesAsData ? {} : { holesAsData: false }),
           ...(identity ? { identity: true } : {}),
         },
-        ...(identity ? { relocating: true } : {}),
+        ...(relocating ? { relocating: true } : {}),
         ...(then ? { then: { to: then.to, options: then.options } } : {}),
       }),
     );
@@ -658,11 +768,29 @@ async function runStage(
       commitUndoLength = undoLength;
     }
 
+    // 3b. Moves of a relocatable source: its data units go to their destinations in rounds (copy →
+    //     flush → repoint → flush → punch the old places), so the disk holds at most a round of second
+    //     copies. The destinations are punched first: where a moved range reads zeros (no unit), the
+    //     free space it lands in may hold stale bytes. The fixed regions' old bytes are read after that
+    //     (a sector the relocation punched is what a rollback restores), like an identity target's.
+    if (moveRelocation) {
+      progress('move', 0, plan.dataMoveBytes);
+      wroteInside = true;
+      const size = await dev.size();
+      for (const z of moveRelocation.zero) if (z.start < size) await dev.punchHole(z.start, Math.min(z.length, size - z.start));
+      await dev.flush();
+      await executeRelocation(dev, moveRelocation.units, moveRelocation.plan, (done) => progress('move', done, plan.dataMoveBytes), opts.signal);
+      const undoLength = await dev.size();
+      commitUndo = { undo: await readRegions(dev, fixed.map((f) => ({ offset: f.offset, length: f.bytes.length }))), undoLength };
+      prepared.undo = commitUndo.undo;
+      commitUndoLength = undoLength;
+    }
+
     // 3. Data the target cannot express in place is copied to new space, then flushed, before any
     //    metadata refers to it. The source still reads the originals.
     let moved = 0;
-    progress('move', 0, plan.dataMoveBytes);
-    for (const m of moves) {
+    if (!moveRelocation) progress('move', 0, plan.dataMoveBytes);
+    for (const m of moveRelocation ? [] : moves) {
       for (let off = 0; off < m.length; off += COPY_CHUNK) {
         opts.signal?.throwIfAborted();
         const len = Math.min(COPY_CHUNK, m.length - off);
@@ -674,7 +802,7 @@ async function runStage(
         progress('move', moved, plan.dataMoveBytes);
       }
     }
-    if (moves.length) await dev.flush();
+    if (moves.length && !moveRelocation) await dev.flush();
 
     // 4. New metadata into space no live source structure uses; flushed. The source is still intact.
     const writeTotal = writes.reduce((s, w) => s + w.bytes.length, 0);
@@ -738,7 +866,7 @@ async function runStage(
         if (journal) {
           // A relocating conversion leaves a valid source whose data may now lie past the original end:
           // it is not truncated; reclaim tidies the space the moves left (QED counts it as leaked).
-          if (identity) await reclaim(path, dev, opts.drivers, plan.source.format);
+          if (relocating) await reclaim(path, dev, opts.drivers, plan.source.format);
           else await dev.truncate(plan.source.fileLength);
           await dev.flush();
           await journal.close();
@@ -770,7 +898,7 @@ async function runStage(
       // Untouched only if nothing was written yet; after the PREPARE record, the rollback restored the
       // source (relocation leaves its data where the last round put it, the guest content the same).
       const state = touched ? 'rolled-back' : 'untouched';
-      const what = identity && touched ? `is a valid ${plan.source.format} image with the same guest content (part of its data was relocated)` : `is unchanged (${plan.source.format})`;
+      const what = relocating && touched ? `is a valid ${plan.source.format} image with the same guest content (part of its data was relocated)` : `is unchanged (${plan.source.format})`;
       if (isAbort(e)) throw new ConversionFailedError(state, `cancelled before the commit point; ${path} ${what}`, e);
       throw new ConversionFailedError(journal === undefined && !(await storage.exists(jpath)) ? 'rolled-back' : 'needs-recover', `conversion failed before the commit point: ${(e as Error).message}; ${path} ${what}`, e);
     }
@@ -799,7 +927,7 @@ async function runStage(
       intermediate: then !== undefined,
       redo: fixed,
       ...(prepared.companion ? { companion: prepared.companion.path } : {}),
-      ...(identity !== undefined && intermediateOf === undefined ? { reclaimSourceAs: plan.source.format } : {}),
+      ...(relocating && intermediateOf === undefined ? { reclaimSourceAs: plan.source.format } : {}),
       ...(intermediateOf !== undefined ? { secondStepFrom: intermediateOf } : {}),
       onProgress: opts.onProgress,
     });

@@ -298,3 +298,82 @@ export function coalesce(writes: { offset: number; bytes: Uint8Array }[]): { off
 export function scratchBaseFor(ends: number[], alignment: number): number {
   return alignUp(Math.max(...ends), Math.max(alignment, 1 << 20));
 }
+
+/** A range of guest data a (non-identity) target needs at another host offset, and where it goes. */
+export interface MoveTarget {
+  guest: number;
+  length: number;
+  to: number;
+  /** Host bytes reserved for the move from `to` on (≥ length: a partial last VHD block owns a whole block). */
+  room: number;
+}
+
+/**
+ * Moves for a target that is not identity placement (VHD dynamic: a block needs its bitmap sector in
+ * front of it), done inside the source the way identity targets relocate: every data unit of the source
+ * inside a move goes to move.to + (unit.guest − move.guest). The destinations were allocated in space
+ * no live structure uses, so nothing stands in the way: the rounds are the steps in guest order, each at
+ * most `window` bytes (at least one unit), and no unit is evicted. Undefined when the source's units do
+ * not fit the moves exactly (a unit straddling a move's edge or misaligned for the source, data that no
+ * unit covers): the caller then copies the moves before the commit instead.
+ */
+export function planMoveRelocation(units: Unit[], moves: MoveTarget[], dataRuns: { guest: number; length: number; host: number }[], alignment: number, window: number): { units: Unit[]; plan: RelocationPlan } | undefined {
+  const sorted = moves.slice().sort((a, b) => a.guest - b.guest);
+  const find = (g: number): MoveTarget | undefined => {
+    let lo = 0;
+    let hi = sorted.length - 1;
+    while (lo <= hi) {
+      const mid = (lo + hi) >> 1;
+      const m = sorted[mid]!;
+      if (g < m.guest) hi = mid - 1;
+      else if (g >= m.guest + m.length) lo = mid + 1;
+      else return m;
+    }
+    return undefined;
+  };
+  const chosen: Unit[] = [];
+  const steps: Step[] = [];
+  for (const u of units) {
+    const m = find(u.guest);
+    if (!m) continue;
+    const to = m.to + (u.guest - m.guest);
+    if (u.guest - m.guest + u.length > m.room || to % alignment !== 0) return undefined;
+    steps.push({ unit: chosen.length, from: u.host, to, length: u.length, kind: 'place' });
+    chosen.push(u);
+  }
+  // Every data byte inside the moves must belong to a chosen unit that says the same host.
+  let need = 0;
+  for (const r of dataRuns) need += r.length;
+  let covered = 0;
+  const byGuest = chosen.map((u, i) => ({ u, i })).sort((a, b) => a.u.guest - b.u.guest);
+  let k = 0;
+  for (const r of dataRuns.slice().sort((a, b) => a.guest - b.guest)) {
+    while (k < byGuest.length && byGuest[k]!.u.guest + byGuest[k]!.u.length <= r.guest) k++;
+    for (let j = k; j < byGuest.length && byGuest[j]!.u.guest < r.guest + r.length; j++) {
+      const u = byGuest[j]!.u;
+      const start = Math.max(u.guest, r.guest);
+      const end = Math.min(u.guest + u.length, r.guest + r.length);
+      if (u.host + (start - u.guest) !== r.host + (start - r.guest)) return undefined;
+      covered += end - start;
+    }
+  }
+  if (covered !== need) return undefined;
+  steps.sort((a, b) => chosen[a.unit]!.guest - chosen[b.unit]!.guest);
+  const rounds: Step[][] = [];
+  let round: Step[] = [];
+  let bytes = 0;
+  for (const s of steps) {
+    if (round.length > 0 && bytes + s.length > window) {
+      rounds.push(round);
+      round = [];
+      bytes = 0;
+    }
+    round.push(s);
+    bytes += s.length;
+  }
+  if (round.length > 0) rounds.push(round);
+  const movedBytes = steps.reduce((s, x) => s + x.length, 0);
+  const largestRound = rounds.reduce((m, r) => Math.max(m, r.reduce((s, x) => s + x.length, 0)), 0);
+  const scratchEnd = steps.reduce((m, s) => Math.max(m, s.to + s.length), 0);
+  return { units: chosen, plan: { rounds, movedBytes, largestRound, scratchPeak: 0, scratchEnd, parked: [], placed: steps.map((s) => s.unit) } };
+}

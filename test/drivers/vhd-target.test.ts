@@ -406,8 +406,10 @@ const sources: Source[] = [
     },
     moves: 3 * BLOCK_SIZE,
   },
-  { name: 'QED', format: 'qed', create: qemuMade('qed'), moves: MOVED_4_BLOCKS },
-  { name: 'VMDK monolithicSparse', format: 'vmdk', create: qemuMade('vmdk'), moves: MOVED_4_BLOCKS },
+  // QED and VMDK sparse relocate the moved blocks inside the source (repointing their own tables): only
+  // the 64 KiB clusters/grains holding data move — 100k → 2, 1M + 1M → 32, 64k → 1: 35 of them.
+  { name: 'QED', format: 'qed', create: qemuMade('qed'), moves: 35 * 64 * 1024 },
+  { name: 'VMDK monolithicSparse', format: 'vmdk', create: qemuMade('vmdk'), moves: 35 * 64 * 1024 },
   {
     name: 'VMDK streamOptimized',
     format: 'vmdk',
