@@ -432,6 +432,8 @@ export class FaultyStorage implements Storage {
   count = 0;
   /** The operation the first fault hit, for messages. */
   hit: string | undefined;
+  /** When set, every operation that counts, in order ("flush /x.imgconv-journal@0"): to find where to fault. */
+  log: string[] | undefined;
 
   constructor(
     readonly inner: Storage,
@@ -448,6 +450,7 @@ export class FaultyStorage implements Storage {
   private gate(op: FaultableOp, path: string, offset = 0): void {
     if (!this.canFail(op)) return;
     const n = this.count++;
+    this.log?.push(`${op} ${path}@${offset}`);
     if (this.at < 0) return;
     if (n === this.at || (this.persistent && n > this.at)) {
       this.hit ??= `${op} ${path}@${offset} (operation ${n})`;
