@@ -258,7 +258,10 @@ describe.runIf(haveQemu)('qcow2 target: conversions judged by qemu-img', () => {
       qemuIo(f, 'qed', ['write -P 0xab 0 64k', 'write -z 1M 128k']);
       const { report, info } = await convertAndJudge(f, 'qed', { compat: '0.10' });
       expect(formatData(info).compat).toBe('0.10');
-      expect(report.written.dataBytes).toBe(128 << 10);
+      // The 128 KiB zero range gets clusters of its own (compat=0.10 has no zero flag; left unallocated it
+      // would read the backing file's 0x77). QED relocates data units inside itself and this range has
+      // none: its new clusters are punched, so they read zeros and nothing is copied.
+      expect(report.written.dataBytes).toBe(0);
       const raw = t.path('out.raw');
       qemuImg(['convert', '-O', 'raw', f, raw]);
       const bytes = readFileSync(raw);
