@@ -7,12 +7,10 @@
  * bytes of every file after each write, truncate and punch; judged by qemu-img compare, our checker
  * and qemu-img check (which has no check for vpc: it must say so, not report corruption).
  */
-import { randomFillSync } from 'node:crypto';
-import { closeSync, openSync, readFileSync, writeSync } from 'node:fs';
+import { readFileSync } from 'node:fs';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { allDrivers } from '../../drivers/index.js';
-import { fileStorage, type Storage } from '../../src/blockdev/storage.js';
-import type { BlockDevice, OpenOptions } from '../../src/blockdev/types.js';
+import { PeakStorage, randomRaw } from '../support/peak-storage.js';
 import { convertInPlace, planConversion } from '../../src/engine/convert.js';
 import { openImage } from '../../src/image.js';
 import { checkImage } from '../../src/check.js';
@@ -24,97 +22,6 @@ import type { Fixture } from '../crash/fixtures.js';
 const MiB = 1 << 20;
 const BLOCK = 2 * MiB;
 
-/** Samples the summed allocated bytes of every file it opened for writing after each mutation. */
-class PeakStorage implements Storage {
-  private readonly devices = new Map<string, BlockDevice>();
-  peakAlloc = 0;
-  samples = 0;
-  private startAlloc = 0;
-
-  constructor(private readonly inner: Storage = fileStorage) {}
-
-  async start(paths: string[]): Promise<void> {
-    let alloc = 0;
-    for (const p of paths) {
-      const d = await this.inner.open(p, { write: false });
-      alloc += await d.allocated();
-      await d.close();
-    }
-    this.startAlloc = alloc;
-  }
-
-  private async sample(): Promise<void> {
-    let alloc = 0;
-    for (const d of this.devices.values()) alloc += await d.allocated();
-    this.samples++;
-    this.peakAlloc = Math.max(this.peakAlloc, alloc - this.startAlloc);
-  }
-
-  private wrap(d: BlockDevice, path: string): BlockDevice {
-    this.devices.set(path, d);
-    const sample = () => this.sample();
-    const devices = this.devices;
-    return {
-      path: d.path,
-      get writable() {
-        return d.writable;
-      },
-      size: () => d.size(),
-      allocated: () => d.allocated(),
-      read: (b, o) => d.read(b, o),
-      nextData: (o) => d.nextData(o),
-      nextHole: (o) => d.nextHole(o),
-      flush: () => d.flush(),
-      async write(b, o) {
-        await d.write(b, o);
-        await sample();
-      },
-      async truncate(n) {
-        await d.truncate(n);
-        await sample();
-      },
-      async punchHole(o, n) {
-        await d.punchHole(o, n);
-        await sample();
-      },
-      async close() {
-        if (devices.get(path) === d) devices.delete(path);
-        await d.close();
-      },
-    };
-  }
-
-  async open(path: string, opts: OpenOptions): Promise<BlockDevice> {
-    const d = await this.inner.open(path, opts);
-    return opts.write ? this.wrap(d, path) : d;
-  }
-  async create(path: string): Promise<BlockDevice> {
-    return this.wrap(await this.inner.create(path), path);
-  }
-  async remove(path: string): Promise<void> {
-    this.devices.delete(path);
-    await this.inner.remove(path);
-  }
-  exists(path: string): Promise<boolean> {
-    return this.inner.exists(path);
-  }
-  syncDir(path: string): Promise<void> {
-    return this.inner.syncDir(path);
-  }
-}
-
-function randomRaw(path: string, bytes: number): void {
-  const fd = openSync(path, 'w');
-  const buf = Buffer.allocUnsafe(16 * MiB);
-  try {
-    for (let pos = 0; pos < bytes; pos += buf.length) {
-      randomFillSync(buf);
-      writeSync(fd, buf, 0, Math.min(buf.length, bytes - pos), pos);
-    }
-  } finally {
-    closeSync(fd);
-  }
-}
 
 /** MOVE_MIB / MOVE_WINDOW_MIB run it on another size or window (e.g. 1024 and the default 64). */
 const SIZE = Number(process.env.MOVE_MIB ?? 64) * MiB;
