@@ -1,0 +1,81 @@
+/**
+ * A relocating conversion (QED → VHD dynamic, moves relocated inside the QED in rounds of the
+ * relocation window) cancelled after its relocation, at its first metadata write: the rollback must
+ * leave a valid QED with the same guest content and say 'rolled-back'. Disk space is sampled after every
+ * write, truncate and punch (PeakStorage): until the cancel it stays within the plan's peak (one round).
+ *
+ * Known issue (test.fails below): the rollback's reclaim compacts the QED, whose relocated data now lies
+ * past its old end, back into the holes the rounds punched — compact()'s round B copies all of it before
+ * any source is freed (the tail is cut only at the end), so the rollback takes every moved byte at once
+ * (64 MiB random, 8 MiB window: plan 8 MiB, 8.0 MiB until the cancel, 34 MiB with the rollback). On a
+ * disk with the planned room, a late Ctrl-C/EIO/ENOSPC then ends in ENOSPC during the clean-up
+ * (needs-recover), and recover's reclaim hits the same wall. When compaction frees each batch's
+ * sources after repointing them, that test starts failing: make it a plain test.
+ */
+import { afterAll, beforeAll, describe, expect, test } from 'vitest';
+import { allDrivers } from '../../drivers/index.js';
+import { PeakStorage, randomRaw } from '../support/peak-storage.js';
+import { ConversionFailedError, convertInPlace, planConversion } from '../../src/engine/convert.js';
+import { qemuAvailable, qemuImg, qemuImgStatus, withTmpDir } from '../support/qemu.js';
+
+const MiB = 1 << 20;
+const SIZE = 64 * MiB;
+const WINDOW = 8 * MiB;
+
+describe.skipIf(!qemuAvailable())('relocating moves cancelled after the relocation', () => {
+  const tmp = withTmpDir('imgconv-moverel-rb-');
+  let raw = '';
+  beforeAll(() => {
+    raw = tmp.path('src.raw');
+    randomRaw(raw, SIZE);
+  });
+  afterAll(() => tmp.cleanup());
+
+  const run = async (name: string) => {
+    const img = tmp.path(name);
+    qemuImg(['convert', '-f', 'raw', '-O', 'qed', raw, img]);
+    const opts = { to: 'vhd', drivers: allDrivers, relocationWindow: WINDOW };
+    const plan = await planConversion(img, opts);
+    expect(plan.steps).toBeUndefined();
+    expect(plan.relocation?.rounds).toBeGreaterThan(2);
+    const storage = new PeakStorage();
+    await storage.start([img]);
+    const ac = new AbortController();
+    let err: unknown;
+    let peakAtAbort = -1;
+    try {
+      await convertInPlace(img, {
+        ...opts,
+        storage,
+        signal: ac.signal,
+        onProgress: (e) => {
+          if (e.phase === 'write' && !ac.signal.aborted) {
+            peakAtAbort = storage.peakAlloc;
+            ac.abort();
+          }
+        },
+      });
+    } catch (e) {
+      err = e;
+    }
+    console.log(`${name}: planned peak ${plan.peakExtraBytes / MiB} MiB, moved ${plan.dataMoveBytes / MiB} MiB; measured peak until the cancel ${peakAtAbort / MiB} MiB, with the rollback ${storage.peakAlloc / MiB} MiB`);
+    return { img, plan, err, peakAtAbort, peak: storage.peakAlloc };
+  };
+
+  test('qed → vhd: the rollback leaves a valid QED with the same guest content', async () => {
+    const { img, plan, err, peakAtAbort } = await run('a.qed');
+    expect(err).toBeInstanceOf(ConversionFailedError);
+    expect((err as ConversionFailedError).imageState).toBe('rolled-back');
+    const cmp = qemuImgStatus(['compare', '-f', 'raw', '-F', 'qed', raw, img]);
+    expect(cmp.status, cmp.stdout + cmp.stderr).toBe(0);
+    const chk = qemuImgStatus(['check', '-f', 'qed', img]);
+    expect(chk.status, chk.stdout + chk.stderr).toBe(0);
+    expect(peakAtAbort).toBeGreaterThan(0);
+    expect(peakAtAbort).toBeLessThanOrEqual(plan.peakExtraBytes + 2 * MiB);
+  }, 300_000);
+
+  test.fails('known issue: the rollback takes no more disk space than the plan says', async () => {
+    const { plan, peak } = await run('b.qed');
+    expect(peak).toBeLessThanOrEqual(plan.peakExtraBytes + 2 * MiB);
+  }, 300_000);
+});
