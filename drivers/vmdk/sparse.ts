@@ -6,7 +6,7 @@
 import { inflateSync } from 'node:zlib';
 import { readAt, type BlockDevice } from '../../src/blockdev/types.js';
 import type { BackingRef, CheckReport, ImageInfo, OpenContext, Relocatable, SourceImage } from '../../src/driver.js';
-import { FormatError, ImgconvError, IoError, isMissingFile } from '../../src/errors.js';
+import { FormatError, ImgconvError, IoError, isMissingFile, UnsupportedError } from '../../src/errors.js';
 import type { Extent, ExtentMap } from '../../src/extent-map.js';
 import { HostSpace, type HostRole } from '../../src/host-space.js';
 import { carriedFromDescriptor, ddbValue, decodeDescriptor, NO_PARENT_CID, type Descriptor } from './descriptor.js';
@@ -238,6 +238,9 @@ export class SparseImage implements SourceImage {
     const map = await this.mapping();
     const rgd = g.rgdOffset !== undefined ? await readU32Table(this.dev, g.rgdOffset, g.gdEntries) : undefined;
     const sector = (v: number) => {
+      // A grain table entry is a 32-bit sector number: a place at or past 2 TiB would wrap to another
+      // sector, and the grain's old place is punched once the pointer is flushed.
+      if (v / SECTOR > 0xffffffff) throw new UnsupportedError('vmdk', 'file size', `a grain cannot be moved to byte ${v}: VMDK grain table entries reach 2 TiB`);
       const b = new Uint8Array(4);
       new DataView(b.buffer).setUint32(0, v / SECTOR, true);
       return b;
