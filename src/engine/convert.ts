@@ -860,6 +860,19 @@ async function runStage(
       await journal?.close().catch(() => {});
       throw new ConversionFailedError('needs-recover', `conversion failed at its commit point (${(e as Error).message}); the image is a valid ${plan.source.format} image or, once committed, a ${plan.target.format} one — finish it with: imgconv recover ${path}`, e);
     }
+    if (!committed && relocating && journal && isImageFlushFailure(e, dev.path)) {
+      // The rollback of a relocating conversion reclaims: it reads the source's pointers and punches what
+      // they no longer reference. After a failed fsync the page cache may hold pointer writes the disk
+      // never got (Linux keeps the new bytes in cache and marks them clean), so a punch could free the
+      // only durable copy a pointer on disk still names. Change nothing more now; recover reads the disk.
+      await dev.close().catch(() => {});
+      await journal.close().catch(() => {});
+      throw new ConversionFailedError(
+        'needs-recover',
+        `conversion failed before the commit point: a flush of the image failed (${(e as Error).message}); what the disk holds may differ from what was written, so nothing more was changed. Once the disk is healthy (after a remount or reboot), run: imgconv recover ${path} — it rolls back to the valid ${plan.source.format} image the disk holds`,
+        e,
+      );
+    }
     if (!committed) {
       // Before the commit: undo what was written (only free space and the tail) and drop the journal.
       try {
@@ -1071,6 +1084,11 @@ export async function reclaimAfterRollback(storage: Storage, path: string, dev: 
   await storage.remove(journalPath(path));
   await storage.syncDir(journalPath(path));
   await reclaim(path, dev, drivers, sourceFormat);
+}
+
+/** An fsync (fdatasync) of the image itself failed: its durable contents are no longer known. */
+function isImageFlushFailure(e: unknown, imagePath: string): boolean {
+  return e instanceof IoError && (e.op === 'fdatasync' || e.op === 'flush') && e.path === imagePath;
 }
 
 function isAbort(e: unknown): boolean {
