@@ -284,7 +284,9 @@ export async function adoptDataFile(path: string, dev: BlockDevice, opts: Conver
     adoption = await planAdoption(path, dev, opts, storage, then);
     progress('plan', 1, 1);
   } catch (e) {
-    await dev.close();
+    await dev.close().catch(() => {});
+    // Planning only reads: an I/O error leaves every file byte-identical (as convertInPlace says for its own).
+    if (e instanceof IoError && e.code !== 'ENOENT') throw new ConversionFailedError('untouched', `conversion failed before anything was written: ${e.message}; ${path} is unchanged`, e);
     throw e;
   }
   const { plan, summary, zero, expected } = adoption;
@@ -364,8 +366,9 @@ export async function adoptDataFile(path: string, dev: BlockDevice, opts: Conver
       e,
     );
   }
-  await data.close();
-  await dev.close();
+  // After the rename: the data was synced before it, so an error closing (close(2) on NFS) changes nothing.
+  await data.close().catch(() => {});
+  await dev.close().catch(() => {});
   const first: ConversionReport = {
     ...plan,
     steps: undefined,

@@ -455,3 +455,37 @@ describe.runIf(haveQemu)('adoption then a second step: every crash point and I/O
     }, 300_000);
   }
 });
+
+describe.runIf(haveQemu)('adoption: every failure says which state the image is in', () => {
+  it('an EIO at any storage operation (reads while planning included) is a ConversionFailedError; a failing close after the rename does not hide the conversion', async () => {
+    const m = make('qcow2-stale');
+    try {
+      const { files, image, data, want } = loadMade(m);
+      const counter = new FaultyStorage(memoryStorageOf(files), 'EIO', -1, false);
+      await convertInPlace(image, { to: 'raw', drivers: allDrivers, storage: counter });
+      const bare: string[] = [];
+      for (let at = 0; at < counter.count; at++) {
+        const inner = memoryStorageOf(files);
+        const faulty = new FaultyStorage(inner, 'EIO', at, true);
+        const e = await convertInPlace(image, { to: 'raw', drivers: allDrivers, storage: faulty }).catch((x: unknown) => x);
+        if (!(e instanceof ConversionFailedError)) bare.push(`${faulty.hit}: ${e instanceof Error ? e.constructor.name : String(e)}`);
+        else if (e.imageState === 'untouched') expect((await guestOf(inner, image)).format, String(faulty.hit)).toBe('qcow2');
+      }
+      expect(bare).toEqual([]);
+
+      // close(2) may report an error after the data was synced (NFS): the rename happened, the image is raw.
+      const storage = memoryStorageOf(files);
+      const open = storage.open.bind(storage);
+      storage.open = async (p, o) => {
+        const d = await open(p, o);
+        if (p !== data || !o.write) return d;
+        return Object.assign(Object.create(d) as typeof d, { close: async () => Promise.reject(new Error('EIO on close')) });
+      };
+      const r = await convertInPlace(image, { to: 'raw', drivers: allDrivers, storage }).catch((x: unknown) => x);
+      expect(r instanceof Error ? r.message : 'no error').toBe('no error');
+      expect(await guestOf(storage, image)).toEqual({ format: 'raw', sha: want });
+    } finally {
+      m.cleanup();
+    }
+  }, 60_000);
+});
