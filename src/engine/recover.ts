@@ -140,6 +140,12 @@ async function recoverStep(path: string, dev: BlockDevice, storage: Storage, st:
       // An adoption with a step after it (src/engine/adopt.ts): its commit point is renaming the data
       // file to the image. The data file still there: the rename did not happen, the image is the source.
       if (await storage.exists(adopted.dataFile)) {
+        // …provided the image still reads as the source (a file made at the old name later, or a rename
+        // a file system did not keep across the crash, must not be taken for "nothing happened").
+        const before = await probe(dev, opts.drivers);
+        if (before.driver.name !== prepare.sourceFormat) {
+          throw new RecoveryRefusedError(`${path}: the data file ${adopted.dataFile} is still there but the image probes as ${before.driver.name}, not the ${prepare.sourceFormat} source; refusing to touch either (the journal ${jpath} is kept)`);
+        }
         await removeJournal(true);
         return { image: path, action: 'rolled-back', format: prepare.sourceFormat, detail: `the conversion stopped before its commit point (renaming the data file ${adopted.dataFile} to the image); the ${prepare.sourceFormat} image is unchanged` };
       }

@@ -432,6 +432,22 @@ describe.runIf(haveQemu)('adoption then a second step: every crash point and I/O
           expect(await state.exists(journalPath(image))).toBe(true);
           expect(sha(state.files.get(image)!.snapshot())).toBe(before);
         }
+        {
+          // The other way round: stopped before the rename, the data file still there, but the image's
+          // name now holds a raw disk (a file made at the old name, or a rename the file system lost):
+          // "the data file is there, so nothing happened" must not be believed — refused, nothing removed.
+          const state = stateAfter(rec.initial, rec.log, renameAt);
+          const rawDisk = state.files.get(data)!.snapshot();
+          await state.remove(image);
+          const d = await state.create(image);
+          await d.write(rawDisk, 0);
+          await d.close();
+          const e = await recover(image, { drivers: allDrivers, storage: state }).catch((x: unknown) => x);
+          expect(e).toBeInstanceOf(RecoveryRefusedError);
+          expect((e as Error).message).toMatch(/is still there but the image probes as raw/);
+          expect(await state.exists(journalPath(image))).toBe(true);
+          expect(await state.exists(data)).toBe(true);
+        }
         const rnd = prng(20261204);
         for (const cut of powerLossCuts(rec.log)) {
           for (const ch of powerLossChoices(rec.log, cut, rnd, 6, 8)) await judge(powerLossState(rec.initial, rec.log, cut, ch.kept), `power loss at ${cut} keeping ${ch.kept.join(',')}`);
