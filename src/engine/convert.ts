@@ -270,7 +270,9 @@ async function prepare(path: string, dev: BlockDevice, opts: ConvertOptions, int
       peakExtraBytes: identity
         ? identityPeakExtra(identity.relocation, commitBytes)
         : moveRelocation
-          ? Math.max(moveRelocation.plan.largestRound, build.metadataBytes + 2 * build.fixed.reduce((s, f) => s + f.bytes.length, 0)) + compaction.tablesBytes / 2
+          ? // After the commit a compacting target (QED) copies the relocated data back below its end in one
+            // round before cutting the tail: that copy counts too.
+            Math.max(moveRelocation.plan.largestRound, build.metadataBytes + 2 * build.fixed.reduce((s, f) => s + f.bytes.length, 0), compaction.dataBytes) + compaction.tablesBytes / 2
           : Math.max(0, finalLength - fileLength) + compaction.tablesBytes / 2,
       ...(identity ? { relocation: { rounds: identity.relocation.rounds.length, scratchPeakBytes: identity.relocation.scratchPeak, commitBytes } } : {}),
       ...(moveRelocation ? { relocation: { rounds: moveRelocation.plan.rounds.length, scratchPeakBytes: 0, commitBytes: 0 } } : {}),
