@@ -422,9 +422,7 @@ async function chooseRoute(path: string, dev: BlockDevice, opts: ConvertOptions)
       let first: Prepared | undefined;
       try {
         first = await prepare(path, dev, { ...opts, to: d.name, options: {} }, true);
-        const view = new OverlayDevice(dev, [...first.writes, ...first.fixed], first.finalLength);
-        const second = await prepare(path, view, { ...opts, format: d.name });
-        await second.chain.close();
+        const second = await planSecondStep(path, dev, first, d.name, opts);
         const cost = first.plan.dataMoveBytes + first.plan.compactionMoveBytes + second.plan.dataMoveBytes;
         alternatives.push({ via: d.name, movedBytes: cost });
         if (cost < bestCost) {
@@ -463,9 +461,7 @@ async function chooseRoute(path: string, dev: BlockDevice, opts: ConvertOptions)
     let first: Prepared | undefined;
     try {
       first = await prepare(path, dev, { ...opts, to: d.name, options: {} }, true);
-      const view = new OverlayDevice(dev, [...first.writes, ...first.fixed], first.finalLength);
-      const second = await prepare(path, view, { ...opts, format: d.name });
-      await second.chain.close();
+      const second = await planSecondStep(path, dev, first, d.name, opts);
       const cost = first.plan.dataMoveBytes + first.plan.compactionMoveBytes + second.plan.dataMoveBytes + second.plan.compactionMoveBytes;
       const peak = combinePlans(first.plan, second.plan).peakExtraBytes;
       alternatives.push({ via: d.name, movedBytes: cost, peakExtraBytes: peak });
@@ -492,6 +488,14 @@ async function chooseRoute(path: string, dev: BlockDevice, opts: ConvertOptions)
   }
   await direct.chain.close();
   return { ...best, alternatives };
+}
+
+/** The second step of a route through `via`, planned on a view of the image as `first` leaves it (reading only). */
+async function planSecondStep(path: string, dev: BlockDevice, first: Prepared, via: string, opts: ConvertOptions): Promise<Prepared> {
+  const view = new OverlayDevice(dev, [...first.writes, ...first.fixed], first.finalLength);
+  const second = await prepare(path, view, { ...opts, format: via });
+  await second.chain.close();
+  return second;
 }
 
 /** One step's plan on `dev` (a view of the image as an earlier step leaves it), reading only. */
