@@ -4,9 +4,15 @@
  * a crash while appending leaves exactly the records completed before it. See DESIGN.md, "Commit
  * protocol": PREPARE (undo bytes, original length) is made durable before the image is touched; the
  * durable COMMIT record (redo bytes of the fixed regions) is the commit point; DONE marks the end.
+ *
+ * Records whose meaning depends on an optional field say so in their `features` list (the encoder
+ * derives it from the fields, see `featuresOf`). A reader refuses a journal naming a feature it does not
+ * understand (`requireUnderstood`): a build that ignored such a field would recover the wrong way — an
+ * adoption's PREPARE taken for a plain one truncates the adopted disk to the metadata file's length.
  */
 import { createHash } from 'node:crypto';
 import { ImgconvError } from '../errors.js';
+import { VERSION } from '../version.js';
 
 export const JOURNAL_SUFFIX = '.imgconv-journal';
 const MAGIC = Buffer.from('IMGCJREC', 'latin1');
@@ -32,8 +38,32 @@ export interface Region {
   bytes: Uint8Array;
 }
 
+/**
+ * The features of the journal format this build understands: each names optional fields that change
+ * what recovery must do with the image, so a reader that ignored them would act wrongly. Informational
+ * fields (digests, sizes for messages) are not features. A later build adds a name here for every such
+ * field, and for a new record type (named by the PREPARE that precedes it), so this build refuses them.
+ */
+export const UNDERSTOOD_FEATURES = [
+  /** PREPARE `relocating`, COMMIT `undo`/`undoLength`: data moved inside the source, never truncate on rollback. */
+  'relocating',
+  /** PREPARE `then`: a second step follows, appending its own PREPARE to this journal. */
+  'two-step',
+  /** PREPARE `plan.adoption`: the commit point is renaming a data file to the image, not a COMMIT record. */
+  'adopt-data-file',
+  /** PREPARE `plan.identity`: the target maps host = guest; verify as identity, cut scratch past the end. */
+  'identity',
+  /** PREPARE `plan.holesAsData: false`: file holes stay unallocated in the target; verify so. */
+  'holes-unallocated',
+  /** COMMIT `companion`: a file beside the image is created at the commit, removed on rollback. */
+  'companion',
+] as const;
+export type JournalFeature = (typeof UNDERSTOOD_FEATURES)[number];
+
 export interface PrepareRecord {
   type: 'prepare';
+  /** What a reader must understand to act on this record: derived from the fields by the encoder. */
+  features?: string[];
   sourceFormat: string;
   targetFormat: string;
   /** File length before the conversion: rollback truncates back to it. */
@@ -57,6 +87,7 @@ export interface PrepareRecord {
 
 export interface CommitRecord {
   type: 'commit';
+  features?: string[];
   /** The new bytes of every fixed region, written in place after this record is durable. */
   redo: Region[];
   /** Length the file must have once committed (the target's end), or -1 to leave it. */
@@ -70,12 +101,14 @@ export interface CommitRecord {
 
 export interface DoneRecord {
   type: 'done';
+  features?: string[];
 }
 
 /** Verification failed after the commit: the conversion is being undone from the undo bytes. */
 export interface AbortRecord {
   type: 'abort';
   reason: string;
+  features?: string[];
 }
 
 export type JournalRecord = PrepareRecord | CommitRecord | DoneRecord | AbortRecord;
@@ -92,12 +125,34 @@ export function regionsDigest(regions: Region[]): string {
   return h.digest('hex');
 }
 
+/**
+ * The features a record's fields need: the list the encoder writes (with any the caller named), sorted.
+ * Derived here, not by the callers, so that no record that needs a feature is ever written without it.
+ */
+export function featuresOf(rec: JournalRecord): string[] {
+  const out = new Set<string>(rec.features ?? []);
+  if (rec.type === 'prepare') {
+    if (rec.relocating) out.add('relocating');
+    if (rec.then !== undefined) out.add('two-step');
+    if (rec.plan.adoption !== undefined) out.add('adopt-data-file');
+    if (rec.plan.identity === true) out.add('identity');
+    if (rec.plan.holesAsData === false) out.add('holes-unallocated');
+  } else if (rec.type === 'commit') {
+    if (rec.undo !== undefined || rec.undoLength !== undefined) out.add('relocating');
+    if (rec.companion !== undefined) out.add('companion');
+  }
+  return [...out].sort();
+}
+
 export function encodeRecord(rec: JournalRecord): Uint8Array {
   const regions = rec.type === 'prepare' ? rec.undo : rec.type === 'commit' ? rec.redo : [];
   const second = rec.type === 'commit' ? (rec.undo ?? []) : [];
   const meta: Record<string, unknown> = { ...rec };
   delete meta.undo;
   delete meta.redo;
+  delete meta.features;
+  const features = featuresOf(rec);
+  if (features.length > 0) meta.features = features;
   meta.regions = regions.map((r) => ({ offset: r.offset, length: r.bytes.length }));
   if (rec.type === 'commit' && rec.undo) meta.undoRegions = second.map((r) => ({ offset: r.offset, length: r.bytes.length }));
   const json = Buffer.from(JSON.stringify(meta), 'utf8');
@@ -127,6 +182,11 @@ export interface DecodedJournal {
   validLength: number;
   /** True when bytes follow the last valid record. */
   tornTail: boolean;
+  /**
+   * A complete record with a valid checksum but a type code this build does not know: a newer build
+   * wrote it. Decoding stops there; it is not a torn tail (recovery must not cut it off).
+   */
+  unknownType?: number;
 }
 
 /** Decodes as many complete, valid records as the bytes hold. Never throws on bad input. */
@@ -136,26 +196,29 @@ export function decodeJournal(bytes: Uint8Array): DecodedJournal {
   for (;;) {
     const rec = decodeOne(bytes, pos);
     if (!rec) break;
+    if ('unknownType' in rec) return { records, validLength: pos, tornTail: false, unknownType: rec.unknownType };
     records.push(rec.record);
     pos = rec.end;
   }
   return { records, validLength: pos, tornTail: pos < bytes.length };
 }
 
-function decodeOne(bytes: Uint8Array, pos: number): { record: JournalRecord; end: number } | null {
+function decodeOne(bytes: Uint8Array, pos: number): { record: JournalRecord; end: number } | { unknownType: number } | null {
   if (bytes.length - pos < HEADER_BYTES + DIGEST_BYTES) return null;
   if (!Buffer.from(bytes.subarray(pos, pos + 8)).equals(MAGIC)) return null;
   const dv = new DataView(bytes.buffer, bytes.byteOffset + pos);
-  const type = CODE_TYPES[dv.getUint32(8, true)];
+  const code = dv.getUint32(8, true);
+  const type = CODE_TYPES[code];
   const jsonLen = dv.getUint32(12, true);
   const binLenBig = dv.getBigUint64(16, true);
-  if (!type || jsonLen > MAX_JSON || binLenBig > BigInt(MAX_BINARY)) return null;
+  if (jsonLen > MAX_JSON || binLenBig > BigInt(MAX_BINARY)) return null;
   const binLen = Number(binLenBig);
   const end = pos + HEADER_BYTES + jsonLen + binLen + DIGEST_BYTES;
   if (end > bytes.length) return null;
   const body = bytes.subarray(pos, end - DIGEST_BYTES);
   const digest = createHash('sha256').update(body).digest();
   if (!digest.equals(Buffer.from(bytes.subarray(end - DIGEST_BYTES, end)))) return null;
+  if (!type) return { unknownType: code };
   let meta: Record<string, unknown>;
   try {
     meta = JSON.parse(Buffer.from(bytes.subarray(pos + HEADER_BYTES, pos + HEADER_BYTES + jsonLen)).toString('utf8'));
@@ -187,6 +250,49 @@ function decodeOne(bytes: Uint8Array, pos: number): { record: JournalRecord; end
         : meta
   ) as unknown as JournalRecord;
   return { record, end };
+}
+
+/**
+ * What in a decoded journal this build does not understand: feature names it does not know, a features
+ * field that is not a list of names, a record type it does not know. Empty: the journal can be acted on.
+ * A journal without features (as written before they existed) names none.
+ */
+export function notUnderstood(j: DecodedJournal): string[] {
+  const known = new Set<string>(UNDERSTOOD_FEATURES);
+  const out = new Set<string>();
+  for (const r of j.records) {
+    const f = (r as { features?: unknown }).features;
+    if (f === undefined) continue;
+    if (!Array.isArray(f) || f.some((x) => typeof x !== 'string')) {
+      out.add(`a ${r.type} record's features field ${JSON.stringify(f)} (not a list of names)`);
+      continue;
+    }
+    for (const name of f as string[]) if (!known.has(name)) out.add(`feature "${name}"`);
+  }
+  if (j.unknownType !== undefined) out.add(`record type ${j.unknownType}`);
+  return [...out];
+}
+
+/** The journal needs what this build does not understand; nothing was written. */
+export class JournalNotUnderstoodError extends ImgconvError {
+  constructor(
+    readonly journal: string,
+    readonly unknown: string[],
+  ) {
+    const image = journal.endsWith(JOURNAL_SUFFIX) ? journal.slice(0, -JOURNAL_SUFFIX.length) : journal;
+    super(
+      `${journal} names ${unknown.join(', ')}, which this imgconv (${VERSION}) does not understand: a newer imgconv wrote this journal, and it must finish the interrupted conversion (run that version's: imgconv recover ${image}). Nothing was changed: ${image} and the journal are as they were`,
+    );
+  }
+}
+
+/**
+ * Every reader that acts on a journal calls this before it acts: acting on a record while ignoring a
+ * field that changes its meaning can destroy data (see UNDERSTOOD_FEATURES).
+ */
+export function requireUnderstood(j: DecodedJournal, jpath: string): void {
+  const unknown = notUnderstood(j);
+  if (unknown.length > 0) throw new JournalNotUnderstoodError(jpath, unknown);
 }
 
 /** Where a journal says the conversion stands. */

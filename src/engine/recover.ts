@@ -11,7 +11,7 @@ import { ImgconvError } from '../errors.js';
 import { openImage, probe } from '../image.js';
 import { applyRedo, continueStages, writeCompanion, finishCommitted, overlayMoves, reclaim, reclaimAfterRollback, rollBack, type DataMove, type JournalHandle, type ProgressEvent } from './convert.js';
 import { holesAsData, scanHoles } from './holes.js';
-import { decodeJournal, journalPath, journalState, undoOf, type JournalState, type Region } from './journal.js';
+import { decodeJournal, journalPath, journalState, requireUnderstood, undoOf, type JournalState, type Region } from './journal.js';
 import { identityMapping } from './identity.js';
 
 export interface RecoverOptions {
@@ -41,6 +41,9 @@ export async function readJournal(storage: Storage, jpath: string): Promise<Jour
       done += n;
     }
     const decoded = decodeJournal(bytes.subarray(0, done));
+    // Before anything acts on it (even removing a journal with no PREPARE it can read): a newer build's
+    // journal is refused whole, image and journal untouched.
+    requireUnderstood(decoded, jpath);
     return { ...journalState(decoded), validLength: decoded.validLength };
   } finally {
     await dev.close();
