@@ -9,11 +9,17 @@
  *
  * Every move is MirageOS qcow's state machine: copy into space nothing references → flush → write the
  * one pointer (an aligned 8-byte entry, inside one sector) → flush; only then is the old place free,
- * and it is reused only in a later round, after the image is re-read. A crash at any instant leaves a
- * valid image whose only defect can be a leak, and running reclaim again continues.
+ * and it is reused only in a later round, after the image is re-read. The data moves in batches of at
+ * most a window of bytes, each its own copy → flush → repoint → flush, after which the batch's old
+ * places — unreferenced once its pointers are durable — are punched: the disk holds at most one
+ * batch's copies at once instead of every byte moved. No batch writes where another batch's data
+ * came from (every destination lies below the window, every source at or above its start), so the
+ * punched places are not reused before the image is re-read. A crash at any instant leaves a valid
+ * image whose only defect can be a leak (a copy not yet pointed to, an old place not yet punched),
+ * and running reclaim again continues.
  */
 import { writeSparse } from '../blockdev/sparse.js';
-import { coalesce } from './relocate.js';
+import { coalesce, DEFAULT_WINDOW } from './relocate.js';
 import type { BlockDevice } from '../blockdev/types.js';
 import type { FormatDriver, Relocatable, SourceImage } from '../driver.js';
 import type { FreeRange } from '../host-space.js';
@@ -40,6 +46,8 @@ export async function compact(
   drivers: readonly FormatDriver[],
   to: string,
   onProgress?: (bytesDone: number, bytesTotal: number) => void,
+  /** Most bytes of data copied before their old places are freed (a batch of round B). */
+  window: number = DEFAULT_WINDOW,
 ): Promise<CompactResult> {
   const open = async () => openImage(path, { drivers, format: to, topDevice: dev, backing: false });
   const withImage = async <T>(fn: (img: SourceImage) => Promise<T>): Promise<T> => {
@@ -123,9 +131,15 @@ export async function compact(
         .sort((a, b) => b.host - a.host)
         .slice(0, slots.length)
         .sort((a, b) => a.host - b.host);
-      // Every slot lies below E0 − T and every listed cluster at or above it, so each move goes down.
+      // Every slot lies below E0 − T and every listed cluster at or above it, so each move goes down,
+      // and no batch's destination is another batch's source.
       const moves = data.map((r, i) => ({ r, to: slots[i]! }));
-      result.dataMovedBytes += await applyMoves(dev, moves, moved);
+      for (const batch of batches(moves, window)) {
+        result.dataMovedBytes += await applyMoves(dev, batch, moved);
+        // The batch's pointers are durable: its old places are unreferenced. Punched now, so that the
+        // next batch's copies take the space these free (a crash before the punch leaves a leak).
+        for (const z of mergedRanges(batch.map(({ r }) => ({ start: r.host, end: r.host + r.length })))) await dev.punchHole(z.start, z.end - z.start);
+      }
     }
     await chain.close();
     chain = undefined;
@@ -160,6 +174,24 @@ export async function compact(
   }
   result.lengthAfter = await dev.size();
   return result;
+}
+
+/** Consecutive runs of moves of at most `window` bytes each (at least one move each). */
+export function batches<M extends { r: { length: number } }>(moves: M[], window: number): M[][] {
+  const out: M[][] = [];
+  let cur: M[] = [];
+  let bytes = 0;
+  for (const m of moves) {
+    if (cur.length > 0 && bytes + m.r.length > window) {
+      out.push(cur);
+      cur = [];
+      bytes = 0;
+    }
+    cur.push(m);
+    bytes += m.r.length;
+  }
+  if (cur.length > 0) out.push(cur);
+  return out;
 }
 
 /**
