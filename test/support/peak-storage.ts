@@ -8,11 +8,12 @@ import { randomFillSync } from 'node:crypto';
 import { closeSync, openSync, writeSync } from 'node:fs';
 import { fileStorage, type Storage } from '../../src/blockdev/storage.js';
 import type { BlockDevice, OpenOptions } from '../../src/blockdev/types.js';
+import { PassThroughStorage, passThroughDevice } from './pass-through.js';
 
 const MiB = 1 << 20;
 
-/** Every device it opens or creates is watched: after each mutation the sum of allocated bytes is sampled. */
-export class PeakStorage implements Storage {
+/** Every device it opens for writing or creates is watched: after each mutation the sum of allocated bytes is sampled. */
+export class PeakStorage extends PassThroughStorage {
   private readonly devices = new Map<string, BlockDevice>();
   peakAlloc = 0;
   peakSize = 0;
@@ -20,7 +21,9 @@ export class PeakStorage implements Storage {
   private startAlloc = 0;
   private startSize = 0;
 
-  constructor(private readonly inner: Storage = fileStorage) {}
+  constructor(inner: Storage = fileStorage) {
+    super(inner);
+  }
 
   /** The allocated bytes and apparent sizes of every watched file before the conversion. */
   async start(paths: string[]): Promise<void> {
@@ -48,64 +51,34 @@ export class PeakStorage implements Storage {
     this.peakSize = Math.max(this.peakSize, size - this.startSize);
   }
 
-  private wrap(d: BlockDevice, path: string): BlockDevice {
+  protected override wrap(d: BlockDevice, path: string, opts: OpenOptions): BlockDevice {
+    if (!opts.write) return d;
     // One device per path: a path opened twice (image read-only and writable) is counted once.
     this.devices.set(path, d);
-    const sample = () => this.sample();
-    const devices = this.devices;
-    return {
-      path: d.path,
-      get writable() {
-        return d.writable;
-      },
-      size: () => d.size(),
-      allocated: () => d.allocated(),
-      read: (b, o) => d.read(b, o),
-      nextData: (o) => d.nextData(o),
-      nextHole: (o) => d.nextHole(o),
-      flush: () => d.flush(),
-      async write(b, o) {
-        await d.write(b, o);
-        await sample();
-      },
-      async truncate(n) {
-        await d.truncate(n);
-        await sample();
-      },
-      async punchHole(o, n) {
-        await d.punchHole(o, n);
-        await sample();
-      },
-      async close() {
-        if (devices.get(path) === d) devices.delete(path);
+    const sampled =
+      <A extends unknown[]>(op: (...a: A) => Promise<void>) =>
+      async (...a: A): Promise<void> => {
+        await op(...a);
+        await this.sample();
+      };
+    return passThroughDevice(d, {
+      write: sampled((b, o) => d.write(b, o)),
+      truncate: sampled((n) => d.truncate(n)),
+      punchHole: sampled((o, n) => d.punchHole(o, n)),
+      close: async () => {
+        if (this.devices.get(path) === d) this.devices.delete(path);
         await d.close();
       },
-    };
+    });
   }
 
-  async open(path: string, opts: OpenOptions): Promise<BlockDevice> {
-    const d = await this.inner.open(path, opts);
-    return opts.write ? this.wrap(d, path) : d;
-  }
-  async create(path: string): Promise<BlockDevice> {
-    return this.wrap(await this.inner.create(path), path);
-  }
-  async remove(path: string): Promise<void> {
+  override async remove(path: string): Promise<void> {
     this.devices.delete(path);
-    await this.inner.remove(path);
+    await super.remove(path);
   }
-  exists(path: string): Promise<boolean> {
-    return this.inner.exists(path);
-  }
-  syncDir(path: string): Promise<void> {
-    return this.inner.syncDir(path);
-  }
-  rename(from: string, to: string): Promise<void> {
+  override rename(from: string, to: string): Promise<void> {
     this.devices.delete(from);
-    return this.inner.rename(from, to);
-  }
-  identify(path: string): ReturnType<Storage['identify']> {
-    return this.inner.identify(path);
+    return super.rename(from, to);
   }
 }
 

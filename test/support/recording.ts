@@ -16,9 +16,10 @@
  */
 import { createHash } from 'node:crypto';
 import { MemoryBlockDevice } from '../../src/blockdev/memory.js';
-import { MemoryStorage, type FileIdentity, type Storage } from '../../src/blockdev/storage.js';
+import { MemoryStorage, type Storage } from '../../src/blockdev/storage.js';
 import type { BlockDevice, OpenOptions } from '../../src/blockdev/types.js';
 import { IoError } from '../../src/errors.js';
+import { PassThroughStorage, passThroughDevice } from './pass-through.js';
 
 export const SECTOR = 512;
 const PAGE = 65536;
@@ -53,30 +54,27 @@ export function prng(seed: number): () => number {
   };
 }
 
-export class RecordingStorage implements Storage {
+export class RecordingStorage extends PassThroughStorage<MemoryStorage> {
   readonly log: Op[] = [];
   readonly initial: Files = new Map();
-  readonly live = new MemoryStorage();
 
   constructor(files: Files) {
+    super(new MemoryStorage());
     for (const [p, b] of files) {
       this.initial.set(p, b);
       this.live.files.set(p, sparseDevice(b, p));
     }
   }
 
-  private wrap(d: BlockDevice, path: string): BlockDevice {
+  /** The files as the recorded operations left them. */
+  get live(): MemoryStorage {
+    return this.inner;
+  }
+
+  protected override wrap(d: BlockDevice, path: string): BlockDevice {
     const log = this.log;
-    return {
+    return passThroughDevice(d, {
       path,
-      get writable() {
-        return d.writable;
-      },
-      size: () => d.size(),
-      allocated: () => d.allocated(),
-      read: (b, o) => d.read(b, o),
-      nextData: (o) => d.nextData(o),
-      nextHole: (o) => d.nextHole(o),
       async write(bytes, offset) {
         await d.write(bytes, offset);
         log.push({ kind: 'write', path, offset, bytes: bytes.slice() });
@@ -93,34 +91,24 @@ export class RecordingStorage implements Storage {
         await d.flush();
         log.push({ kind: 'flush', path });
       },
-      close: () => d.close(),
-    };
+    });
   }
 
-  async open(path: string, opts: OpenOptions): Promise<BlockDevice> {
-    return this.wrap(await this.live.open(path, opts), path);
-  }
-  async create(path: string): Promise<BlockDevice> {
-    const d = await this.live.create(path);
+  override async create(path: string): Promise<BlockDevice> {
+    const d = await super.create(path);
     this.log.push({ kind: 'create', path });
-    return this.wrap(d, path);
+    return d;
   }
-  async remove(path: string): Promise<void> {
-    await this.live.remove(path);
+  override async remove(path: string): Promise<void> {
+    await super.remove(path);
     this.log.push({ kind: 'remove', path });
   }
-  exists(path: string): Promise<boolean> {
-    return this.live.exists(path);
-  }
-  async syncDir(path: string): Promise<void> {
+  override async syncDir(path: string): Promise<void> {
     this.log.push({ kind: 'syncDir', path });
   }
-  async rename(from: string, to: string): Promise<void> {
-    await this.live.rename(from, to);
+  override async rename(from: string, to: string): Promise<void> {
+    await super.rename(from, to);
     this.log.push({ kind: 'rename', path: from, to });
-  }
-  identify(path: string): Promise<FileIdentity> {
-    return this.live.identify(path);
   }
 }
 
@@ -428,7 +416,7 @@ export type FaultableOp = 'open' | 'create' | 'remove' | 'rename' | 'syncDir' | 
  * ENOSPC hits only operations that can allocate (write, truncate, create, flush); EIO any of them.
  * `count` tells how many faultable operations a run made (run once with at = -1 to learn it).
  */
-export class FaultyStorage implements Storage {
+export class FaultyStorage extends PassThroughStorage {
   count = 0;
   /** The operation the first fault hit, for messages. */
   hit: string | undefined;
@@ -436,11 +424,13 @@ export class FaultyStorage implements Storage {
   log: string[] | undefined;
 
   constructor(
-    readonly inner: Storage,
+    inner: Storage,
     readonly code: FaultCode,
     readonly at: number,
     readonly persistent: boolean,
-  ) {}
+  ) {
+    super(inner);
+  }
 
   private canFail(op: FaultableOp): boolean {
     if (this.code === 'EIO') return true;
@@ -458,66 +448,51 @@ export class FaultyStorage implements Storage {
     }
   }
 
-  private wrap(d: BlockDevice, path: string): BlockDevice {
-    const self = this;
-    return {
+  protected override wrap(d: BlockDevice, path: string): BlockDevice {
+    return passThroughDevice(d, {
       path,
-      get writable() {
-        return d.writable;
-      },
-      size: () => d.size(),
-      allocated: () => d.allocated(),
-      async read(b, o) {
-        self.gate('read', path, o);
+      read: async (b, o) => {
+        this.gate('read', path, o);
         return d.read(b, o);
       },
-      nextData: (o) => d.nextData(o),
-      nextHole: (o) => d.nextHole(o),
-      async write(bytes, offset) {
-        self.gate('write', path, offset);
+      write: async (bytes, offset) => {
+        this.gate('write', path, offset);
         return d.write(bytes, offset);
       },
-      async truncate(length) {
-        self.gate('truncate', path, length);
+      truncate: async (length) => {
+        this.gate('truncate', path, length);
         return d.truncate(length);
       },
-      async punchHole(offset, length) {
-        self.gate('punch', path, offset);
+      punchHole: async (offset, length) => {
+        this.gate('punch', path, offset);
         return d.punchHole(offset, length);
       },
-      async flush() {
-        self.gate('flush', path);
+      flush: async () => {
+        this.gate('flush', path);
         return d.flush();
       },
-      close: () => d.close(),
-    };
+    });
   }
 
-  async open(path: string, opts: OpenOptions): Promise<BlockDevice> {
+  override async open(path: string, opts: OpenOptions): Promise<BlockDevice> {
     this.gate('open', path);
-    return this.wrap(await this.inner.open(path, opts), path);
+    return super.open(path, opts);
   }
-  async create(path: string): Promise<BlockDevice> {
+  override async create(path: string): Promise<BlockDevice> {
     this.gate('create', path);
-    return this.wrap(await this.inner.create(path), path);
+    return super.create(path);
   }
-  async remove(path: string): Promise<void> {
+  override async remove(path: string): Promise<void> {
     this.gate('remove', path);
-    return this.inner.remove(path);
+    return super.remove(path);
   }
-  exists(path: string): Promise<boolean> {
-    return this.inner.exists(path);
-  }
-  async syncDir(path: string): Promise<void> {
+  override async syncDir(path: string): Promise<void> {
     this.gate('syncDir', path);
-    return this.inner.syncDir(path);
+    return super.syncDir(path);
   }
-  async rename(from: string, to: string): Promise<void> {
+  override async rename(from: string, to: string): Promise<void> {
     this.gate('rename', from);
-    return this.inner.rename(from, to);
-  }
-  identify(path: string): Promise<FileIdentity> {
-    return this.inner.identify(path);
+    return super.rename(from, to);
   }
 }
 
