@@ -255,6 +255,10 @@ async function prepare(path: string, dev: BlockDevice, opts: ConvertOptions, int
         fileLength: finalLength,
       });
     }
+    // Compaction copies data in batches of whole clusters, at most the window (at least one cluster) each.
+    const cs = targetPlan.dataAlignment;
+    const window = opts.relocationWindow ?? DEFAULT_WINDOW;
+    const compactionBatch = Math.min(compaction.dataBytes, Math.max(cs, window - (window % cs)));
     const plan: ConversionPlan = {
       image: path,
       source: { format: info.format, virtualSize: info.virtualSize, fileLength, ...(info.backing ? { backing: info.backing.filename } : {}) },
@@ -270,9 +274,9 @@ async function prepare(path: string, dev: BlockDevice, opts: ConvertOptions, int
       peakExtraBytes: identity
         ? identityPeakExtra(identity.relocation, commitBytes)
         : moveRelocation
-          ? // After the commit a compacting target (QED) copies the relocated data back below its end in one
-            // round before cutting the tail: that copy counts too.
-            Math.max(moveRelocation.plan.largestRound, build.metadataBytes + 2 * build.fixed.reduce((s, f) => s + f.bytes.length, 0), compaction.dataBytes) + compaction.tablesBytes / 2
+          ? // After the commit a compacting target (QED) copies the relocated data back below its end in
+            // batches of the window, each batch's old places punched before the next: one batch counts too.
+            Math.max(moveRelocation.plan.largestRound, build.metadataBytes + 2 * build.fixed.reduce((s, f) => s + f.bytes.length, 0), compactionBatch) + compaction.tablesBytes / 2
           : Math.max(0, finalLength - fileLength) + compaction.tablesBytes / 2,
       ...(identity ? { relocation: { rounds: identity.relocation.rounds.length, scratchPeakBytes: identity.relocation.scratchPeak, commitBytes } } : {}),
       ...(moveRelocation ? { relocation: { rounds: moveRelocation.plan.rounds.length, scratchPeakBytes: 0, commitBytes: 0 } } : {}),
@@ -885,7 +889,7 @@ async function runStage(
         if (journal) {
           // A relocating conversion leaves a valid source whose data may now lie past the original end:
           // it is not truncated; reclaim tidies the space the moves left (QED counts it as leaked).
-          if (relocating) await reclaim(path, dev, opts.drivers, plan.source.format);
+          if (relocating) await reclaim(path, dev, opts.drivers, plan.source.format, undefined, undefined, true, undefined, false, opts.relocationWindow);
           else await dev.truncate(plan.source.fileLength);
           await dev.flush();
           await journal.close();
@@ -948,6 +952,7 @@ async function runStage(
       ...(prepared.companion ? { companion: prepared.companion.path } : {}),
       ...(relocating && intermediateOf === undefined ? { reclaimSourceAs: plan.source.format } : {}),
       ...(intermediateOf !== undefined ? { secondStepFrom: intermediateOf } : {}),
+      ...(opts.relocationWindow !== undefined ? { window: opts.relocationWindow } : {}),
       onProgress: opts.onProgress,
     });
     const finalLength = await dev.size();
@@ -1016,6 +1021,8 @@ export interface FinishArgs {
    * recover runs the second step again.
    */
   secondStepFrom?: string;
+  /** Compaction's batch size (the conversion's relocation window; DEFAULT_WINDOW when not given). */
+  window?: number;
   onProgress?: (e: ProgressEvent) => void;
 }
 
@@ -1057,7 +1064,7 @@ export async function finishCommitted(a: FinishArgs): Promise<{ verified: string
         e,
       );
     }
-    if (a.reclaimSourceAs !== undefined) await reclaimAfterRollback(a.storage, a.path, a.dev, a.drivers, a.reclaimSourceAs);
+    if (a.reclaimSourceAs !== undefined) await reclaimAfterRollback(a.storage, a.path, a.dev, a.drivers, a.reclaimSourceAs, a.window);
     throw new ConversionFailedError('rolled-back', `the converted image failed verification (${e.message}); ${a.path} was restored to its original format`, e);
   }
   a.onProgress?.({ phase: 'verify', bytesDone: 1, bytesTotal: 1 });
@@ -1073,6 +1080,7 @@ export async function finishCommitted(a: FinishArgs): Promise<{ verified: string
     !a.intermediate,
     a.identity ? a.redo : undefined,
     a.companion !== undefined,
+    a.window,
   );
   a.onProgress?.({ phase: 'reclaim', bytesDone: 1, bytesTotal: 1 });
   return { verified, reclaimedBytes, compactMovedBytes };
@@ -1085,11 +1093,11 @@ export async function finishCommitted(a: FinishArgs): Promise<{ verified: string
  * then reclaim tidies the space the moves left. A crash during that reclaim leaves a valid source image
  * whose only defect can be unreferenced space (leaks), as any interrupted compaction does.
  */
-export async function reclaimAfterRollback(storage: Storage, path: string, dev: BlockDevice, drivers: readonly FormatDriver[], sourceFormat: string): Promise<void> {
+export async function reclaimAfterRollback(storage: Storage, path: string, dev: BlockDevice, drivers: readonly FormatDriver[], sourceFormat: string, window?: number): Promise<void> {
   await dev.flush();
   await storage.remove(journalPath(path));
   await storage.syncDir(journalPath(path));
-  await reclaim(path, dev, drivers, sourceFormat);
+  await reclaim(path, dev, drivers, sourceFormat, undefined, undefined, true, undefined, false, window);
 }
 
 /** An fsync (fdatasync) of the image itself failed: its durable contents are no longer known. */
@@ -1208,6 +1216,8 @@ export async function reclaim(
   sparsify?: Region[],
   /** The image is a companion's raw data (VMDK flat): nothing in it to open as the target format. */
   dataOnly = false,
+  /** Compaction's batch size (see compact); DEFAULT_WINDOW when not given. */
+  compactWindow?: number,
 ): Promise<{ reclaimedBytes: number; compactMovedBytes: number }> {
   let compactMovedBytes = 0;
   let cut = 0;
@@ -1224,7 +1234,7 @@ export async function reclaim(
     await dev.flush();
   }
   if (compactLeaks && findDriver(drivers, to).target?.unreferencedIsLeak) {
-    const c = await compact(path, dev, drivers, to, onProgress);
+    const c = await compact(path, dev, drivers, to, onProgress, compactWindow);
     compactMovedBytes = c.dataMovedBytes + c.tablesMovedBytes;
   }
   if (dataOnly) {
