@@ -5,11 +5,13 @@
  * data under the target's header region, a backing file, and data the target must relocate, where
  * the format admits them (raw has no backing file; qcow2 and QED hold their own header at offset 0).
  */
+import { execFileSync } from 'node:child_process';
 import { mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { qemuImg, qemuIo, withTmpDir } from '../support/qemu.js';
 import type { Files } from '../support/recording.js';
 import { decodeFooter, encodeUtf16 } from '../../drivers/vhd/index.js';
+import type { ConvertOptions } from '../../src/engine/convert.js';
 import { DISK_DIFFERENCING, UUID_B, buildDynamic } from '../drivers/vhd-support.js';
 
 export interface Fixture {
@@ -28,7 +30,24 @@ export interface Fixture {
   targets?: string[];
   /** Target options per target (`-o`); with them a target may be the source's own format (a subformat change). */
   options?: Record<string, Record<string, string>>;
+  /** Conversion options besides the target's (a small relocation window: the moves take several rounds); part of the row's name. */
+  convert?: RowOptions;
+  /**
+   * The least relocation rounds the uncut conversion takes (its relocating step's, when it has two): a
+   * row written to cover relocation in rounds fails when its conversion no longer takes them.
+   */
+  rounds?: number;
+  /**
+   * The source's external data file (memory path), which the conversion adopts as the raw disk: it is
+   * there while the image is still the source and gone once the image is the target.
+   */
+  dataFile?: string;
+  /** The source as the row names it, where the format alone does not say it (a data file beside the image). */
+  sourceLabel?: string;
 }
+
+/** The conversion options a harness row may set (convertInPlace's, beside the target and its `-o`). */
+export type RowOptions = Pick<ConvertOptions, 'relocationWindow'>;
 
 const K = 1024;
 const M = 1024 * 1024;
@@ -45,8 +64,14 @@ interface Spec {
   targets?: string[];
   /** Target options per target; a within-format conversion (VHD fixed → dynamic) names its format in `targets` and its options here. */
   options?: Record<string, Record<string, string>>;
-  /** Creates the image (and its backing files) in `dir`; returns the image's file name and the others'. */
-  make: (dir: string) => { image: string; others: string[] };
+  convert?: RowOptions;
+  rounds?: number;
+  sourceLabel?: string;
+  /**
+   * Creates the image (and its backing or data files) in `dir`; returns the image's file name, the
+   * others', and which of them is the image's external data file.
+   */
+  make: (dir: string) => { image: string; others: string[]; dataFile?: string };
   /**
    * Target subformats this fixture is also converted to, each its own fixture (`<name>@<label>`) of its
    * own pair row (e.g. "raw → vmdk -o subformat=monolithicFlat"): the same files, one target, its options.
@@ -58,16 +83,26 @@ interface Spec {
 interface Variant {
   label: string;
   to: string;
-  options: Record<string, string>;
+  options?: Record<string, string>;
+  /** Conversion options of the variant's row (a small relocation window), and the rounds it must take. */
+  convert?: RowOptions;
+  rounds?: number;
   full?: true;
 }
 
-const FLAT: Variant = { label: 'flat', to: 'vmdk', options: { subformat: 'monolithicFlat' } };
-const VHD_FIXED: Variant = { label: 'fixed', to: 'vhd', options: { subformat: 'fixed' } };
+/** A variant that is a target subformat (`-o`). */
+type SubformatVariant = Variant & { options: Record<string, string> };
+const FLAT: SubformatVariant = { label: 'flat', to: 'vmdk', options: { subformat: 'monolithicFlat' } };
+const VHD_FIXED: SubformatVariant = { label: 'fixed', to: 'vhd', options: { subformat: 'fixed' } };
 /** raw → qcow2 with the image as its raw external data file: a qcow2 metadata file created beside it. */
-const DATA_FILE: Variant = { label: 'datafile', to: 'qcow2', options: { data_file_raw: 'on' } };
+const DATA_FILE: SubformatVariant = { label: 'datafile', to: 'qcow2', options: { data_file_raw: 'on' } };
 /** Variants for the full run only: relocating and two-step conversions are long. */
 const full = (v: Variant): Variant => ({ ...v, full: true });
+/**
+ * A relocation window of a few clusters: the conversion to `to` relocates in `rounds` or more rounds
+ * (copy → flush → repoint → flush → punch each) where the default 64 MiB window takes one.
+ */
+const windowed = (to: string, window: number, rounds: number): Variant => ({ label: `window${window / K}k`, to, convert: { relocationWindow: window }, rounds });
 
 const raw = (dir: string, name: string, size: number, runs: [number, number, number][]): void => {
   const b = new Uint8Array(size);
@@ -80,6 +115,8 @@ const raw = (dir: string, name: string, size: number, runs: [number, number, num
 };
 
 const io = (dir: string, file: string, fmt: string, cmds: string[]) => qemuIo(join(dir, file), fmt, cmds);
+/** qemu-img / qemu-io run in `dir`: QEMU 7.2 opens a qcow2's relative data file name from its working directory. */
+const inDir = (dir: string, cmd: 'qemu-img' | 'qemu-io', args: string[]) => execFileSync(cmd, args, { cwd: dir, stdio: ['ignore', 'ignore', 'pipe'] });
 const create = (dir: string, args: string[]) => qemuImg(['create', '-q', ...args.map((a, i) => (i === args.length - 2 ? join(dir, a) : a))]);
 
 export const SPECS: Spec[] = [
@@ -118,10 +155,35 @@ export const SPECS: Spec[] = [
       return { image: 'comp.qcow2', others: [] };
     },
   },
+  {
+    name: 'qcow2-datafile',
+    format: 'qcow2',
+    sourceLabel: 'qcow2 (data_file_raw=on)',
+    targets: ['raw', 'qed'],
+    traits: ['external data file, data_file_raw=on: → raw adopts it (its rename onto the image is the commit point); → QED adopts it, then converts the raw disk (two steps)'],
+    make: (d) => {
+      inDir(d, 'qemu-img', ['create', '-q', '-f', 'qcow2', '-o', 'data_file=d.raw,data_file_raw=on', 'dfraw.qcow2', '1M']);
+      inDir(d, 'qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x45 0 64k', '-c', 'write -z 16k 8k', '-c', 'write -P 0x46 512k 12k', 'dfraw.qcow2']);
+      return { image: 'dfraw.qcow2', others: ['d.raw'], dataFile: 'd.raw' };
+    },
+  },
+  {
+    name: 'qcow2-datafile-stale',
+    format: 'qcow2',
+    sourceLabel: 'qcow2 (data_file, zero clusters over stale bytes)',
+    targets: ['raw'],
+    traits: ['external data file without data_file_raw: zero clusters over bytes the data file still holds, zeroed in it before the rename'],
+    make: (d) => {
+      inDir(d, 'qemu-img', ['create', '-q', '-f', 'qcow2', '-o', 'data_file=d.raw,cluster_size=4096', 'dfstale.qcow2', '1M']);
+      inDir(d, 'qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x47 0 64k', '-c', 'write -P 0x48 700k 16k', '-c', 'write -z 8k 16k', '-c', 'write -z 704k 4k', 'dfstale.qcow2']);
+      return { image: 'dfstale.qcow2', others: ['d.raw'], dataFile: 'd.raw' };
+    },
+  },
   // ---- QED sources ----
   {
     name: 'qed-c4k',
-    variants: [full(FLAT), full(VHD_FIXED), full(DATA_FILE)],
+    // → VHD dynamic with a 4-cluster window: the 48 KiB of moved clusters relocate inside the QED in 3 rounds.
+    variants: [full(FLAT), full(VHD_FIXED), full(DATA_FILE), windowed('vhd', 16 * K, 3)],
     format: 'qed',
     traits: ['4 KiB clusters, 2-cluster tables', 'zero clusters'],
     make: (d) => {
@@ -151,10 +213,24 @@ export const SPECS: Spec[] = [
       return { image: 'c64k.qed', others: [] };
     },
   },
+  {
+    name: 'qed-reversed',
+    format: 'qed',
+    targets: ['raw'],
+    rounds: 3,
+    traits: ['16 runs of 8 KiB (4 KiB clusters) written in reverse guest order: → raw relocates in 3 rounds, some clusters through scratch'],
+    make: (d) => {
+      create(d, ['-f', 'qed', '-o', 'cluster_size=4096,table_size=2', 'rev.qed', '1M']);
+      io(d, 'rev.qed', 'qed', Array.from({ length: 16 }, (_, i) => 15 - i).map((i) => `write -P ${0x90 + i} ${i * 64}k 8k`));
+      return { image: 'rev.qed', others: [] };
+    },
+  },
   // ---- raw sources ----
   {
     name: 'raw-head',
-    variants: [FLAT, VHD_FIXED, DATA_FILE],
+    // → VHD dynamic with a 256 KiB window: raw cannot relocate, so two steps through VMDK sparse, whose
+    // moves relocate in 4 rounds (the direct route would copy all 1 MiB before the commit).
+    variants: [FLAT, VHD_FIXED, DATA_FILE, windowed('vhd', 256 * K, 4)],
     format: 'raw',
     traits: ['data under the target header region (offset 0)'],
     make: (d) => {
@@ -213,6 +289,30 @@ export const SPECS: Spec[] = [
       qemuImg(['create', '-q', '-f', 'vmdk', '-b', 'vbase.vmdk', '-F', 'vmdk', join(d, 'vchild.vmdk'), '1M']);
       io(d, 'vchild.vmdk', 'vmdk', ['write -P 0xf3 64k 64k', 'write -P 0xf4 900k 4k']);
       return { image: 'vchild.vmdk', others: ['vbase.vmdk'] };
+    },
+  },
+  {
+    name: 'vmdk-reversed',
+    format: 'vmdk',
+    targets: ['raw'],
+    rounds: 3,
+    traits: ['12 grains written in reverse guest order: → raw relocates in 3 rounds, some grains through scratch'],
+    make: (d) => {
+      create(d, ['-f', 'vmdk', 'rev.vmdk', '1M']);
+      io(d, 'rev.vmdk', 'vmdk', Array.from({ length: 12 }, (_, i) => 11 - i).map((i) => `write -P ${0xa0 + i} ${i * 64}k 64k`));
+      return { image: 'rev.vmdk', others: [] };
+    },
+  },
+  {
+    name: 'vmdk-flat',
+    format: 'vmdk',
+    sourceLabel: 'vmdk (monolithicFlat)',
+    targets: ['raw'],
+    traits: ['monolithicFlat: a descriptor and its flat extent; → raw adopts the extent (its rename onto the descriptor is the commit point)'],
+    make: (d) => {
+      create(d, ['-f', 'vmdk', '-o', 'subformat=monolithicFlat', 'flat.vmdk', '1M']);
+      io(d, 'flat.vmdk', 'vmdk', ['write -P 0xda 0 64k', 'write -P 0xdb 900k 4k']);
+      return { image: 'flat.vmdk', others: ['flat-flat.vmdk'], dataFile: 'flat-flat.vmdk' };
     },
   },
   // ---- VHD sources ----
@@ -508,7 +608,7 @@ EXTRA_SPECS.push(
     const size = (sizeKOf(i) + 4 * i) * K + (i % 7 === 3 ? 300 : 0);
     raw(d, `zc${i}.raw`, size, [[0, (1 + (i % 5)) * 512, 0x10 + (i % 200)], ...runsOf(i, sizeKOf(i)).map(([at, len], j): [number, number, number] => [at * K, Math.min(len * K, size - at * K), 0x20 + ((i + j) % 200)])]);
     return `zc${i}.raw`;
-  }).flatMap((s) => [
+  }).flatMap((s): Spec[] => [
     { ...s, name: `${s.name}@flat`, targets: ['vmdk'], options: { vmdk: FLAT.options } },
     { ...s, name: `${s.name}@fixed`, targets: ['vhd'], options: { vhd: VHD_FIXED.options } },
     { ...s, name: `${s.name}@datafile`, targets: ['qcow2'], options: { qcow2: DATA_FILE.options } },
@@ -609,13 +709,42 @@ export function buildFixtures(format?: string, set: FixtureSet = fixtureSet()): 
     return specs.filter((s) => format === undefined || s.format === format).flatMap((s) => {
       const dir = join(tmp.dir, s.name);
       mkdirSync(dir, { recursive: true });
-      const { image, others } = s.make(dir);
+      const { image, others, dataFile } = s.make(dir);
       const files: Files = new Map();
       const memDir = `/mem/${s.name}`;
       for (const f of [image, ...others]) files.set(`${memDir}/${f}`, new Uint8Array(readFileSync(join(dir, f))));
-      const fx: Fixture = { name: s.name, format: s.format, image: `${memDir}/${image}`, files, traits: s.traits, qemuFormat: QEMU_FORMAT[s.format]!, qemuReadsSource: s.qemuReadsSource ?? true, ...(s.targets ? { targets: s.targets } : {}), ...(s.options ? { options: s.options } : {}) };
+      const fx: Fixture = {
+        name: s.name,
+        format: s.format,
+        image: `${memDir}/${image}`,
+        files,
+        traits: s.traits,
+        qemuFormat: QEMU_FORMAT[s.format]!,
+        qemuReadsSource: s.qemuReadsSource ?? true,
+        ...(s.targets ? { targets: s.targets } : {}),
+        ...(s.options ? { options: s.options } : {}),
+        ...(s.convert ? { convert: s.convert } : {}),
+        ...(s.rounds !== undefined ? { rounds: s.rounds } : {}),
+        ...(dataFile !== undefined ? { dataFile: `${memDir}/${dataFile}` } : {}),
+        ...(s.sourceLabel !== undefined ? { sourceLabel: s.sourceLabel } : {}),
+      };
       const variants = (s.variants ?? []).filter((v) => fullRun || !v.full);
-      return [fx, ...variants.map((v): Fixture => ({ ...fx, name: `${s.name}@${v.label}`, traits: [...s.traits, `→ ${v.to} -o ${Object.entries(v.options).map(([k, x]) => `${k}=${x}`).join(',')}`], targets: [v.to], options: { [v.to]: v.options } }))];
+      return [
+        fx,
+        ...variants.map((v): Fixture => {
+          const { options: _options, convert: _convert, rounds: _rounds, ...common } = fx;
+          const what = [...(v.options ? [`-o ${Object.entries(v.options).map(([k, x]) => `${k}=${x}`).join(',')}`] : []), ...(v.convert?.relocationWindow !== undefined ? [`relocation window ${v.convert.relocationWindow / K} KiB`] : [])];
+          return {
+            ...common,
+            name: `${s.name}@${v.label}`,
+            traits: [...s.traits, `→ ${v.to} ${what.join(', ')}`],
+            targets: [v.to],
+            ...(v.options ? { options: { [v.to]: v.options } } : {}),
+            ...(v.convert ? { convert: v.convert } : {}),
+            ...(v.rounds !== undefined ? { rounds: v.rounds } : {}),
+          };
+        }),
+      ];
     });
   } finally {
     tmp.cleanup();

@@ -17,7 +17,7 @@ import { createHash } from 'node:crypto';
 import { mkdirSync, writeFileSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { allDrivers } from '../../drivers/index.js';
-import { convertInPlace, ConversionFailedError } from '../../src/engine/convert.js';
+import { convertInPlace, ConversionFailedError, type ConversionReport } from '../../src/engine/convert.js';
 import { recover } from '../../src/engine/recover.js';
 import { journalPath } from '../../src/engine/journal.js';
 import { openImage } from '../../src/image.js';
@@ -44,7 +44,7 @@ import {
   type Op,
 } from '../support/recording.js';
 import { qemuImgStatus, withTmpDir } from '../support/qemu.js';
-import { QEMU_FORMAT, type Fixture } from './fixtures.js';
+import { QEMU_FORMAT, type Fixture, type RowOptions } from './fixtures.js';
 
 export const FULL = process.env.IMGCONV_CRASH_FULL === '1';
 export const SEED = Number(process.env.IMGCONV_CRASH_SEED ?? 20261122);
@@ -167,6 +167,8 @@ export async function checkState(state: MemoryStorage, fx: Fixture, to: string, 
   if (viaCompanion && d.format !== to) return { ok: false, why: `the companion ${companion} opens as ${d.format}, not ${to}` };
   if (companion !== undefined && !viaCompanion && d.format !== orig.format) return { ok: false, why: `no companion, and the image is ${d.format}, not the source format ${orig.format}` };
   if (d.format !== orig.format && d.format !== to) return { ok: false, why: `format ${d.format} is neither ${orig.format} nor ${to}` };
+  // An adopted data file became the image: once the image is no longer the source, its old name is gone.
+  if (fx.dataFile !== undefined && d.format !== orig.format && (await state.exists(fx.dataFile))) return { ok: false, why: `the image is ${d.format} but the source's data file ${fx.dataFile} is still there` };
   if (d.virtualSize !== orig.virtualSize) return { ok: false, why: `virtual size ${d.virtualSize} ≠ ${orig.virtualSize} (${d.format})` };
   if (d.sha !== orig.sha) return { ok: false, why: `guest content differs (${d.format}) — a clean open returning wrong bytes` };
   if (d.corruptions || d.checkErrors || d.leaks) {
@@ -190,22 +192,32 @@ export async function originalOf(fx: Fixture): Promise<Original> {
   return { format: d.format, virtualSize: d.virtualSize, sha: d.sha };
 }
 
-/** The fixture's target options for `to`, as convertInPlace takes them. */
-export function optionsFor(fx: Fixture, to: string): { options?: Record<string, string> } {
+/** The fixture's target options for `to` and its row's conversion options, as convertInPlace takes them. */
+export function optionsFor(fx: Fixture, to: string): { options?: Record<string, string> } & RowOptions {
   const o = fx.options?.[to];
-  return o ? { options: o } : {};
+  return { ...(o ? { options: o } : {}), ...fx.convert };
 }
 
-/** "vhd → qcow2"; with target options "vhd → vhd -o subformat=dynamic" (a within-format pair is its own row). */
+/**
+ * "vhd → qcow2"; with target options "vhd → vhd -o subformat=dynamic" (a within-format pair is its own
+ * row), likewise a row's relocation window ("qed → vhd (relocation window 16 KiB)") and a source the
+ * format alone does not name ("qcow2 (data_file_raw=on) → raw").
+ */
 export function pairName(fx: Fixture, to: string): string {
   const o = fx.options?.[to];
-  return `${fx.format} → ${to}${o ? ` -o ${Object.entries(o).map(([k, v]) => `${k}=${v}`).join(',')}` : ''}`;
+  const w = fx.convert?.relocationWindow;
+  return `${fx.sourceLabel ?? fx.format} → ${to}${o ? ` -o ${Object.entries(o).map(([k, v]) => `${k}=${v}`).join(',')}` : ''}${w !== undefined ? ` (relocation window ${w / 1024} KiB)` : ''}`;
 }
 
-export async function recordConversion(files: Files, fx: Fixture, to: string): Promise<RecordingStorage> {
+export async function recordConversion(files: Files, fx: Fixture, to: string): Promise<{ rec: RecordingStorage; report: ConversionReport }> {
   const rec = new RecordingStorage(files);
-  await convertInPlace(fx.image, { to, format: fx.format, drivers: allDrivers, storage: rec, ...optionsFor(fx, to) });
-  return rec;
+  const report = await convertInPlace(fx.image, { to, format: fx.format, drivers: allDrivers, storage: rec, ...optionsFor(fx, to) });
+  return { rec, report };
+}
+
+/** The relocation rounds of a conversion: its relocating step's, when it took two. */
+export function relocationRounds(report: ConversionReport): number {
+  return Math.max(0, ...[report, ...(report.steps ?? [])].map((p) => p.relocation?.rounds ?? 0));
 }
 
 /** A crash state to check: how to build it and what it is. */
@@ -302,7 +314,10 @@ export async function runFixture(fx: Fixture, to: string, opts: RunOptions = {})
   const where = `${fx.name} → ${to} (seed ${opts.seed ?? SEED})`;
   let rec: RecordingStorage;
   try {
-    rec = await recordConversion(fx.files, fx, to);
+    const recorded = await recordConversion(fx.files, fx, to);
+    rec = recorded.rec;
+    const rounds = relocationRounds(recorded.report);
+    if (fx.rounds !== undefined && rounds < fx.rounds) tally.failures.push(`${where}: the uncut conversion relocated in ${rounds} rounds, the row is written for at least ${fx.rounds}`);
   } catch (e) {
     if (!(e instanceof UnsupportedError)) throw e;
     tally.refused = e.message;
@@ -422,6 +437,18 @@ function confirmWithQemu(fx: Fixture, orig: Original, states: Confirmable[], tal
     } else {
       origImage = write(fx.files, tmp.path('orig'));
       origFormat = QEMU_FORMAT[orig.format]!;
+      if (fx.dataFile !== undefined) {
+        // QEMU 7.2 opens a qcow2's relative data file name from its working directory: the original is
+        // read once in its own folder, by qemu-img, into the raw reference the states are compared with.
+        const reference = tmp.path('reference.raw');
+        const r = qemuImgStatus(['convert', '-f', origFormat, '-O', 'raw', origImage, reference], dirname(origImage));
+        if (r.status !== 0) {
+          failures.push(`${fx.name}: qemu-img convert of the original to a raw reference: ${r.stderr}`);
+          return 0;
+        }
+        origImage = reference;
+        origFormat = 'raw';
+      }
     }
     for (const [i, { state, label, format, image }] of states.entries()) {
       if (format === orig.format && !fx.qemuReadsSource) continue;
@@ -450,6 +477,27 @@ function confirmWithQemu(fx: Fixture, orig: Original, states: Confirmable[], tal
   return n;
 }
 
+/**
+ * Where a data file changed in a way its source image would read (null when nowhere): a byte inside the
+ * disk that differs from before must now be zero where the original guest disk reads zero.
+ */
+async function visibleChange(fx: Fixture, orig: Original, before: Uint8Array, after: Uint8Array): Promise<string | null> {
+  const chain = await openImage(fx.image, { drivers: allDrivers, opener: (p, o) => memoryStorageOf(fx.files).open(p, o) });
+  let guest: Uint8Array;
+  try {
+    guest = await (await GuestReader.create(chain)).read(0, orig.virtualSize);
+  } finally {
+    await chain.close();
+  }
+  const end = Math.min(orig.virtualSize, Math.max(before.length, after.length));
+  for (let i = 0; i < end; i++) {
+    const was = before[i] ?? 0;
+    const now = after[i] ?? 0;
+    if (was !== now && (now !== 0 || guest[i] !== 0)) return `byte ${i} was ${was}, is ${now}, the guest disk reads ${guest[i]}`;
+  }
+  return null;
+}
+
 /** What a failed conversion's imageState must mean, checked against the files it left. */
 async function truthful(err: ConversionFailedError, state: MemoryStorage, fx: Fixture, to: string, orig: Original, initial: Files, companion: string | undefined): Promise<string | null> {
   const journal = await state.exists(journalPath(fx.image));
@@ -460,7 +508,16 @@ async function truthful(err: ConversionFailedError, state: MemoryStorage, fx: Fi
       if (hasCompanion) return `says untouched but ${companion} was created`;
       for (const [p, b] of initial) {
         const d = state.files.get(p);
-        if (!d || Buffer.compare(Buffer.from(d.snapshot()), Buffer.from(b)) !== 0) return `says untouched but ${p} changed`;
+        if (!d) return `says untouched but ${p} is gone`;
+        const now = d.snapshot();
+        if (Buffer.compare(Buffer.from(now), Buffer.from(b)) === 0) continue;
+        if (p !== fx.dataFile) return `says untouched but ${p} changed`;
+        // An adoption zeroes the data file where the image reads zeros over stale bytes and sets its length
+        // before the commit point; the source cannot see that, and README calls the image untouched then.
+        // Only such changes, and said in the message.
+        const why = await visibleChange(fx, orig, b, now);
+        if (why) return `says untouched but the data file ${p} changed where the source reads it: ${why}`;
+        if (!err.message.includes(p)) return `says untouched, the data file ${p} changed (invisibly), and the message does not say so: ${err.message}`;
       }
       return null;
     }
@@ -474,6 +531,17 @@ async function truthful(err: ConversionFailedError, state: MemoryStorage, fx: Fi
         if (d.format !== want || d.sha !== orig.sha || d.corruptions || d.leaks || d.checkErrors) return `says ${err.imageState} but the image is ${d.format}, content ${d.sha === orig.sha ? 'same' : 'different'}, ${d.corruptions} corruptions, ${d.leaks} leaks`;
       } catch (e) {
         return `says ${err.imageState} but the image does not open: ${(e as Error).message}`;
+      }
+      return null;
+    }
+    case 'intermediate': {
+      // A two-step conversion stopped between its steps: no journal, a valid image of the intermediate format.
+      if (journal) return 'says intermediate but a journal exists';
+      try {
+        const d = await describeImage(state, fx.image);
+        if (d.format === orig.format || d.format === to || d.sha !== orig.sha || d.corruptions || d.leaks || d.checkErrors) return `says intermediate but the image is ${d.format}, content ${d.sha === orig.sha ? 'same' : 'different'}, ${d.corruptions} corruptions, ${d.leaks} leaks`;
+      } catch (e) {
+        return `says intermediate but the image does not open: ${(e as Error).message}`;
       }
       return null;
     }

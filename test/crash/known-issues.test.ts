@@ -86,7 +86,7 @@ describe.runIf(qemuAvailable())('known defects found by the crash harness', () =
   it('vmdk streamOptimized → raw: recover killed part-way, then recover again gives a valid image', async () => {
     const fx = streamFixture();
     const orig = await originalOf(fx);
-    const rec = await recordConversion(fx.files, fx, 'raw');
+    const { rec } = await recordConversion(fx.files, fx, 'raw');
     const bad: string[] = [];
     // The found case (conversion killed after op 13) and its neighbours: every base is ~40 recover
     // kill states of ~100 ms each, too slow to take all of them here (the full crash run does).
