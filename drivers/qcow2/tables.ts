@@ -61,15 +61,20 @@ export async function readL2(layout: Qcow2Layout, offset: number, into?: Uint8Ar
 
 /** Bytes of neighbouring L2 tables read at once (at least one table), and how far reading runs ahead. */
 const L2_BATCH_BYTES = 2 << 20;
+/** Most batches read ahead of the one visited (one, whatever its size; more while they stay under L2_BATCH_BYTES). */
+const L2_READS_AHEAD = 32;
 
 /**
  * Visits L2 tables 0..count−1 in order: `offsetOf(i)` gives table i's offset (0: none; it may throw,
  * e.g. on a malformed L1 entry), `visit(i, offset, table)` sees it (`table` undefined for offset 0).
- * Tables lying side by side in the file are read with one read of up to 2 MiB, and the next batch is
+ * Tables lying side by side in the file are read with one read of up to 2 MiB, and later batches are
  * read while the current one is visited: a 1 TiB image has 2,048 tables, and one awaited read each
- * kept the scans waiting. Order and errors are those of a table-by-table loop: an offset that throws
- * is thrown when its turn comes, after the tables before it were visited; a read error likewise.
- * The DataView given to `visit` is valid only during the call (its buffer is reused).
+ * kept the scans waiting. Tables that do not lie side by side (qemu-img writes each next to the data it
+ * maps: 32,768 tables of 512 bytes in a 1 GiB image with 512-byte clusters) are read up to
+ * L2_READS_AHEAD at a time instead of one after the other. Order and errors are those of a
+ * table-by-table loop: an offset that throws is thrown when its turn comes, after the tables before it
+ * were visited; a read error likewise. The DataView given to `visit` is valid only during the call
+ * (its buffer is reused).
  */
 export async function forEachL2(
   layout: Qcow2Layout,
@@ -87,7 +92,6 @@ export async function forEachL2(
     buf?: Uint8Array;
     read?: Promise<void>;
   }
-  const spare = batchPool;
   const size = perBatch * cs;
   const plan = (first: number): Batch => {
     const b: Batch = { first, offsets: [] };
@@ -110,8 +114,8 @@ export async function forEachL2(
     }
     if (b.offsets.length > 0 && b.offsets[0] !== 0) {
       const bytes = b.offsets.length * cs;
-      const buf = takeBatchBuffer(size);
-      b.buf = buf.subarray(0, bytes);
+      // A whole batch gets a pooled buffer; a shorter one a buffer of its own size (pooled too).
+      b.buf = takeBatchBuffer(bytes === size ? size : bytes);
       const start = b.offsets[0]!;
       b.read = (async () => {
         let got = 0;
@@ -126,31 +130,58 @@ export async function forEachL2(
     }
     return b;
   };
-  let next: Batch | undefined = count > 0 ? plan(0) : undefined;
-  while (next) {
-    const b: Batch = next;
-    const after = b.first + b.offsets.length;
-    next = b.error === undefined && after < count ? plan(after) : undefined;
+  // Batches planned (and their reads started) but not yet visited, in order; `ahead` their buffer bytes.
+  const queue: Batch[] = [];
+  let ahead = 0;
+  let planned = 0; // tables planned so far
+  let stopped = false; // a batch ended at an offset that threw: nothing is planned past it
+  const fill = () => {
+    while (!stopped && planned < count && (queue.length === 0 || (queue.length < L2_READS_AHEAD && ahead < L2_BATCH_BYTES))) {
+      const b = plan(planned);
+      queue.push(b);
+      ahead += b.buf?.length ?? 0;
+      planned = b.first + b.offsets.length;
+      if (b.error) stopped = true;
+    }
+  };
+  fill();
+  while (queue.length > 0) {
+    const b = queue.shift()!;
+    ahead -= b.buf?.length ?? 0;
+    fill();
     if (b.read) await b.read;
     for (let k = 0; k < b.offsets.length; k++) {
       const off = b.offsets[k]!;
       await visit(b.first + k, off, off === 0 ? undefined : new DataView(b.buf!.buffer, b.buf!.byteOffset + k * cs, cs));
     }
-    if (b.buf) spare.push(new Uint8Array(b.buf.buffer));
+    if (b.buf) giveBatchBuffer(b.buf);
     if (b.error) throw b.error.e; // nothing was read ahead (no batch is planned past an error)
   }
-  // At most two buffers stay for the next scan (a conversion scans the tables several times): a
+  // At most a few buffers stay for the next scan (a conversion scans the tables several times): a
   // fresh pair per scan was garbage the collector left lying around (+18 MiB of RSS at 64 GiB).
-  while (spare.length > 2) spare.shift();
+  trimBatchPool();
 }
 
-/** Batch buffers between scans, any size; takeBatchBuffer keeps only those of the size asked for. */
+/** Batch buffers between scans and batches, any size; takeBatchBuffer takes one of the size asked for. */
 const batchPool: Uint8Array[] = [];
+/** What the pool keeps: two whole batches' bytes, and no more buffers than a read-ahead uses. */
+const POOL_KEEP_BYTES = 2 * L2_BATCH_BYTES;
+const POOL_KEEP_BUFFERS = L2_READS_AHEAD + 2;
 function takeBatchBuffer(size: number): Uint8Array {
   for (let i = batchPool.length - 1; i >= 0; i--) {
     if (batchPool[i]!.length === size) return batchPool.splice(i, 1)[0]!;
   }
   return new Uint8Array(size);
+}
+function giveBatchBuffer(buf: Uint8Array): void {
+  batchPool.push(buf);
+  trimBatchPool();
+}
+/** Drops the oldest buffers past the pool's limits. */
+function trimBatchPool(): void {
+  let bytes = 0;
+  for (const b of batchPool) bytes += b.length;
+  while (batchPool.length > 0 && (bytes > POOL_KEEP_BYTES || batchPool.length > POOL_KEEP_BUFFERS)) bytes -= batchPool.shift()!.length;
 }
 
 /** A host cluster some entry points at: aligned and starting inside the file (qemu-img check allows a partial last cluster). */

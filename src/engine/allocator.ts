@@ -8,13 +8,21 @@ import type { FreeRange } from '../host-space.js';
 import { alignUp } from '../binary.js';
 
 export class GapAllocator implements Allocator {
-  private gaps: FreeRange[];
+  /**
+   * The gaps in host order, in blocks of about GAP_BLOCK, each with its longest gap: first fit skips a
+   * block that has no gap long enough. One flat list was scanned from the start on every allocation: a
+   * file whose old tables left 32,782 small gaps took 3.5 s for 4,262 allocations.
+   */
+  private blocks: FreeRange[][] = [];
+  private longest: number[] = [];
   private tail: number;
   /** Every range handed out, for accounting. */
   readonly given: FreeRange[] = [];
 
   constructor(free: FreeRange[], reserved: FreeRange[], end: number) {
-    this.gaps = subtract(free, reserved);
+    const gaps = subtract(free, reserved);
+    for (let i = 0; i < gaps.length; i += GAP_BLOCK) this.blocks.push(gaps.slice(i, i + GAP_BLOCK));
+    this.longest = this.blocks.map(longestOf);
     this.tail = Math.max(end, ...reserved.map((r) => r.start + r.length));
   }
 
@@ -24,16 +32,27 @@ export class GapAllocator implements Allocator {
 
   alloc(length: number, align: number): number {
     if (length <= 0) throw new Error(`alloc of ${length} bytes`);
-    for (let i = 0; i < this.gaps.length; i++) {
-      const g = this.gaps[i]!;
-      const start = alignUp(g.start, align);
-      if (start + length <= g.start + g.length) {
-        const rest: FreeRange[] = [];
-        if (start > g.start) rest.push({ start: g.start, length: start - g.start });
-        if (start + length < g.start + g.length) rest.push({ start: start + length, length: g.start + g.length - start - length });
-        this.gaps.splice(i, 1, ...rest);
-        this.given.push({ start, length });
-        return start;
+    for (let b = 0; b < this.blocks.length; b++) {
+      // A gap shorter than `length` cannot hold it at any alignment.
+      if (this.longest[b]! < length) continue;
+      const gaps = this.blocks[b]!;
+      for (let i = 0; i < gaps.length; i++) {
+        const g = gaps[i]!;
+        const start = alignUp(g.start, align);
+        if (start + length <= g.start + g.length) {
+          const rest: FreeRange[] = [];
+          if (start > g.start) rest.push({ start: g.start, length: start - g.start });
+          if (start + length < g.start + g.length) rest.push({ start: start + length, length: g.start + g.length - start - length });
+          gaps.splice(i, 1, ...rest);
+          if (gaps.length > 2 * GAP_BLOCK) {
+            // Split a block that alignment leftovers have grown, so a scan inside one stays short.
+            this.blocks.splice(b + 1, 0, gaps.splice(GAP_BLOCK));
+            this.longest.splice(b + 1, 0, longestOf(this.blocks[b + 1]!));
+          }
+          this.longest[b] = longestOf(gaps);
+          this.given.push({ start, length });
+          return start;
+        }
       }
     }
     const start = alignUp(this.tail, align);
@@ -41,6 +60,14 @@ export class GapAllocator implements Allocator {
     this.given.push({ start, length });
     return start;
   }
+}
+
+const GAP_BLOCK = 64;
+
+function longestOf(gaps: FreeRange[]): number {
+  let m = 0;
+  for (const g of gaps) if (g.length > m) m = g.length;
+  return m;
 }
 
 /** free minus reserved, both sorted lists of ranges. */

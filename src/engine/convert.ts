@@ -9,6 +9,7 @@ import { dirname, join } from 'node:path';
 import { fileStorage, type Storage } from '../blockdev/storage.js';
 import { CARRIED_LABELS, type CarriedField, type FormatDriver, type HostWrite, type PlanInput, type SourceImage, type TargetDriver, type TargetOptions, type TargetPlan, type TargetBuild, type ImageInfo } from '../driver.js';
 import { ExtentMap, type Extent } from '../extent-map.js';
+import type { HostSpace } from '../host-space.js';
 import { ImgconvError, IoError, UnsupportedError, UsageError } from '../errors.js';
 import { alignUp } from '../binary.js';
 import { findDriver, openImage, probe, type ImageChain } from '../image.js';
@@ -138,13 +139,21 @@ interface Prepared {
   holesAsData: boolean;
 }
 
-/** `intermediate`: the first step of two, whose result reclaim does not compact. */
-async function prepare(path: string, dev: BlockDevice, opts: ConvertOptions, intermediate = false): Promise<Prepared> {
+/**
+ * `intermediate`: the first step of two, whose result reclaim does not compact. `shared`: the source as
+ * every route from this device sees it (opened and read once); without it the source is opened here.
+ */
+async function prepare(path: string, dev: BlockDevice, opts: ConvertOptions, intermediate = false, shared?: SourceAnalysis): Promise<Prepared> {
   const targetDriver = findDriver(opts.drivers, opts.to);
   if (!targetDriver.target) throw new UsageError(`${opts.to} cannot be a conversion target yet`);
-  const storage = opts.storage ?? fileStorage;
-  // Related files (an external data file, a flat extent) are opened read-only through the same storage.
-  const chain = await openImage(path, { drivers: opts.drivers, format: opts.format, topDevice: dev, backing: false, opener: (p, o) => storage.open(p, { ...o, write: false }) });
+  const analysis = shared ?? new SourceAnalysis(path, dev, opts);
+  let chain: ImageChain;
+  try {
+    chain = await analysis.open();
+  } finally {
+    // Unshared: the chain's handle is now the only owner.
+    if (!shared) await analysis.release();
+  }
   try {
     const source = chain.layers[0]!;
     const info = source.info;
@@ -161,12 +170,12 @@ async function prepare(path: string, dev: BlockDevice, opts: ConvertOptions, int
     if (source.dataDev !== source.dev) throw await dataFileSource(path, source, await source.mapping(), opts);
     const fileLength = await dev.size();
     const holesToData = targetDriver.target.holesAsData?.(opts.options ?? {}) ?? true;
-    const mapping = holesToData ? holesAsData(await source.mapping(), await scanHoles(dev)) : await source.mapping();
-    const hostSpace = await source.hostSpace();
+    const mapping = holesToData ? await analysis.mappingWithHoles() : await analysis.mapping();
+    const hostSpace = await analysis.hostSpace();
     // Targets write the backing format into the new image, where QEMU reads it: QEMU's name for it.
     const backingDriver = info.backing?.format !== undefined ? findDriver(opts.drivers, info.backing.format) : undefined;
     const planInfo = backingDriver ? { ...info, backing: { ...info.backing!, format: backingDriver.qemuName ?? backingDriver.name } } : info;
-    const backingInfo = info.backing ? await openBackingInfo(path, dev, opts) : undefined;
+    const backingInfo = info.backing ? await analysis.backingInfo() : undefined;
     const input: PlanInput = { path, info: planInfo, mapping, hostSpace, fileSize: fileLength, options: opts.options ?? {}, ...(backingInfo ? { backingInfo } : {}) };
     const targetPlan = targetDriver.target.plan(input);
     const companionPath = targetPlan.companion !== undefined ? join(dirname(path), targetPlan.companion) : undefined;
@@ -339,6 +348,83 @@ async function refuseProbeTrap(path: string, dev: BlockDevice, source: SourceIma
 }
 
 /**
+ * The source image as every route planned from one device sees it. The route chooser plans up to one
+ * route per registered format, and each plan needs the same open source, mapping, host space, file holes
+ * and backing file's info; reading them once per route scanned a 1 GiB qcow2 with 512-byte clusters' 32,768
+ * L2 tables three times per route. Each plan takes a handle on the one open chain (`open`); the chain is
+ * closed once every handle and the owner (`release`) have let go, so a route kept for running holds it
+ * open after the others are closed. Reading only: the device is never written through it.
+ */
+class SourceAnalysis {
+  private chain: Promise<ImageChain> | undefined;
+  /** Handles on the chain, the owner's included. */
+  private holders = 1;
+  private readonly memo = new Map<string, Promise<unknown>>();
+
+  constructor(
+    private readonly path: string,
+    private readonly dev: BlockDevice,
+    private readonly opts: ConvertOptions,
+  ) {}
+
+  /** A handle on the open chain (opened on first use); its close() gives the handle back. */
+  async open(): Promise<ImageChain> {
+    const storage = this.opts.storage ?? fileStorage;
+    // Related files (an external data file, a flat extent) are opened read-only through the same storage.
+    this.chain ??= openImage(this.path, { drivers: this.opts.drivers, format: this.opts.format, topDevice: this.dev, backing: false, opener: (p, o) => storage.open(p, { ...o, write: false }) });
+    const chain = await this.chain;
+    this.holders++;
+    let held = true;
+    return {
+      ...chain,
+      close: async () => {
+        if (!held) return;
+        held = false;
+        await this.release();
+      },
+    };
+  }
+
+  /** The owner lets go; the chain closes when no handle is left either. */
+  async release(): Promise<void> {
+    if (--this.holders > 0 || this.chain === undefined) return;
+    const chain = await this.chain.catch(() => undefined);
+    await chain?.close();
+  }
+
+  private once<T>(key: string, compute: () => Promise<T>): Promise<T> {
+    let p = this.memo.get(key) as Promise<T> | undefined;
+    if (!p) {
+      p = compute();
+      p.catch(() => undefined); // each caller awaits it and sees the error itself
+      this.memo.set(key, p);
+    }
+    return p;
+  }
+
+  private async source(): Promise<SourceImage> {
+    return (await this.chain!).layers[0]!;
+  }
+
+  mapping(): Promise<ExtentMap> {
+    return this.once('mapping', async () => (await this.source()).mapping());
+  }
+
+  /** The mapping with zero runs over file holes as data in place (holes.ts). */
+  mappingWithHoles(): Promise<ExtentMap> {
+    return this.once('mappingWithHoles', async () => holesAsData(await this.mapping(), await scanHoles(this.dev)));
+  }
+
+  hostSpace(): Promise<HostSpace> {
+    return this.once('hostSpace', async () => (await this.source()).hostSpace());
+  }
+
+  backingInfo(): Promise<ImageInfo | undefined> {
+    return this.once('backingInfo', () => openBackingInfo(this.path, this.dev, this.opts));
+  }
+}
+
+/**
  * The backing file's ImageInfo, read through the same storage (it is never written). Undefined when it
  * cannot be opened: a conversion that only copies the backing reference does not need it.
  */
@@ -411,9 +497,19 @@ export function routeMargin(direct: ConversionPlan): number {
  * the second is planned on a view of the image as the first step leaves it, and the fewest moved bytes win.
  */
 async function chooseRoute(path: string, dev: BlockDevice, opts: ConvertOptions): Promise<Route> {
+  // Every route starts from the same source: opened and read once for all of them.
+  const shared = new SourceAnalysis(path, dev, opts);
+  try {
+    return await chooseRouteOn(path, dev, opts, shared);
+  } finally {
+    await shared.release();
+  }
+}
+
+async function chooseRouteOn(path: string, dev: BlockDevice, opts: ConvertOptions, shared: SourceAnalysis): Promise<Route> {
   let direct: Prepared;
   try {
-    direct = await prepare(path, dev, opts);
+    direct = await prepare(path, dev, opts, false, shared);
   } catch (e) {
     if (!(e instanceof NeedsIntermediateError)) throw e;
     let best: Route | undefined;
@@ -425,7 +521,7 @@ async function chooseRoute(path: string, dev: BlockDevice, opts: ConvertOptions)
       if (!d.target || d.name === e.format) continue;
       let first: Prepared | undefined;
       try {
-        first = await prepare(path, dev, { ...opts, to: d.name, options: {} }, true);
+        first = await prepare(path, dev, { ...opts, to: d.name, options: {} }, true, shared);
         const second = await planSecondStep(path, dev, first, d.name, opts);
         const cost = first.plan.dataMoveBytes + first.plan.compactionMoveBytes + second.plan.dataMoveBytes;
         alternatives.push({ via: d.name, movedBytes: cost });
@@ -464,7 +560,7 @@ async function chooseRoute(path: string, dev: BlockDevice, opts: ConvertOptions)
     if (!d.target || d.name === opts.to || d.name === direct.plan.source.format) continue;
     let first: Prepared | undefined;
     try {
-      first = await prepare(path, dev, { ...opts, to: d.name, options: {} }, true);
+      first = await prepare(path, dev, { ...opts, to: d.name, options: {} }, true, shared);
       const second = await planSecondStep(path, dev, first, d.name, opts);
       const cost = first.plan.dataMoveBytes + first.plan.compactionMoveBytes + second.plan.dataMoveBytes + second.plan.compactionMoveBytes;
       const peak = combinePlans(first.plan, second.plan).peakExtraBytes;
