@@ -4,7 +4,7 @@
  */
 import { open, type FileHandle } from 'node:fs/promises';
 import { IoError, LockedError } from '../errors.js';
-import { F_WRLCK, ofdProbe, ofdTryLock, punchHole, seekDataHole } from './syscalls.js';
+import { F_WRLCK, ofdProbe, ofdTryLock, punchHole, seekDataHole, startWriteback } from './syscalls.js';
 import type { BlockDevice, OpenOptions } from './types.js';
 
 /** QEMU (block/file-posix.c) locks byte 100+perm for permissions it holds, 200+perm for ones it denies. */
@@ -100,6 +100,28 @@ export class FileBlockDevice implements BlockDevice {
     }
   }
 
+  private writebackSupported = true;
+  /** The writeback hint in flight: one at a time, as it holds a thread of the pool reads and writes need too. */
+  private writeback: Promise<void> | undefined;
+  /** The range hinted while one was in flight (merged), started when it returns. */
+  private writebackNext: { start: number; end: number } | undefined;
+
+  startWriteback(offset: number, length: number): void {
+    if (!this.writebackSupported || this.closed || length <= 0) return;
+    if (this.writeback) {
+      const n = this.writebackNext;
+      this.writebackNext = { start: Math.min(n?.start ?? offset, offset), end: Math.max(n?.end ?? 0, offset + length) };
+      return;
+    }
+    this.writeback = startWriteback(this.fh.fd, offset, length).then((ok) => {
+      if (!ok) this.writebackSupported = false;
+      this.writeback = undefined;
+      const n = this.writebackNext;
+      this.writebackNext = undefined;
+      if (n) this.startWriteback(n.start, n.end - n.start);
+    });
+  }
+
   async truncate(length: number): Promise<void> {
     try {
       await this.fh.truncate(length);
@@ -147,6 +169,9 @@ export class FileBlockDevice implements BlockDevice {
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
+    // No hint may still be running on the descriptor when it is closed (its number could be reused).
+    this.writebackNext = undefined;
+    while (this.writeback) await this.writeback;
     await this.fh.close(); // closing the descriptor releases its OFD lock
   }
 }

@@ -24,6 +24,7 @@ const EACCES = 13;
 interface Libc {
   lseek(fd: number, off: number, whence: number): number | bigint;
   fallocate(fd: number, mode: number, off: number, len: number): number;
+  syncFileRange: { async(fd: number, off: number, len: number, flags: number, done: (err: unknown, r: number) => void): void };
   fcntl(fd: number, cmd: number, type: unknown, arg: object): number;
   errno(): number;
   flockPtr: unknown;
@@ -50,6 +51,7 @@ function load(): Libc | null {
     libc = {
       lseek: lib.func('int64_t lseek(int fd, int64_t offset, int whence)'),
       fallocate: lib.func('int fallocate(int fd, int mode, int64_t offset, int64_t len)'),
+      syncFileRange: lib.func('int sync_file_range(int fd, int64_t offset, int64_t nbytes, unsigned int flags)'),
       fcntl: lib.func('int fcntl(int fd, int cmd, ...)'),
       errno: () => koffi.errno() as number,
       flockPtr: koffi.pointer(flock),
@@ -84,6 +86,20 @@ export function punchHole(fd: number, offset: number, length: number): boolean {
   const c = load();
   if (!c) return false;
   return c.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) === 0;
+}
+
+const SYNC_FILE_RANGE_WRITE = 2;
+
+/**
+ * Starts writing the dirty pages of [offset, offset+length) to the disk and returns without waiting
+ * for them (sync_file_range SYNC_FILE_RANGE_WRITE). Makes nothing durable: only a later fdatasync
+ * does; it only leaves that fdatasync less to write. The call runs on a worker thread, as it blocks
+ * while the disk's queue is full. Resolves false when unavailable or refused.
+ */
+export function startWriteback(fd: number, offset: number, length: number): Promise<boolean> {
+  const c = load();
+  if (!c) return Promise.resolve(false);
+  return new Promise((resolve) => c.syncFileRange.async(fd, offset, length, SYNC_FILE_RANGE_WRITE, (err, r) => resolve(!err && r === 0)));
 }
 
 export interface LockProbe {

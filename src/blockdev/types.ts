@@ -17,6 +17,11 @@ export interface BlockDevice {
   write(buf: Uint8Array, offset: number): Promise<void>;
   /** Makes every completed write durable (fdatasync). The ordering points of every protocol. */
   flush(): Promise<void>;
+  /**
+   * A hint, optional: written bytes of [offset, offset+length) may start on their way to the disk now,
+   * so that the next flush has less left to write. Orders and guarantees nothing; never fails.
+   */
+  startWriteback?(offset: number, length: number): void;
   truncate(length: number): Promise<void>;
   /** Deallocates the range; it then reads as zeros. Falls back to writing zeros. */
   punchHole(offset: number, length: number): Promise<void>;

@@ -24,7 +24,7 @@ import type { Relocatable } from '../driver.js';
 import { alignUp } from '../binary.js';
 import type { FreeRange } from '../host-space.js';
 import { IntervalSet } from './intervals.js';
-import { writeIntoFree } from '../blockdev/sparse.js';
+import { FreeSpaceCopier, type CopyRun } from '../blockdev/copy.js';
 
 /** One movable data unit of the source (a cluster, grain or block), with where its pointer lives. */
 export interface Unit extends Relocatable {
@@ -234,10 +234,22 @@ export function finalHosts(units: Unit[], plan: RelocationPlan): number[] {
 
 const COPY_RUN = 8 << 20;
 
+/** A round's steps as copy runs: neighbouring units (source and destination both continuing) as one run of at most COPY_RUN bytes. */
+function copyRuns(round: Step[]): CopyRun[] {
+  const steps = round.slice().sort((a, b) => a.from - b.from);
+  const runs: CopyRun[] = [];
+  for (const s of steps) {
+    const last = runs[runs.length - 1];
+    if (last && last.length + s.length <= COPY_RUN && s.from === last.from + last.length && s.to === last.to + last.length) last.length += s.length;
+    else runs.push({ from: s.from, to: s.to, length: s.length });
+  }
+  return runs;
+}
+
 /**
- * Runs the plan: per round, copy every unit (neighbouring units as one run) → flush → write every
- * pointer (neighbouring entries as one buffer) → flush. Only then are the old places reused, by a
- * later round.
+ * Runs the plan: per round, copy every unit (neighbouring units as one run; src/blockdev/copy.ts) →
+ * flush → write every pointer (neighbouring entries as one buffer) → flush → punch the old places.
+ * Only then are the old places reused, by a later round.
  */
 export async function executeRelocation(
   dev: BlockDevice,
@@ -246,35 +258,13 @@ export async function executeRelocation(
   onBytes: (done: number) => void,
   signal?: AbortSignal,
 ): Promise<void> {
+  const rounds = plan.rounds.map(copyRuns);
+  const copier = await FreeSpaceCopier.open(dev, rounds.reduce((m, runs) => runs.reduce((n, r) => Math.max(n, r.length), m), 0));
   let done = 0;
-  for (const round of plan.rounds) {
-    const steps = round.slice().sort((a, b) => a.from - b.from);
-    for (let i = 0; i < steps.length; ) {
-      let j = i + 1;
-      let len = steps[i]!.length;
-      while (
-        j < steps.length &&
-        len + steps[j]!.length <= COPY_RUN &&
-        steps[j]!.from === steps[i]!.from + len &&
-        steps[j]!.to === steps[i]!.to + len
-      ) {
-        len += steps[j]!.length;
-        j++;
-      }
-      signal?.throwIfAborted();
-      const buf = new Uint8Array(len);
-      let got = 0;
-      while (got < len) {
-        const n = await dev.read(buf.subarray(got), steps[i]!.from + got);
-        if (n === 0) break; // past the end of the file: the rest reads as zeros
-        got += n;
-      }
-      // Into free space, as sparse as the source: zero blocks become (or stay) holes.
-      await writeIntoFree(dev, steps[i]!.to, buf);
-      done += len;
-      onBytes(done);
-      i = j;
-    }
+  for (let r = 0; r < plan.rounds.length; r++) {
+    const round = plan.rounds[r]!;
+    // Into free space, as sparse as the source: zero blocks become (or stay) holes.
+    await copier.copy(rounds[r]!, (n) => onBytes((done += n)), signal);
     await dev.flush();
     const pointers = round
       .flatMap((s) => {
@@ -283,18 +273,20 @@ export async function executeRelocation(
         return p.mirror === undefined ? [{ offset: p.offset, bytes }] : [{ offset: p.offset, bytes }, { offset: p.mirror, bytes }];
       })
       .sort((a, b) => a.offset - b.offset);
-    for (const w of coalesce(pointers)) await dev.write(w.bytes, w.offset);
+    for (const w of coalesce(pointers)) {
+      await dev.write(w.bytes, w.offset);
+      copier.wrote(w.offset, w.bytes.length);
+    }
     await dev.flush();
     // Nothing references the old places now: give their space back so the disk never holds more than
-    // a round's worth of second copies. (A later round may write there again.)
-    // Neighbouring old places as one punch (one syscall per run, not per unit).
-    for (let i = 0; i < steps.length; ) {
-      let end = steps[i]!.from + steps[i]!.length;
-      let j = i + 1;
-      while (j < steps.length && steps[j]!.from === end) end += steps[j++]!.length;
-      await dev.punchHole(steps[i]!.from, end - steps[i]!.from);
-      i = j;
-    }
+    // a round's worth of second copies. Neighbouring old places go as one punch; the parts the next
+    // round copies into are left out: its copy overwrites them (and punches its zero blocks), so
+    // punching them first would only free blocks the next writes allocate again (a shift chain
+    // moves data into the places the round before left).
+    const old = new IntervalSet();
+    for (const s of round) old.add(s.from, s.length);
+    for (const s of plan.rounds[r + 1] ?? []) old.remove(s.to, s.length);
+    for (const g of old.ranges()) await copier.punch(g.start, g.length);
   }
 }
 
