@@ -100,9 +100,10 @@ const DATA_FILE: SubformatVariant = { label: 'datafile', to: 'qcow2', options: {
 const full = (v: Variant): Variant => ({ ...v, full: true });
 /**
  * A relocation window of a few clusters: the conversion to `to` relocates in `rounds` or more rounds
- * (copy → flush → repoint → flush → punch each) where the default 64 MiB window takes one.
+ * (copy → flush → repoint → flush → punch each) where the default 64 MiB window takes one; a QED
+ * target's compaction after the commit copies in batches of the window.
  */
-const windowed = (to: string, window: number, rounds: number): Variant => ({ label: `window${window / K}k`, to, convert: { relocationWindow: window }, rounds });
+const windowed = (to: string, window: number, rounds?: number): Variant => ({ label: `window${window / K}k`, to, convert: { relocationWindow: window }, ...(rounds !== undefined ? { rounds } : {}) });
 
 const raw = (dir: string, name: string, size: number, runs: [number, number, number][]): void => {
   const b = new Uint8Array(size);
@@ -134,6 +135,9 @@ export const SPECS: Spec[] = [
   },
   {
     name: 'qcow2-child',
+    // → QED with a 4 KiB window: the compaction after the commit (tables and data moved below the end)
+    // copies in batches of at most one cluster instead of all at once.
+    variants: [windowed('qed', 4 * K)],
     format: 'qcow2',
     traits: ['backing file (qcow2 base)', 'zero clusters over backing data'],
     make: (d) => {
@@ -701,12 +705,14 @@ export function withinFormatTargets(format: string, set: FixtureSet = fixtureSet
 }
 
 /** Builds the fixtures of one source format (all formats when `format` is undefined) of a set. */
-export function buildFixtures(format?: string, set: FixtureSet = fixtureSet()): Fixture[] {
+export function buildFixtures(format?: string, set: FixtureSet = fixtureSet(), only?: ReadonlySet<string>): Fixture[] {
   const tmp = withTmpDir('imgconv-crashfx-');
   const specs = specsOf(set);
+  // `only`: fixture names (a variant as name@label); the specs they come from are the only ones made.
+  const wanted = only && new Set([...only].map((n) => n.split('@')[0]!));
   try {
     const fullRun = process.env.IMGCONV_CRASH_FULL === '1';
-    return specs.filter((s) => format === undefined || s.format === format).flatMap((s) => {
+    const fixtures = specs.filter((s) => (format === undefined || s.format === format) && (!wanted || wanted.has(s.name))).flatMap((s) => {
       const dir = join(tmp.dir, s.name);
       mkdirSync(dir, { recursive: true });
       const { image, others, dataFile } = s.make(dir);
@@ -746,6 +752,7 @@ export function buildFixtures(format?: string, set: FixtureSet = fixtureSet()): 
         }),
       ];
     });
+    return only ? fixtures.filter((f) => only.has(f.name)) : fixtures;
   } finally {
     tmp.cleanup();
   }
