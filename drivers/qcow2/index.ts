@@ -22,7 +22,7 @@ import {
 } from './header.js';
 import { buildHostSpace } from './hostspace.js';
 import { openDataFile, readLayout, type Qcow2Layout } from './open.js';
-import { activeMapping, forEachL2, l1EntryL2Offset } from './tables.js';
+import { activeMapping, dropL2Tables, forEachL2, keepL2Tables, l1EntryL2Offset } from './tables.js';
 import { qcow2Target } from './target.js';
 import { qcow2Stream } from './stream.js';
 
@@ -53,8 +53,13 @@ class Qcow2Image implements SourceImage {
     return this.map;
   }
 
-  hostSpace(): Promise<HostSpace> {
-    return buildHostSpace(this.layout);
+  async hostSpace(): Promise<HostSpace> {
+    try {
+      return await buildHostSpace(this.layout);
+    } finally {
+      // The last scan of an analysis (open, mapping, host space): later scans read the file again.
+      dropL2Tables(this.layout);
+    }
   }
 
   check(): Promise<CheckReport> {
@@ -83,6 +88,7 @@ class Qcow2Image implements SourceImage {
   }
 
   async close(): Promise<void> {
+    dropL2Tables(this.layout);
     if (this.dataDev !== this.dev) await this.dataDev.close();
   }
 }
@@ -196,6 +202,7 @@ export const qcow2Driver: FormatDriver = {
   },
   async open(dev: BlockDevice, ctx: OpenContext): Promise<SourceImage> {
     const layout = await readLayout(dev);
+    keepL2Tables(layout);
     const info = await describe(layout);
     const dataDev = (await openDataFile(layout, ctx)) ?? dev;
     return new Qcow2Image(dev, dataDev, info, layout);

@@ -91,8 +91,11 @@ export async function forEachL2(
     error?: { e: unknown };
     buf?: Uint8Array;
     read?: Promise<void>;
+    /** `buf` is a table kept from an earlier scan (keepL2Tables), not a pooled buffer. */
+    kept?: boolean;
   }
   const size = perBatch * cs;
+  const kept = keptTables.get(layout);
   const plan = (first: number): Batch => {
     const b: Batch = { first, offsets: [] };
     for (let i = first; i < count && b.offsets.length < perBatch; i++) {
@@ -102,6 +105,15 @@ export async function forEachL2(
       } catch (e) {
         b.error = { e };
         break;
+      }
+      const known = off !== 0 ? kept?.tables.get(off) : undefined;
+      if (known) {
+        // A table an earlier scan kept: a batch of its own, without a read.
+        if (b.offsets.length > 0) break;
+        b.offsets.push(off);
+        b.buf = known;
+        b.kept = true;
+        return b;
       }
       const prev = b.offsets[b.offsets.length - 1];
       // A batch is one table without a read (offset 0), or tables that continue each other.
@@ -139,7 +151,7 @@ export async function forEachL2(
     while (!stopped && planned < count && (queue.length === 0 || (queue.length < L2_READS_AHEAD && ahead < L2_BATCH_BYTES))) {
       const b = plan(planned);
       queue.push(b);
-      ahead += b.buf?.length ?? 0;
+      ahead += b.kept ? 0 : (b.buf?.length ?? 0);
       planned = b.first + b.offsets.length;
       if (b.error) stopped = true;
     }
@@ -147,19 +159,53 @@ export async function forEachL2(
   fill();
   while (queue.length > 0) {
     const b = queue.shift()!;
-    ahead -= b.buf?.length ?? 0;
+    ahead -= b.kept ? 0 : (b.buf?.length ?? 0);
     fill();
-    if (b.read) await b.read;
+    if (b.read) {
+      await b.read;
+      // Only short batches: a run of tables side by side costs one read per 2 MiB anyway.
+      if (kept && b.offsets.length * cs <= KEEP_BATCH_BYTES) keep(kept, b.offsets, b.buf!, cs);
+    }
     for (let k = 0; k < b.offsets.length; k++) {
       const off = b.offsets[k]!;
       await visit(b.first + k, off, off === 0 ? undefined : new DataView(b.buf!.buffer, b.buf!.byteOffset + k * cs, cs));
     }
-    if (b.buf) giveBatchBuffer(b.buf);
+    if (b.buf && !b.kept) giveBatchBuffer(b.buf);
     if (b.error) throw b.error.e; // nothing was read ahead (no batch is planned past an error)
   }
   // At most a few buffers stay for the next scan (a conversion scans the tables several times): a
   // fresh pair per scan was garbage the collector left lying around (+18 MiB of RSS at 64 GiB).
   trimBatchPool();
+}
+
+/**
+ * L2 tables kept between the scans of one image's analysis. Opening a qcow2 scans its tables for the
+ * cluster kinds, then mapping() and hostSpace() scan them again; an image with 512-byte clusters has
+ * one 512-byte table per 32 KiB of data, each next to the data it maps (32,768 reads of 512 bytes per
+ * scan at 1 GiB). Kept by host offset (the bytes there, whichever L1 names them) while the image is
+ * analysed, up to KEEP_TABLE_BYTES, when they were read in short batches (tables side by side cost one
+ * read per 2 MiB anyway): the image is only read meanwhile (a qcow2 source is never written through
+ * its own tables), and dropL2Tables ends it once the host space is built.
+ */
+const KEEP_TABLE_BYTES = 32 << 20;
+const KEEP_BATCH_BYTES = 256 << 10;
+const keptTables = new WeakMap<Qcow2Layout, { tables: Map<number, Uint8Array>; bytes: number }>();
+
+/** Keeps the tables this layout's scans read, when they can fit (its L1 names at most KEEP_TABLE_BYTES of them). */
+export function keepL2Tables(layout: Qcow2Layout): void {
+  if (layout.header.l1Size * layout.clusterSize <= KEEP_TABLE_BYTES) keptTables.set(layout, { tables: new Map(), bytes: 0 });
+}
+
+export function dropL2Tables(layout: Qcow2Layout): void {
+  keptTables.delete(layout);
+}
+
+function keep(k: { tables: Map<number, Uint8Array>; bytes: number }, offsets: number[], buf: Uint8Array, cs: number): void {
+  for (let j = 0; j < offsets.length && k.bytes + cs <= KEEP_TABLE_BYTES; j++) {
+    if (k.tables.has(offsets[j]!)) continue;
+    k.tables.set(offsets[j]!, buf.slice(j * cs, (j + 1) * cs));
+    k.bytes += cs;
+  }
 }
 
 /** Batch buffers between scans and batches, any size; takeBatchBuffer takes one of the size asked for. */
