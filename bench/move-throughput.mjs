@@ -10,6 +10,7 @@
  *   node bench/move-throughput.mjs --build before=/tmp/old-checkout --build after=. \
  *     [--size 1024] (MiB) [--reps 3] [--dir /tmp/move-throughput] [--case qed-raw,qcow2-raw,raw-vhd]
  *     [--prof DIR] (a CPU profile per run, node --cpu-prof) [--keep]
+ *     [--move-window SIZE] (passed to imgconv: e.g. 4G keeps raw → VHD's direct route, copies before the commit)
  *
  * A build is a checkout whose dist/ is compiled (npm run build).
  */
@@ -23,10 +24,14 @@ const CASES = {
   'qcow2-raw': { src: 'qcow2', to: 'raw', qemuTo: 'raw' },
   'raw-vhd': { src: 'raw', to: 'vhd', qemuTo: 'vpc' },
   'qcow2-vhd': { src: 'qcow2', to: 'vhd', qemuTo: 'vpc' },
+  // 512-byte clusters: the QED result's clusters are compacted below its end after the commit.
+  'qcow2_512-qed': { src: 'qcow2_512', to: 'qed', qemuTo: 'qed' },
 };
+/** Sources made by qemu-img convert: format and -o options. */
+const SOURCES = { qed: ['qed'], qcow2: ['qcow2'], qcow2_512: ['qcow2', 'cluster_size=512'] };
 
 function parseArgs(argv) {
-  const o = { builds: [], size: 1024, reps: 3, dir: '/tmp/move-throughput', cases: ['qed-raw', 'qcow2-raw', 'raw-vhd'], prof: undefined, keep: false };
+  const o = { builds: [], size: 1024, reps: 3, dir: '/tmp/move-throughput', cases: ['qed-raw', 'qcow2-raw', 'raw-vhd'], prof: undefined, keep: false, moveWindow: undefined };
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i];
     const v = () => argv[++i];
@@ -39,6 +44,7 @@ function parseArgs(argv) {
     else if (a === '--case') o.cases = v().split(',');
     else if (a === '--prof') o.prof = resolve(v());
     else if (a === '--keep') o.keep = true;
+    else if (a === '--move-window') o.moveWindow = v();
     else throw new Error(`unknown argument ${a}`);
   }
   if (o.builds.length === 0) o.builds.push({ name: 'this', path: resolve('.') });
@@ -82,10 +88,10 @@ const median = (xs) => {
 };
 
 /** Runs one conversion; returns wall seconds and seconds per phase. */
-function convert(build, image, to, profDir, tag) {
+function convert(build, image, to, profDir, tag, moveWindow) {
   const args = [];
   if (profDir) args.push('--cpu-prof', `--cpu-prof-dir=${profDir}`, `--cpu-prof-name=${tag}.cpuprofile`);
-  args.push(join(build.path, 'bin/imgconv'), 'inplace', '--to', to, '--progress', 'json', image);
+  args.push(join(build.path, 'bin/imgconv'), 'inplace', '--to', to, '--progress', 'json', ...(moveWindow ? ['--move-window', moveWindow] : []), image);
   const t0 = process.hrtime.bigint();
   const r = spawnSync(process.execPath, args, { encoding: 'utf8', maxBuffer: 64 << 20 });
   const wall = Number(process.hrtime.bigint() - t0) / 1e9;
@@ -118,7 +124,8 @@ function main() {
   for (const fmt of new Set(o.cases.map((c) => CASES[c].src))) {
     if (fmt === 'raw') continue;
     sources[fmt] = join(o.dir, `src.${fmt}`);
-    sh('qemu-img', ['convert', '-f', 'raw', '-O', fmt, raw, sources[fmt]]);
+    const [qemuFmt, qemuOpts] = SOURCES[fmt];
+    sh('qemu-img', ['convert', '-f', 'raw', '-O', qemuFmt, ...(qemuOpts ? ['-o', qemuOpts] : []), raw, sources[fmt]]);
     syncFile(sources[fmt]);
   }
   const results = {}; // case → build → [{wall, phases}]
@@ -130,7 +137,7 @@ function main() {
         rmSync(image, { force: true });
         copyFileSync(sources[spec.src], image);
         syncFile(image);
-        const r = convert(b, image, spec.to, o.prof, `${c}-${b.name}-${rep}`);
+        const r = convert(b, image, spec.to, o.prof, `${c}-${b.name}-${rep}`, o.moveWindow);
         const cmp = spawnSync('qemu-img', ['compare', '-f', 'raw', '-F', spec.qemuTo, raw, image], { encoding: 'utf8' });
         r.identical = cmp.status === 0;
         r.compare = cmp.stdout.trim();

@@ -18,7 +18,7 @@
  * image whose only defect can be a leak (a copy not yet pointed to, an old place not yet punched),
  * and running reclaim again continues.
  */
-import { writeSparse } from '../blockdev/sparse.js';
+import { FreeSpaceCopier, type CopyRun } from '../blockdev/copy.js';
 import { coalesce, DEFAULT_WINDOW } from './relocate.js';
 import type { BlockDevice } from '../blockdev/types.js';
 import type { FormatDriver, Relocatable, SourceImage } from '../driver.js';
@@ -35,10 +35,8 @@ export interface CompactResult {
 
 /** Table levels, highest first; data is level 0. Pointers of level n live in level n+1. */
 const TABLE_LEVELS = [1, 2];
-const COPY_CHUNK = 4 << 20;
-/** Source bytes read ahead at once in a round of copies (at least one COPY_CHUNK), and at most this many reads. */
-const READ_WINDOW = 16 << 20;
-const READ_WINDOW_PIECES = 64;
+/** The longest copy run (the copier holds two buffers of it). */
+const COPY_RUN = 8 << 20;
 
 export async function compact(
   path: string,
@@ -71,6 +69,9 @@ export async function compact(
     cs = img0.info.clusterSize;
     const E0 = clustersCovered((await img0.hostSpace()).ranges(), cs) * cs;
     if (E0 >= lengthBefore) return result; // nothing to reclaim
+    // One copier for every round: its buffers are faulted in once, and it tracks the file's length
+    // (only its copies and the pointer writes change it until the tail is cut below).
+    const copier = await FreeSpaceCopier.open(dev, COPY_RUN);
     // T: bytes of tables that must end up in the window below E0 (a fixed point: the window's start
     // decides which tables count as above it).
     let T = 0;
@@ -113,7 +114,7 @@ export async function compact(
           scratch += alignUp(r.length, cs);
           return { r, to };
         });
-        result.tablesMovedBytes += await applyMoves(dev, moves, moved);
+        result.tablesMovedBytes += await applyMoves(dev, copier, moves, moved);
       }
       // Data pointers live in the tables that just moved: read the image again.
       await chain.close();
@@ -135,7 +136,7 @@ export async function compact(
       // and no batch's destination is another batch's source.
       const moves = data.map((r, i) => ({ r, to: slots[i]! }));
       for (const batch of batches(moves, window)) {
-        result.dataMovedBytes += await applyMoves(dev, batch, moved);
+        result.dataMovedBytes += await applyMoves(dev, copier, batch, moved);
         // The batch's pointers are durable: its old places are unreferenced. Punched now, so that the
         // next batch's copies take the space these free (a crash before the punch leaves a leak).
         for (const z of mergedRanges(batch.map(({ r }) => ({ start: r.host, end: r.host + r.length })))) await dev.punchHole(z.start, z.end - z.start);
@@ -160,7 +161,7 @@ export async function compact(
           if (at === undefined || at >= r.host) continue;
           moves.push({ r, to: at });
         }
-        result.tablesMovedBytes += await applyMoves(dev, moves, moved);
+        result.tablesMovedBytes += await applyMoves(dev, copier, moves, moved);
       }
     }
   } finally {
@@ -198,12 +199,16 @@ export function batches<M extends { r: { length: number } }>(moves: M[], window:
  * Copies, flushes, repoints, flushes. Returns the bytes moved. Moves whose sources and destinations
  * both continue each other are copied as one run, and pointers stored side by side (neighbouring L2
  * entries) are written as one buffer: a moving conversion relocates hundreds of thousands of clusters.
+ * The copies go through the compaction's one FreeSpaceCopier (src/blockdev/copy.ts, as relocation's
+ * rounds): sources are live structures and destinations free space nothing references until the
+ * pointers below are written, so they never overlap, and stale bytes in a destination are overwritten
+ * (non-zero blocks) or punched (zero blocks) — no punch of every destination first.
  */
-async function applyMoves(dev: BlockDevice, moves: { r: Relocatable; to: number }[], onCopied?: (bytes: number) => void): Promise<number> {
+async function applyMoves(dev: BlockDevice, copier: FreeSpaceCopier, moves: { r: Relocatable; to: number }[], onCopied?: (bytes: number) => void): Promise<number> {
   if (moves.length === 0) return 0;
-  // The copies, in pieces of at most COPY_CHUNK: runs of moves whose sources and destinations both
-  // continue each other are one copy.
-  const pieces: { from: number; at: number; len: number }[] = [];
+  // Runs of moves whose sources and destinations both continue each other are one copy, in pieces of
+  // at most the copier's buffer.
+  const runs: CopyRun[] = [];
   let bytes = 0;
   let i = 0;
   while (i < moves.length) {
@@ -212,60 +217,18 @@ async function applyMoves(dev: BlockDevice, moves: { r: Relocatable; to: number 
     let length = moves[i]!.r.length;
     let j = i + 1;
     while (j < moves.length && moves[j]!.r.host === from + length && moves[j]!.to === to + length) length += moves[j++]!.r.length;
-    for (let off = 0; off < length; off += COPY_CHUNK) pieces.push({ from: from + off, at: to + off, len: Math.min(COPY_CHUNK, length - off) });
+    for (let off = 0; off < length; off += copier.runBytes) runs.push({ from: from + off, to: to + off, length: Math.min(copier.runBytes, length - off) });
     bytes += length;
     i = j;
   }
-  // Sources are live structures and destinations free space, so they never overlap: a window of
-  // sources is read at once (thousands of single-cluster moves would otherwise wait on one read
-  // each), then written one by one.
-  const arena = new Uint8Array(READ_WINDOW);
-  let size = await dev.size();
-  // Every destination must read zeros before its copy (writeSparse leaves zero blocks out). They are
-  // free space, distinct from each other and from every source, so punching them all before the first
-  // copy is the same as punching each just before its own; neighbouring destinations (moves into a
-  // run of freed clusters) are one punch instead of one per cluster (~1 ms each).
-  for (const z of mergedRanges(pieces.map((pc) => ({ start: pc.at, end: Math.min(pc.at + pc.len, size) })))) await dev.punchHole(z.start, z.end - z.start);
-  for (let p = 0; p < pieces.length; ) {
-    let q = p;
-    let used = 0;
-    while (q < pieces.length && q - p < READ_WINDOW_PIECES && used + pieces[q]!.len <= READ_WINDOW) used += pieces[q++]!.len;
-    const window = pieces.slice(p, q);
-    let place = 0;
-    const bufs = window.map((pc) => {
-      const b = arena.subarray(place, place + pc.len);
-      place += pc.len;
-      return b;
-    });
-    await Promise.all(
-      window.map(async (pc, k) => {
-        const piece = bufs[k]!;
-        let got = 0;
-        while (got < pc.len) {
-          const n = await dev.read(piece.subarray(got), pc.from + got);
-          if (n === 0) break;
-          got += n;
-        }
-        piece.fill(0, got);
-      }),
-    );
-    for (let k = 0; k < window.length; k++) {
-      const { at, len } = window[k]!;
-      // Into a hole (punched above) or past the end, as sparse as the source (zero blocks stay holes):
-      // writeIntoFree's steps, with the file's length tracked here instead of asked for twice per copy.
-      await writeSparse(dev, at, bufs[k]!);
-      if (size < at + len) {
-        await dev.truncate(at + len);
-        size = at + len;
-      }
-      onCopied?.(len);
-    }
-    p = q;
-  }
+  await copier.copy(runs, (n) => onCopied?.(n));
   await dev.flush();
   const pointers = moves.map(({ r, to }) => ({ offset: r.pointer.offset, bytes: r.pointer.encode(to) })).sort((a, b) => a.offset - b.offset);
   // Neighbouring pointers as one write.
-  for (const w of coalesce(pointers)) await dev.write(w.bytes, w.offset);
+  for (const w of coalesce(pointers)) {
+    await dev.write(w.bytes, w.offset);
+    copier.wrote(w.offset, w.bytes.length);
+  }
   await dev.flush();
   return bytes;
 }

@@ -24,6 +24,7 @@ import { DEFAULT_WINDOW, executeRelocation, identityPeakExtra, planMoveRelocatio
 import { identityEquivalent } from './mapping.js';
 import { OverlayDevice } from '../blockdev/overlay.js';
 import { writeIntoFree } from '../blockdev/sparse.js';
+import { FreeSpaceCopier, type CopyRun } from '../blockdev/copy.js';
 import { AdoptDataFile, adoptDataFile, dataFileSource, planAdoptionOf, type AdoptionSummary } from './adopt.js';
 
 export type Phase = 'analyse' | 'plan' | 'move' | 'write' | 'commit' | 'verify' | 'reclaim';
@@ -512,36 +513,39 @@ async function chooseRouteOn(path: string, dev: BlockDevice, opts: ConvertOption
     direct = await prepare(path, dev, opts, false, shared);
   } catch (e) {
     if (!(e instanceof NeedsIntermediateError)) throw e;
-    let best: Route | undefined;
-    let bestCost = Infinity;
+    const candidates: (Route & { cost: number; peak: number })[] = [];
     const tried: string[] = [];
     const alternatives: RouteAlternative[] = [];
-    for (const d of opts.drivers) {
-      // The target's own format with default options may serve (VMDK sparse on the way to VMDK flat).
-      if (!d.target || d.name === e.format) continue;
-      let first: Prepared | undefined;
-      try {
-        first = await prepare(path, dev, { ...opts, to: d.name, options: {} }, true, shared);
-        const second = await planSecondStep(path, dev, first, d.name, opts);
-        const cost = first.plan.dataMoveBytes + first.plan.compactionMoveBytes + second.plan.dataMoveBytes;
-        alternatives.push({ via: d.name, movedBytes: cost });
-        if (cost < bestCost) {
-          if (best) await best.prepared.chain.close();
-          best = { prepared: first, then: { to: opts.to, options: opts.options ?? {}, estimate: second.plan } };
-          bestCost = cost;
+    try {
+      for (const d of opts.drivers) {
+        // The target's own format with default options may serve (VMDK sparse on the way to VMDK flat).
+        if (!d.target || d.name === e.format) continue;
+        let first: Prepared | undefined;
+        try {
+          first = await prepare(path, dev, { ...opts, to: d.name, options: {} }, true, shared);
+          const second = await planSecondStep(path, dev, first, d.name, opts);
+          const cost = first.plan.dataMoveBytes + first.plan.compactionMoveBytes + second.plan.dataMoveBytes;
+          const peak = combinePlans(first.plan, second.plan).peakExtraBytes;
+          alternatives.push({ via: d.name, movedBytes: cost, peakExtraBytes: peak });
+          candidates.push({ prepared: first, then: { to: opts.to, options: opts.options ?? {}, estimate: second.plan }, cost, peak });
           first = undefined;
+        } catch (err) {
+          // Only a refusal rules a route out; an I/O error stops the conversion (before any write).
+          if (!(err instanceof ImgconvError) || err instanceof IoError) throw err;
+          tried.push(`through ${d.name}: ${(err as Error).message}`);
+          alternatives.push({ via: d.name, refused: (err as Error).message });
+        } finally {
+          if (first) await first.chain.close();
         }
-      } catch (err) {
-        // Only a refusal rules a route out; an I/O error stops the conversion (before any write).
-        if (!(err instanceof ImgconvError) || err instanceof IoError) throw err;
-        tried.push(`through ${d.name}: ${(err as Error).message}`);
-        alternatives.push({ via: d.name, refused: (err as Error).message });
-      } finally {
-        if (first) await first.chain.close();
       }
+    } catch (err) {
+      for (const c of candidates) await c.prepared.chain.close();
+      throw err;
     }
+    const best = pickIntermediate(candidates);
     if (!best) throw new UnsupportedError(e.format, e.feature, `${e.message}; no intermediate format works either (${tried.join('; ')})`);
-    return { ...best, alternatives };
+    for (const c of candidates) if (c !== best) await c.prepared.chain.close();
+    return { prepared: best.prepared, ...(best.then ? { then: best.then } : {}), alternatives };
   }
   // Moves the source cannot make by relocating its own data (raw, qcow2, VHD) are copies made before
   // the commit: the disk holds all of them at once. A route through an intermediate format that can
@@ -588,6 +592,22 @@ async function chooseRouteOn(path: string, dev: BlockDevice, opts: ConvertOption
   }
   await direct.chain.close();
   return { ...best, alternatives };
+}
+
+/**
+ * Among routes through an intermediate (the only ways to convert), the fewest moved bytes first — but
+ * a route that moves at most 1 % more (and at least 1 MiB more) and takes less space at its peak wins:
+ * VHD dynamic → raw through QED copies every cluster before its commit (a second copy of the disk at
+ * the peak) while the route through VMDK moves 0.3 % more in rounds of one relocation window. A peak
+ * lower by under 1 MiB does not count; ties keep the registry's order.
+ */
+export function pickIntermediate<T extends { cost: number; peak: number }>(candidates: readonly T[]): T | undefined {
+  if (candidates.length === 0) return undefined;
+  const cheapest = candidates.reduce((a, c) => (c.cost < a.cost ? c : a));
+  const limit = cheapest.cost + Math.max(Math.floor(cheapest.cost / 100), 1 << 20);
+  const lowest = candidates.filter((c) => c.cost <= limit).reduce((a, c) => (c.peak < a.peak ? c : a));
+  // A peak lower by less than 1 MiB is noise in the estimate: the fewest moved bytes stay.
+  return lowest.peak < cheapest.peak - (1 << 20) ? lowest : cheapest;
 }
 
 /** The second step of a route through `via`, planned on a view of the image as `first` leaves it (reading only). */
@@ -712,6 +732,63 @@ async function readGuestRanges(path: string, dev: BlockDevice, drivers: readonly
 }
 
 const COPY_CHUNK = 4 << 20;
+/** The longest run the pre-commit copies read at once (the copier holds two buffers of it). */
+const MOVE_RUN = 8 << 20;
+
+/**
+ * The pre-commit copies of a source that cannot repoint its data (step 3): each move's guest range into
+ * its destination. Data runs are copied device to device through a FreeSpaceCopier (src/blockdev/copy.ts,
+ * as relocation's rounds: reused read-ahead buffers, zero blocks punched, length tracked, writeback
+ * hint); parts that read zeros are punched (free space may hold stale bytes); compressed parts are
+ * decoded and written like before. The crash argument is unchanged: every destination is free space no
+ * live structure references, every source a live data run the source keeps reading (no source pointer
+ * changes before the commit), so no copy overwrites anything a reader needs and their order is free;
+ * the caller flushes before any metadata refers to the copies. The file ends up at least as long as
+ * the last move's end (a format may require a structure wholly inside the file).
+ */
+async function copyMoves(dev: BlockDevice, source: SourceImage, mapping: ExtentMap, moves: readonly DataMove[], onBytes: (n: number) => void, signal?: AbortSignal): Promise<void> {
+  if (moves.length === 0) return;
+  if (source.dataDev !== dev) throw new Error(`${source.format}: moves copy inside the image, but its data lives in another file`);
+  const runs: CopyRun[] = [];
+  const zeros: { to: number; length: number }[] = [];
+  const compressed: { guest: number; to: number; length: number }[] = [];
+  let end = 0;
+  for (const m of moves) {
+    end = Math.max(end, m.to + m.length);
+    for (const e of mapping.range(m.guest, m.length)) {
+      const to = m.to + (e.guest - m.guest);
+      if (e.kind === 'data') {
+        for (let off = 0; off < e.length; off += MOVE_RUN) {
+          const from = e.host! + off;
+          const length = Math.min(MOVE_RUN, e.length - off);
+          const last = runs[runs.length - 1];
+          // Neighbouring runs (source and destination both continuing) as one read and one write.
+          if (last && last.length + length <= MOVE_RUN && last.from + last.length === from && last.to + last.length === to + off) last.length += length;
+          else runs.push({ from, to: to + off, length });
+        }
+      } else if (e.kind === 'compressed') compressed.push({ guest: e.guest, to, length: e.length });
+      else zeros.push({ to, length: e.length });
+    }
+  }
+  const copier = await FreeSpaceCopier.open(dev, runs.reduce((n, r) => Math.max(n, r.length), 0));
+  for (const z of zeros) {
+    signal?.throwIfAborted();
+    await copier.punch(z.to, z.length);
+    onBytes(z.length);
+  }
+  await copier.copy(runs, onBytes, signal);
+  for (const c of compressed) {
+    for (let off = 0; off < c.length; off += COPY_CHUNK) {
+      signal?.throwIfAborted();
+      const len = Math.min(COPY_CHUNK, c.length - off);
+      const bytes = await readTopLayer(source, mapping, c.guest + off, len);
+      await writeIntoFree(dev, c.to + off, bytes);
+      copier.wrote(c.to + off, len);
+      onBytes(len);
+    }
+  }
+  if (copier.size < end) await dev.truncate(end);
+}
 
 export async function convertInPlace(path: string, opts: ConvertOptions): Promise<ConversionReport> {
   const storage = opts.storage ?? fileStorage;
@@ -894,21 +971,14 @@ async function runStage(
 
     // 3. Data the target cannot express in place is copied to new space, then flushed, before any
     //    metadata refers to it. The source still reads the originals.
-    let moved = 0;
-    if (!moveRelocation) progress('move', 0, plan.dataMoveBytes);
-    for (const m of moveRelocation ? [] : moves) {
-      for (let off = 0; off < m.length; off += COPY_CHUNK) {
-        opts.signal?.throwIfAborted();
-        const len = Math.min(COPY_CHUNK, m.length - off);
-        const bytes = await readTopLayer(source, prepared.input.mapping, m.guest + off, len);
-        inside(m.to + off);
-        // Free space may hold stale bytes; the copy keeps the source's zeros as holes.
-        await writeIntoFree(dev, m.to + off, bytes);
-        moved += len;
-        progress('move', moved, plan.dataMoveBytes);
-      }
+    if (!moveRelocation) {
+      let moved = 0;
+      progress('move', 0, plan.dataMoveBytes);
+      for (const m of moves) inside(m.to);
+      // Free space may hold stale bytes; the copies keep the source's zeros as holes.
+      await copyMoves(dev, source, prepared.input.mapping, moves, (n) => progress('move', (moved += n), plan.dataMoveBytes), opts.signal);
+      if (moves.length) await dev.flush();
     }
-    if (moves.length && !moveRelocation) await dev.flush();
 
     // 4. New metadata into space no live source structure uses; flushed. The source is still intact.
     const writeTotal = writes.reduce((s, w) => s + w.bytes.length, 0);

@@ -112,8 +112,10 @@ describe.skipIf(!qemuAvailable())('compaction in batches: every kill point and s
     expect(result.dataMovedBytes).toBe(moved);
     expect(result.dataMovedBytes / window).toBeGreaterThanOrEqual(8);
     expect(result.lengthAfter).toBeLessThan(result.lengthBefore);
+    // Each batch punches its old places once its pointers are durable (the copies no longer punch their
+    // destinations first: random data overwrites whatever stale bytes free space holds).
     const punches = rec.log.filter((o) => o.kind === 'punch').length;
-    expect(punches).toBeGreaterThanOrEqual(2 * (moved / window));
+    expect(punches).toBeGreaterThanOrEqual(moved / window);
     expect(judge(stateAfter(rec.initial, rec.log, rec.log.length), raw, 'done.qed', false)).toBeUndefined();
 
     const failures: string[] = [];
