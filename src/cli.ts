@@ -21,7 +21,7 @@ import { planMany } from './batch/plan.js';
 import { createBatchReporter } from './progress/batch-reporter.js';
 import { formatBatchPlan, formatBatchReport } from './progress/batch-table.js';
 import { registerStreamCommands } from './cli-stream.js';
-import { parseTargetOptions, targetOptionsOption } from './cli-options.js';
+import { moveWindowOption, parseMoveWindow, parseTargetOptions, targetOptionsOption } from './cli-options.js';
 import { resultFields } from './progress/batch-json.js';
 
 export { parseTargetOptions } from './cli-options.js';
@@ -143,6 +143,7 @@ interface InplaceOptions {
   quiet?: boolean;
   jobs?: string;
   manifest?: string;
+  moveWindow?: string;
 }
 
 function parseJobs(v: string | undefined): number | undefined {
@@ -288,13 +289,16 @@ export function buildProgram(): Command {
     .addOption(targetOptionsOption())
     .addOption(formatOption())
     .addOption(outputOption())
-    .action(async (images: string[], o: { to: string; options?: string[]; format?: string; output: string }) => {
+    .addOption(moveWindowOption())
+    .action(async (images: string[], o: { to: string; options?: string[]; format?: string; output: string; moveWindow?: string }) => {
+      const window = parseMoveWindow(o.moveWindow);
+      const base = { to: o.to, options: parseTargetOptions(o.options), format: o.format, drivers: allDrivers, ...(window !== undefined ? { relocationWindow: window } : {}) };
       if (images.length > 1) {
-        await planBatch(images, { to: o.to, options: parseTargetOptions(o.options), format: o.format, drivers: allDrivers }, o.output);
+        await planBatch(images, base, o.output);
         return;
       }
       const image = images[0]!;
-      const p = await planConversion(image, { to: o.to, options: parseTargetOptions(o.options), format: o.format, drivers: allDrivers });
+      const p = await planConversion(image, base);
       process.stdout.write((o.output === 'json' ? JSON.stringify(p, null, 2) : planHuman(p)) + '\n');
     });
 
@@ -315,8 +319,10 @@ export function buildProgram(): Command {
     .option('-q, --quiet', 'print nothing but errors (--output json still prints the report)')
     .option('-j, --jobs <n>', 'images converted at once (default: one at a time per filesystem, filesystems in parallel)')
     .option('--manifest <file>', 'JSON-lines record of each image\'s state, written as the run goes; re-running with it resumes')
+    .addOption(moveWindowOption())
     .action(async (images: string[], o: InplaceOptions) => {
-      const base = { to: o.to, options: parseTargetOptions(o.options), format: o.format, drivers: allDrivers };
+      const window = parseMoveWindow(o.moveWindow);
+      const base = { to: o.to, options: parseTargetOptions(o.options), format: o.format, drivers: allDrivers, ...(window !== undefined ? { relocationWindow: window } : {}) };
       if (images.length === 0 && o.manifest === undefined) throw new UsageError('inplace: name at least one image (or --manifest FILE to continue a batch)');
       if (images.length > 1 || o.manifest !== undefined || o.jobs !== undefined) {
         await inplaceBatch(images, base, o);

@@ -104,7 +104,7 @@ export async function planMany(names: readonly string[], opts: PlanManyOptions):
         row.reason = `already ${to}`;
         return;
       }
-      row.plan = await planConversion(image.path, { to: opts.to, options: opts.options ?? {}, format: opts.format, drivers: opts.drivers, storage });
+      row.plan = await planConversion(image.path, { to: opts.to, options: opts.options ?? {}, format: opts.format, drivers: opts.drivers, storage, ...(opts.relocationWindow !== undefined ? { relocationWindow: opts.relocationWindow } : {}) });
       row.outcome = 'convert';
     } catch (e) {
       row.outcome = 'refused';

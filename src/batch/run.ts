@@ -319,6 +319,7 @@ export async function convertMany(names: readonly string[], opts: ConvertManyOpt
           to: opts.to,
           ...(opts.options ? { options: opts.options } : {}),
           ...(opts.format ? { format: opts.format } : {}),
+          ...(opts.relocationWindow !== undefined ? { relocationWindow: opts.relocationWindow } : {}),
           drivers: opts.drivers,
           storage,
           ...(opts.signal ? { signal: opts.signal } : {}),

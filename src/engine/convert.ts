@@ -49,7 +49,8 @@ export interface ConvertOptions {
   signal?: AbortSignal;
   /**
    * Bytes of second copies on disk at once while data is relocated inside the source (a round's size;
-   * DEFAULT_WINDOW, 64 MiB, by default). Used by moves to a non-identity target (VHD dynamic).
+   * DEFAULT_WINDOW, 64 MiB, by default): relocation for identity targets (raw, VHD fixed, VMDK flat),
+   * moves to a non-identity target (VHD dynamic), and the batches of compaction after the commit.
    */
   relocationWindow?: number;
 }
@@ -191,7 +192,7 @@ async function prepare(path: string, dev: BlockDevice, opts: ConvertOptions, int
     if (sameFormat && targetPlan.parameters.subformat !== undefined && targetPlan.parameters.subformat === info.subformat) {
       throw new UsageError(`${path} is already ${opts.to} ${info.subformat}; nothing to do`);
     }
-    const identity = targetPlan.placement === 'identity' ? await planIdentity(source, mapping, hostSpace, fileLength, targetPlan, opts.to) : undefined;
+    const identity = targetPlan.placement === 'identity' ? await planIdentity(source, mapping, hostSpace, fileLength, targetPlan, opts.to, opts.relocationWindow ?? DEFAULT_WINDOW) : undefined;
 
     const reserved = [...targetPlan.fixedRegions, ...(targetPlan.reserved ?? [])]
       .map((r) => ({ start: r.start, length: r.length }))

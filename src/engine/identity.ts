@@ -50,6 +50,8 @@ export async function planIdentity(
   fileLength: number,
   targetPlan: TargetPlan,
   to: string,
+  /** Most bytes of second copies (and of scratch) on disk at once: a round's size (ConvertOptions.relocationWindow). */
+  window: number = DEFAULT_WINDOW,
 ): Promise<IdentityPlan> {
   const from = source.format;
   const V = mapping.virtualSize;
@@ -85,7 +87,7 @@ export async function planIdentity(
   const fixedEnds = targetPlan.fixedRegions.map((r) => r.start + r.length);
   const unitEnds = units.map((u) => Math.max(u.host, u.guest) + u.length);
   const scratchBase = scratchBaseFor([fileLength, hostSpace.usedEnd(), V, ...fixedEnds, ...unitEnds], alignment);
-  const relocation = planRelocation({ units, pinned, virtualSize: V, scratchBase, alignment, window: DEFAULT_WINDOW });
+  const relocation = planRelocation({ units, pinned, virtualSize: V, scratchBase, alignment, window });
 
   const redo = new IntervalSet();
   for (const p of pinned) if (p.start < V) redo.add(p.start, Math.min(p.length, V - p.start));
