@@ -13,11 +13,11 @@
  * 256 MiB with an 8 MiB window: through VMDK 35.4 MiB in 9.9 s, direct 224.2 MiB in 6.6 s.
  *
  * The plan says one window (8.2 MiB at 256 MiB), and since the relocation frees whole 4 KiB blocks
- * that is what the disk holds (8.0 MiB measured at 64 and 256 MiB). Before, it punched only each
+ * that is what the disk holds (8.0 MiB measured at 64 and 256 MiB, 7.8 at 1 GiB). Before, it punched only each
  * round's old places: for data 512 B aligned that left the partial blocks at their edges allocated (the
  * qcow2's old L2 tables, 512 B every 32 KiB, lie between them), and a block vacated in parts over
- * several rounds was never freed before reclaim — 14.0 MiB measured at 64 MiB, 35.4 MiB at 256 MiB
- * (relocate.ts blockPunches; test/engine/relocate-block-punch.test.ts).
+ * several rounds was never freed before reclaim — 14.0 MiB measured at 64 MiB, 35.4 at 256 MiB, 120.9
+ * at 1 GiB (relocate.ts blockPunches; test/engine/relocate-block-punch.test.ts).
  * COMPACT_PEAK_MIB runs it on another size (default 64).
  */
 import { statSync } from 'node:fs';
@@ -73,13 +73,26 @@ describe.skipIf(!qemuAvailable())('compacting targets: peak allocated space', ()
           // Samples from here on measure the reclaim (the first step's reclaim of two is overwritten by the second's).
           peakBefore = Math.max(peakBefore, storage.peakAlloc);
           atReclaim = statSync(img).blocks * 512 - start;
-          storage.peakAlloc = 0;
+          // From where the allocation stands, which may be below the start: the relocation frees the
+          // blocks of the first step's old tables between the grains (1/64 of the data).
+          storage.peakAlloc = atReclaim;
         }
         phase = e.phase;
       },
     });
     const seconds = Math.round(performance.now() - t0) / 1000;
     return { plan, report, peak: Math.max(peakBefore, storage.peakAlloc), reclaimRise: storage.peakAlloc - atReclaim, seconds };
+  };
+
+  /**
+   * The plan's peak is the measured one: never below it, and above by at most 2 MiB — the plan adds
+   * half the compacted tables (1 MiB at 1 GiB) that the measurement does not see once the relocation
+   * has freed the first step's old tables (64 MiB: 8.07 planned, 8.01–8.03 measured; 256 MiB: 8.23 and
+   * 7.98–8.03; 1 GiB: 8.98 and 7.84). 5.9 / 27 / 112 MiB more were measured before whole blocks were freed.
+   */
+  const expectPlanIsPeak = (m: { plan: { peakExtraBytes: number }; peak: number }, summary: object) => {
+    expect(m.peak, JSON.stringify(summary)).toBeLessThanOrEqual(m.plan.peakExtraBytes + 128 * 1024);
+    expect(m.plan.peakExtraBytes - m.peak, JSON.stringify(summary)).toBeLessThanOrEqual(2 * MiB);
   };
 
   const summaryOf = (m: Awaited<ReturnType<typeof measure>>) => ({
@@ -103,7 +116,7 @@ describe.skipIf(!qemuAvailable())('compacting targets: peak allocated space', ()
     judge(img);
     const direct = m.plan.alternatives!.find((a) => a.via === 'direct')!;
     expect(m.peak, JSON.stringify(summary)).toBeLessThan(direct.peakExtraBytes! / 3);
-    expect(Math.abs(m.plan.peakExtraBytes - m.peak), JSON.stringify(summary)).toBeLessThanOrEqual(1 * MiB);
+    expectPlanIsPeak(m, summary);
     // Compaction adds at most one batch (and its tables) to what the disk held when it began.
     expect(m.reclaimRise, JSON.stringify(summary)).toBeLessThanOrEqual(WINDOW + 1 * MiB);
   }, 600_000);
@@ -129,8 +142,8 @@ describe.skipIf(!qemuAvailable())('compacting targets: peak allocated space', ()
     expect(m.plan.peakExtraBytes).toBeGreaterThanOrEqual(WINDOW);
   }, 600_000);
 
-  test('plan = measured within 1 MiB: the relocation of 512 B aligned data frees whole blocks', async () => {
+  test('plan = measured: the relocation of 512 B aligned data frees whole blocks', async () => {
     const m = await vmdk('w.img');
-    expect(Math.abs(m.plan.peakExtraBytes - m.peak)).toBeLessThanOrEqual(1 * MiB);
+    expectPlanIsPeak(m, summaryOf(m));
   }, 600_000);
 });
