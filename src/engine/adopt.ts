@@ -28,7 +28,7 @@ import { CARRIED_LABELS, type CarriedField, type SourceImage, type TargetOptions
 import type { ExtentMap } from '../extent-map.js';
 import { ImgconvError, IoError, UnsupportedError, UsageError } from '../errors.js';
 import { findDriver, openImage, probe, resolveRelated } from '../image.js';
-import { combinePlans, continueStages, ConversionFailedError, planStep, type ConversionPlan, type ConversionReport, type ConvertOptions, type JournalHandle, type Phase } from './convert.js';
+import { combinePlans, combineReports, continueStages, ConversionFailedError, planRoute, type ConversionPlan, type ConversionReport, type ConvertOptions, type JournalHandle, type Phase } from './convert.js';
 import { encodeRecord, journalPath, regionsDigest } from './journal.js';
 import { identityEquivalent, readTopLayer } from './mapping.js';
 
@@ -218,7 +218,8 @@ async function planAdoption(path: string, dev: BlockDevice, opts: ConvertOptions
       // The data file as the adoption leaves it: the virtual size, the stale ranges punched (zeros, holes).
       const view = new OverlayDevice(source.dataDev, [], V, zero);
       try {
-        second = await planStep(path, view, { ...opts, format: 'raw', to: then.to, options: then.options });
+        // The route chooser's choice, as the conversion's step after the rename makes it (continueStages).
+        second = await planRoute(path, view, { ...opts, format: 'raw', to: then.to, options: then.options });
       } catch (e) {
         if (!(e instanceof ImgconvError) || e instanceof IoError) throw e;
         throw new UnsupportedError(info.format, 'external data file', `adopting its data file ${source.dataFile} would make ${path} raw (no copy), but raw → ${then.to} is refused: ${(e as Error).message}`);
@@ -330,7 +331,17 @@ export async function adoptDataFile(path: string, dev: BlockDevice, opts: Conver
         originalLength: plan.source.fileLength,
         sourceDigest: regionsDigest([]),
         undo: [],
-        plan: { virtualSize: V, backing: null, moves: [], metadataBytes: 0, dataMoveBytes: 0, finalLength: V, adoption: { dataFile: dataPath } },
+        plan: {
+          virtualSize: V,
+          backing: null,
+          moves: [],
+          metadataBytes: 0,
+          dataMoveBytes: 0,
+          finalLength: V,
+          adoption: { dataFile: dataPath },
+          // The window the second step runs with, when recovery runs it (informational: journal.ts).
+          ...(opts.relocationWindow !== undefined ? { relocationWindow: opts.relocationWindow } : {}),
+        },
         then,
       });
       await journal.dev.write(rec, 0);
@@ -367,7 +378,8 @@ export async function adoptDataFile(path: string, dev: BlockDevice, opts: Conver
     );
   }
   // After the rename: the data was synced before it, so an error closing (close(2) on NFS) changes nothing.
-  await data.close().catch(() => {});
+  // The image's old file (the metadata, now unlinked) goes; the data file's device stays open when a step
+  // follows: it holds the lock, which lives on the inode the image's name now gives.
   await dev.close().catch(() => {});
   const first: ConversionReport = {
     ...plan,
@@ -377,17 +389,50 @@ export async function adoptDataFile(path: string, dev: BlockDevice, opts: Conver
     reclaimedBytes: plan.source.fileLength + Math.max(0, summary.lengthBefore - V),
     verified: ['probes as raw', 'virtual size unchanged', 'guest content identical (by runs and holes)'],
   };
-  if (!then) return first;
-  // The second step, from the raw disk, appending to the same journal.
-  let raw: BlockDevice;
-  try {
-    raw = await storage.open(path, { write: true, lock: true });
-  } catch (e) {
-    await journal.dev?.close().catch(() => {});
-    throw new ConversionFailedError('needs-recover', `${path} is now raw (its data file ${dataPath} was adopted; the first of two steps is done); the step to ${then.to} failed: ${(e as Error).message}; finish it with: imgconv recover ${path}`, e);
+  if (!then) {
+    await data.close().catch(() => {});
+    return first;
   }
-  const report = await continueStages(path, raw, storage, { ...opts, to: then.to, options: then.options }, journal, first, 'raw');
-  return twoSteps(report, first, report.steps?.[1] ?? report);
+  // The rest, from the raw disk, appending to the same journal, on the device locked since before the
+  // rename: reopening the image's path would leave it unlocked in between (and a second open description
+  // of the inode would conflict with the first's OFD lock). The route chooser picks the way (raw → VHD
+  // dynamic: through VMDK), as the plan did on the view of the data file.
+  const rest = await continueStages(path, renamedDevice(data, path), storage, { ...opts, to: then.to, options: then.options }, journal, undefined, 'raw');
+  return twoSteps(combineReports(first, rest), first, rest);
+}
+
+/**
+ * `dev`, opened under the name a rename has since replaced, under its new name `path`: messages and
+ * I/O errors name the image (the engine tells a failed flush of the image by the error's path).
+ */
+function renamedDevice(dev: BlockDevice, path: string): BlockDevice {
+  const named = (e: unknown): never => {
+    if (!(e instanceof IoError) || e.path !== dev.path) throw e;
+    const prefix = `${e.op} ${e.path} at offset ${e.offset}: `;
+    const renamed = new IoError(e.op, path, e.offset, e.code, e.message.startsWith(prefix) ? e.message.slice(prefix.length) : e.message);
+    throw Object.assign(renamed, { cause: e });
+  };
+  const op =
+    <A extends unknown[], R>(f: (...a: A) => Promise<R>) =>
+    (...a: A): Promise<R> =>
+      f(...a).catch(named);
+  return {
+    path,
+    get writable() {
+      return dev.writable;
+    },
+    size: op(() => dev.size()),
+    allocated: op(() => dev.allocated()),
+    read: op((b: Uint8Array, o: number) => dev.read(b, o)),
+    write: op((b: Uint8Array, o: number) => dev.write(b, o)),
+    flush: op(() => dev.flush()),
+    ...(dev.startWriteback ? { startWriteback: (o: number, n: number) => dev.startWriteback!(o, n) } : {}),
+    truncate: op((n: number) => dev.truncate(n)),
+    punchHole: op((o: number, n: number) => dev.punchHole(o, n)),
+    nextData: op((o: number) => dev.nextData(o)),
+    nextHole: op((o: number) => dev.nextHole(o)),
+    close: op(() => dev.close()),
+  };
 }
 
 class VerificationFailed extends ImgconvError {}

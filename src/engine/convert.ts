@@ -619,11 +619,19 @@ async function planSecondStep(path: string, dev: BlockDevice, first: Prepared, v
   return second;
 }
 
-/** One step's plan on `dev` (a view of the image as an earlier step leaves it), reading only. */
-export async function planStep(path: string, dev: BlockDevice, opts: ConvertOptions): Promise<ConversionPlan> {
-  const p = await prepare(path, dev, opts);
-  await p.chain.close();
-  return p.plan;
+/**
+ * The conversion of the image on `dev` (a view of it as an earlier step leaves it) as the route chooser
+ * takes it — direct, or through an intermediate — reading only. continueStages runs the same choice.
+ */
+export async function planRoute(path: string, dev: BlockDevice, opts: ConvertOptions): Promise<ConversionPlan> {
+  const route = await chooseRoute(path, dev, opts);
+  await route.prepared.chain.close();
+  return planOf(route);
+}
+
+/** A chosen route's plan: one step's, or both steps' seen whole with the routes compared. */
+function planOf(route: Route): ConversionPlan {
+  return route.then ? { ...combinePlans(route.prepared.plan, route.then.estimate), ...(route.alternatives ? { alternatives: route.alternatives } : {}) } : route.prepared.plan;
 }
 
 /** A two-step conversion seen whole: from the original source to the final target, bytes summed. */
@@ -673,7 +681,7 @@ export async function planConversion(path: string, opts: ConvertOptions): Promis
       throw e;
     }
     await route.prepared.chain.close();
-    return route.then ? { ...combinePlans(route.prepared.plan, route.then.estimate), ...(route.alternatives ? { alternatives: route.alternatives } : {}) } : route.prepared.plan;
+    return planOf(route);
   } finally {
     await dev.close();
   }
@@ -843,10 +851,12 @@ export async function continueStages(
   first: ConversionReport | undefined,
   via: string,
 ): Promise<ConversionReport> {
-  let second: Prepared;
+  let route: Route;
   opts = { ...opts, format: via };
   try {
-    second = await prepare(path, dev, opts);
+    // The route chooser, as for any source on this device: raw (an adopted data file) → VHD dynamic
+    // takes the bounded route through VMDK here too, a third step after the adoption.
+    route = await chooseRoute(path, dev, opts);
   } catch (e) {
     await journal.dev?.close().catch(() => {});
     await dev.close().catch(() => {});
@@ -857,8 +867,10 @@ export async function continueStages(
     await storage.remove(journalPath(path)).then(() => storage.syncDir(journalPath(path))).catch(() => {});
     throw new ConversionFailedError('intermediate', `${path} is now a valid ${via} image with the same guest content (the first of two steps); the step to ${opts.to} failed: ${(e as Error).message}`, e);
   }
-  const report = await runStage(path, dev, storage, second, opts, journal, undefined, via);
-  return first ? combineReports(first, report) : report;
+  const report = await runStage(path, dev, storage, route.prepared, opts, journal, route.then, via);
+  // Through an intermediate: its step is done (image and journal still held), the last step follows.
+  const whole = route.then ? await continueStages(path, dev, storage, opts, journal, report, route.prepared.plan.target.format) : report;
+  return first ? combineReports(first, whole) : whole;
 }
 
 /**

@@ -66,7 +66,8 @@ export class PeakStorage extends PassThroughStorage {
       truncate: sampled((n) => d.truncate(n)),
       punchHole: sampled((o, n) => d.punchHole(o, n)),
       close: async () => {
-        if (this.devices.get(path) === d) this.devices.delete(path);
+        // Under whatever name it has now (a rename moves it).
+        for (const [p, x] of this.devices) if (x === d) this.devices.delete(p);
         await d.close();
       },
     });
@@ -77,7 +78,12 @@ export class PeakStorage extends PassThroughStorage {
     await super.remove(path);
   }
   override rename(from: string, to: string): Promise<void> {
+    // An open device follows its file to the new name (an adopted data file, written on as the image);
+    // the file the name gave before is unlinked (its space goes when it is closed).
+    const d = this.devices.get(from);
     this.devices.delete(from);
+    if (d) this.devices.set(to, d);
+    else this.devices.delete(to);
     return super.rename(from, to);
   }
 }

@@ -71,25 +71,38 @@ export class RecordingStorage extends PassThroughStorage<MemoryStorage> {
     return this.inner;
   }
 
+  /**
+   * The current name of each open device's file: a descriptor follows its file across a rename (an
+   * adopted data file is written on under the image's name), so its later operations are logged under
+   * the new name; a file whose name a rename gave to another is nameless (its operations reach no file).
+   */
+  private readonly names = new Set<{ path: string }>();
+
   protected override wrap(d: BlockDevice, path: string): BlockDevice {
     const log = this.log;
+    const name = { path };
+    this.names.add(name);
     return passThroughDevice(d, {
       path,
       async write(bytes, offset) {
         await d.write(bytes, offset);
-        log.push({ kind: 'write', path, offset, bytes: bytes.slice() });
+        log.push({ kind: 'write', path: name.path, offset, bytes: bytes.slice() });
       },
       async truncate(length) {
         await d.truncate(length);
-        log.push({ kind: 'truncate', path, length });
+        log.push({ kind: 'truncate', path: name.path, length });
       },
       async punchHole(offset, length) {
         await d.punchHole(offset, length);
-        log.push({ kind: 'punch', path, offset, length });
+        log.push({ kind: 'punch', path: name.path, offset, length });
       },
       async flush() {
         await d.flush();
-        log.push({ kind: 'flush', path });
+        log.push({ kind: 'flush', path: name.path });
+      },
+      close: async () => {
+        this.names.delete(name);
+        await d.close();
       },
     });
   }
@@ -108,6 +121,10 @@ export class RecordingStorage extends PassThroughStorage<MemoryStorage> {
   }
   override async rename(from: string, to: string): Promise<void> {
     await super.rename(from, to);
+    for (const n of this.names) {
+      if (n.path === to) n.path = `${to} (replaced by a rename)`;
+      else if (n.path === from) n.path = to;
+    }
     this.log.push({ kind: 'rename', path: from, to });
   }
 }
