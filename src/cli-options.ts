@@ -1,6 +1,6 @@
 /**
  * qemu-img style target options on the command line, shared by every command that takes them
- * (`plan`, `inplace`, `stream`, `measure`), and the relocation window of `plan` / `inplace`.
+ * (`plan`, `inplace`, `stream`, `measure`), and the relocation window of `plan` / `inplace` / `recover`.
  */
 import { Option } from 'commander';
 import type { TargetOptions } from './driver.js';
@@ -52,8 +52,9 @@ export function parseMoveWindow(v: string | undefined): number | undefined {
   return n;
 }
 
-export const moveWindowOption = (): Option =>
+/** `dflt`: what applies without the option (`recover`: the window the interrupted conversion ran with). */
+export const moveWindowOption = (dflt = '64M'): Option =>
   new Option(
     '--move-window <size>',
-    'most bytes of second copies on disk at once while data moves inside the image (relocation rounds, compaction batches): bounds the peak extra space at the cost of more rounds (e.g. 64M, 512K; at least 4K; default 64M)',
+    `most bytes of second copies on disk at once while data moves inside the image (relocation rounds, compaction batches): bounds the peak extra space at the cost of more rounds (e.g. 64M, 512K; at least 4K; default ${dflt})`,
   );

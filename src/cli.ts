@@ -387,8 +387,11 @@ export function buildProgram(): Command {
     .description('finish or undo an interrupted conversion')
     .argument('<image>')
     .addOption(outputOption())
-    .action(async (image: string, o: { output: string }) => {
-      const r = await recover(image, { drivers: allDrivers });
+    .addOption(moveWindowOption("the interrupted conversion's, as its journal records it; else 64M"))
+    .action(async (image: string, o: { output: string; moveWindow?: string }) => {
+      // Without the option: the window the interrupted conversion ran with (its journal records it).
+      const window = parseMoveWindow(o.moveWindow);
+      const r = await recover(image, { drivers: allDrivers, ...(window !== undefined ? { relocationWindow: window } : {}) });
       process.stdout.write((o.output === 'json' ? JSON.stringify(r, null, 2) : `${image}: ${r.detail}${r.format ? ` (now ${r.format})` : ''}`) + '\n');
     });
 

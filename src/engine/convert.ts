@@ -939,6 +939,9 @@ async function runStage(
           finalLength: plan.finalLength,
           ...(prepared.holesAsData ? {} : { holesAsData: false }),
           ...(identity ? { identity: true } : {}),
+          // Recovery reclaims, compacts and runs a second step in rounds of the same window (a user
+          // short of space picked it); informational, so not a journal feature (journal.ts).
+          ...(opts.relocationWindow !== undefined ? { relocationWindow: opts.relocationWindow } : {}),
         },
         ...(relocating ? { relocating: true } : {}),
         ...(then ? { then: { to: then.to, options: then.options } } : {}),

@@ -72,8 +72,13 @@ export interface PrepareRecord {
   sourceDigest: string;
   /** The old bytes of every region the commit overwrites in place. */
   undo: Region[];
-  /** The plan summary, for messages. */
-  plan: Record<string, unknown>;
+  /**
+   * The plan summary, for messages. `relocationWindow`: the `--move-window` the conversion ran with (written
+   * only when one was given), so that recovery's reclaim, compaction and second step keep the same bound
+   * on extra space. Not a journal feature: a reader that ignores it recovers correctly with its default
+   * window (only the peak space differs, never what recovery does with the image's bytes).
+   */
+  plan: Record<string, unknown> & { relocationWindow?: number };
   /**
    * Data is relocated inside the source before the commit (src/engine/relocate.ts): every step keeps
    * the file a valid source image, so there is nothing to undo before the commit — and the file must

@@ -18,6 +18,21 @@ export interface RecoverOptions {
   drivers: readonly FormatDriver[];
   storage?: Storage;
   onProgress?: (e: ProgressEvent) => void;
+  /**
+   * The relocation window for reclaim, compaction and a second step (`imgconv recover --move-window`).
+   * When not given: the window the interrupted conversion ran with, as its PREPARE records it, else
+   * the default.
+   */
+  relocationWindow?: number;
+}
+
+/**
+ * The window a conversion recorded in its PREPARE (journal.ts `plan.relocationWindow`). A value that is
+ * not a positive whole number of bytes is ignored (the default then): it only bounds extra space.
+ */
+export function journalWindow(plan: { relocationWindow?: unknown }): number | undefined {
+  const w = plan.relocationWindow;
+  return typeof w === 'number' && Number.isSafeInteger(w) && w > 0 ? w : undefined;
 }
 
 export interface RecoverReport {
@@ -94,6 +109,10 @@ export async function recover(path: string, opts: RecoverOptions): Promise<Recov
     return { image: path, action: 'none', format: null, detail: 'no interrupted conversion' };
   }
   const { prepare } = st;
+  // Recovery keeps the bound on extra space the user chose for the conversion: the last step's window,
+  // the first step's when the last step is the adoption's rename (which records one only before a step).
+  const window = opts.relocationWindow ?? journalWindow(prepare.plan) ?? journalWindow(st.first.plan);
+  opts = { ...opts, ...(window !== undefined ? { relocationWindow: window } : {}) };
   const dev = await storage.open(path, { write: true, lock: true });
   try {
     const report = await recoverStep(path, dev, storage, st, opts);
@@ -116,7 +135,15 @@ export async function recover(path: string, opts: RecoverOptions): Promise<Recov
     await journal.truncate(validEnd);
     const handle: JournalHandle = { dev: journal, end: validEnd };
     const via = report.action === 'rolled-forward' ? prepare.targetFormat : prepare.sourceFormat;
-    const done = await continueStages(path, dev, storage, { to: next.to, options: next.options, drivers: opts.drivers, storage, onProgress: opts.onProgress }, handle, undefined, via);
+    const done = await continueStages(
+      path,
+      dev,
+      storage,
+      { to: next.to, options: next.options, drivers: opts.drivers, storage, onProgress: opts.onProgress, ...(window !== undefined ? { relocationWindow: window } : {}) },
+      handle,
+      undefined,
+      via,
+    );
     return { image: path, action: 'rolled-forward', format: done.target.format, detail: `${report.detail}; then converted ${via} → ${done.target.format}, the second of two steps` };
   } finally {
     await dev.close();
@@ -126,6 +153,7 @@ export async function recover(path: string, opts: RecoverOptions): Promise<Recov
 async function recoverStep(path: string, dev: BlockDevice, storage: Storage, st: Exclude<JournalState, { state: 'none' }> & { validLength?: number }, opts: RecoverOptions): Promise<RecoverReport> {
   const jpath = journalPath(path);
   const { prepare } = st;
+  const window = opts.relocationWindow;
   // Kept when a step follows: the first step's continuation once it rolled forward, or the second step
   // run again after it was rolled back before its commit point.
   // (A second step that failed verification was rolled back to the intermediate image: it runs again too.)
@@ -161,7 +189,7 @@ async function recoverStep(path: string, dev: BlockDevice, storage: Storage, st:
     if (st.state === 'prepared' && prepare.relocating) {
       // Relocation keeps a valid source at every step and nothing in place was overwritten yet: the
       // source stays as the last durable pointers say; reclaim tidies what the moves left behind.
-      await reclaim(path, dev, opts.drivers, prepare.sourceFormat);
+      await reclaim(path, dev, opts.drivers, prepare.sourceFormat, undefined, undefined, true, undefined, false, window);
       await removeJournal(st.step < 2);
       return { image: path, action: 'rolled-back', format: prepare.sourceFormat, detail: `the conversion stopped before its commit point, while relocating data; the ${prepare.sourceFormat} image is valid where its data now lies` };
     }
@@ -175,7 +203,7 @@ async function recoverStep(path: string, dev: BlockDevice, storage: Storage, st:
         await storage.syncDir(companion);
       }
       // A relocating conversion that failed verification: as finishCommitted does after its rollback.
-      if (st.state === 'aborted' && prepare.relocating && st.step < 2) await reclaimAfterRollback(storage, path, dev, opts.drivers, prepare.sourceFormat);
+      if (st.state === 'aborted' && prepare.relocating && st.step < 2) await reclaimAfterRollback(storage, path, dev, opts.drivers, prepare.sourceFormat, window);
       await removeJournal(st.step < 2);
       return {
         image: path,
@@ -188,7 +216,7 @@ async function recoverStep(path: string, dev: BlockDevice, storage: Storage, st:
       // Verified already; only reclaim may be unfinished. The fixed regions were written and flushed
       // before DONE, and compaction may since have changed them (a moved table's pointer in the
       // header): they must not be rewritten from the journal now.
-      await reclaim(path, dev, opts.drivers, prepare.targetFormat, undefined, identity ? st.commit.finalLength : undefined, !prepare.then, identity ? st.commit.redo : undefined, st.commit.companion !== undefined);
+      await reclaim(path, dev, opts.drivers, prepare.targetFormat, undefined, identity ? st.commit.finalLength : undefined, !prepare.then, identity ? st.commit.redo : undefined, st.commit.companion !== undefined, window);
       await removeJournal();
       return { image: path, action: 'rolled-forward', format: prepare.targetFormat, detail: `the conversion to ${prepare.targetFormat} was complete; finished reclaiming space` };
     }
@@ -229,6 +257,7 @@ async function recoverStep(path: string, dev: BlockDevice, storage: Storage, st:
         ...(companion ? { companion: companion.path } : {}),
         ...(prepare.relocating && st.step < 2 ? { reclaimSourceAs: prepare.sourceFormat } : {}),
         ...(st.step >= 2 ? { secondStepFrom: prepare.sourceFormat } : {}),
+        ...(window !== undefined ? { window } : {}),
         onProgress: opts.onProgress,
       });
     } catch (e) {
