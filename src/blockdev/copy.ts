@@ -22,6 +22,42 @@ export interface CopyRun {
   length: number;
 }
 
+/**
+ * One destination range [to, to+length) filled from several source pieces laid one after another (the
+ * pieces' lengths add up to `length`). A qcow2 with 512-byte clusters keeps its data in 32 KiB pieces
+ * between its 512-byte tables; moved into one contiguous place, they are one write, not one per piece.
+ */
+export interface GatherRun {
+  to: number;
+  length: number;
+  pieces: readonly { from: number; length: number }[];
+}
+
+/** Source reads of one gathered run in flight at once (libuv's pool has four threads by default). */
+const READS_IN_FLIGHT = 8;
+
+/**
+ * Copy runs as gathered runs of at most `maxBytes`: runs whose destinations continue each other (in
+ * destination order) share one buffer and one write, and pieces whose sources continue too are one
+ * read. A run longer than `maxBytes` stays a run of its own (the copier refuses it, as before).
+ */
+export function gatherRuns(runs: readonly CopyRun[], maxBytes: number): GatherRun[] {
+  const sorted = runs.filter((r) => r.length > 0).sort((a, b) => a.to - b.to);
+  const out: { to: number; length: number; pieces: { from: number; length: number }[] }[] = [];
+  for (const r of sorted) {
+    const last = out[out.length - 1];
+    if (last && last.to + last.length === r.to && last.length + r.length <= maxBytes) {
+      const p = last.pieces[last.pieces.length - 1]!;
+      if (p.from + p.length === r.from) p.length += r.length;
+      else last.pieces.push({ from: r.from, length: r.length });
+      last.length += r.length;
+    } else out.push({ to: r.to, length: r.length, pieces: [{ from: r.from, length: r.length }] });
+  }
+  return out;
+}
+
+const asGather = (r: CopyRun | GatherRun): GatherRun => ('pieces' in r ? r : { to: r.to, length: r.length, pieces: [{ from: r.from, length: r.length }] });
+
 export class FreeSpaceCopier {
   private readonly buffers: [Uint8Array, Uint8Array];
 
@@ -52,24 +88,26 @@ export class FreeSpaceCopier {
   }
 
   /**
-   * Copies every run. The caller guarantees that no run's destination overlaps any run's source, and
-   * that the destinations are free (nothing reads them until the caller has flushed and repointed).
-   * `onRun(length)` after each run is written. When a run fails, the read in flight is waited for
-   * before the error is thrown, so nothing touches the device once this has returned.
+   * Copies every run (a gathered run: its pieces, read in parallel, into one buffer written once). The
+   * caller guarantees that no run's destination overlaps any run's source, and that the destinations
+   * are free (nothing reads them until the caller has flushed and repointed). `onRun(length)` after
+   * each run is written. When a run fails, every read in flight is waited for before the error is
+   * thrown, so nothing touches the device once this has returned.
    */
-  async copy(runs: readonly CopyRun[], onRun: (length: number) => void, signal?: AbortSignal): Promise<void> {
+  async copy(runs: readonly (CopyRun | GatherRun)[], onRun: (length: number) => void, signal?: AbortSignal): Promise<void> {
     for (const r of runs) if (r.length > this.runBytes) throw new Error(`copy run of ${r.length} bytes exceeds the ${this.runBytes}-byte buffer`);
     signal?.throwIfAborted();
-    let next: Promise<Uint8Array> | undefined = runs.length > 0 ? this.read(runs[0]!, this.buffers[0]) : undefined;
+    const gathered = runs.map(asGather);
+    let next: Promise<Uint8Array> | undefined = gathered.length > 0 ? this.read(gathered[0]!, this.buffers[0]) : undefined;
     try {
-      for (let k = 0; k < runs.length; k++) {
+      for (let k = 0; k < gathered.length; k++) {
         const bytes = await next!;
         next = undefined;
         signal?.throwIfAborted();
         // The other buffer's write (run k − 1) has finished: read run k + 1 into it while run k is written.
-        if (k + 1 < runs.length) next = this.read(runs[k + 1]!, this.buffers[(k + 1) % 2]!);
-        await this.writeIntoFree(runs[k]!.to, bytes);
-        onRun(runs[k]!.length);
+        if (k + 1 < gathered.length) next = this.read(gathered[k + 1]!, this.buffers[(k + 1) % 2]!);
+        await this.writeIntoFree(gathered[k]!.to, bytes);
+        onRun(gathered[k]!.length);
       }
     } finally {
       if (next) await next.catch(() => undefined);
@@ -82,17 +120,46 @@ export class FreeSpaceCopier {
     if (end > offset) await this.dev.punchHole(offset, end - offset);
   }
 
-  private async read(run: CopyRun, buffer: Uint8Array): Promise<Uint8Array> {
+  /**
+   * Reads a run's pieces into `buffer`, one after another, up to READS_IN_FLIGHT at once. When a read
+   * fails no further piece is started, and the error is thrown once every read in flight has ended.
+   */
+  private async read(run: GatherRun, buffer: Uint8Array): Promise<Uint8Array> {
     const buf = buffer.subarray(0, run.length);
+    const at: number[] = [];
+    let sum = 0;
+    for (const p of run.pieces) {
+      at.push(sum);
+      sum += p.length;
+    }
+    if (sum !== run.length) throw new Error(`gathered run at ${run.to}: pieces of ${sum} bytes for a run of ${run.length}`);
+    let taken = 0;
+    let failed = false;
+    const worker = async () => {
+      while (!failed && taken < run.pieces.length) {
+        const k = taken++;
+        try {
+          await this.readPiece(run.pieces[k]!.from, buf.subarray(at[k]!, at[k]! + run.pieces[k]!.length));
+        } catch (e) {
+          failed = true;
+          throw e;
+        }
+      }
+    };
+    const results = await Promise.allSettled(Array.from({ length: Math.min(READS_IN_FLIGHT, run.pieces.length) }, worker));
+    for (const r of results) if (r.status === 'rejected') throw r.reason;
+    return buf;
+  }
+
+  private async readPiece(from: number, buf: Uint8Array): Promise<void> {
     let got = 0;
-    while (got < run.length) {
-      const n = await this.dev.read(buf.subarray(got), run.from + got);
+    while (got < buf.length) {
+      const n = await this.dev.read(buf.subarray(got), from + got);
       if (n === 0) break;
       got += n;
     }
     // Past the end of the file the source reads zeros; the buffer still holds an earlier run's bytes.
-    if (got < run.length) buf.fill(0, got);
-    return buf;
+    if (got < buf.length) buf.fill(0, got);
   }
 
   /**

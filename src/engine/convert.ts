@@ -24,7 +24,7 @@ import { DEFAULT_WINDOW, executeRelocation, identityPeakExtra, planMoveRelocatio
 import { identityEquivalent } from './mapping.js';
 import { OverlayDevice } from '../blockdev/overlay.js';
 import { writeIntoFree } from '../blockdev/sparse.js';
-import { FreeSpaceCopier, type CopyRun } from '../blockdev/copy.js';
+import { FreeSpaceCopier, gatherRuns, type CopyRun } from '../blockdev/copy.js';
 import { AdoptDataFile, adoptDataFile, dataFileSource, planAdoptionOf, type AdoptionSummary } from './adopt.js';
 
 export type Phase = 'analyse' | 'plan' | 'move' | 'write' | 'commit' | 'verify' | 'reclaim';
@@ -767,25 +767,21 @@ async function copyMoves(dev: BlockDevice, source: SourceImage, mapping: ExtentM
     for (const e of mapping.range(m.guest, m.length)) {
       const to = m.to + (e.guest - m.guest);
       if (e.kind === 'data') {
-        for (let off = 0; off < e.length; off += MOVE_RUN) {
-          const from = e.host! + off;
-          const length = Math.min(MOVE_RUN, e.length - off);
-          const last = runs[runs.length - 1];
-          // Neighbouring runs (source and destination both continuing) as one read and one write.
-          if (last && last.length + length <= MOVE_RUN && last.from + last.length === from && last.to + last.length === to + off) last.length += length;
-          else runs.push({ from, to: to + off, length });
-        }
+        for (let off = 0; off < e.length; off += MOVE_RUN) runs.push({ from: e.host! + off, to: to + off, length: Math.min(MOVE_RUN, e.length - off) });
       } else if (e.kind === 'compressed') compressed.push({ guest: e.guest, to, length: e.length });
       else zeros.push({ to, length: e.length });
     }
   }
-  const copier = await FreeSpaceCopier.open(dev, runs.reduce((n, r) => Math.max(n, r.length), 0));
+  // Runs whose destinations continue each other as one buffer and one write (a qcow2 with 512-byte
+  // clusters: 32 KiB pieces between its tables, one destination), sources continuing as one read.
+  const gathered = gatherRuns(runs, MOVE_RUN);
+  const copier = await FreeSpaceCopier.open(dev, gathered.reduce((n, r) => Math.max(n, r.length), 0));
   for (const z of zeros) {
     signal?.throwIfAborted();
     await copier.punch(z.to, z.length);
     onBytes(z.length);
   }
-  await copier.copy(runs, onBytes, signal);
+  await copier.copy(gathered, onBytes, signal);
   for (const c of compressed) {
     for (let off = 0; off < c.length; off += COPY_CHUNK) {
       signal?.throwIfAborted();

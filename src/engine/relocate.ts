@@ -24,7 +24,7 @@ import type { Relocatable } from '../driver.js';
 import { alignUp } from '../binary.js';
 import type { FreeRange } from '../host-space.js';
 import { IntervalSet } from './intervals.js';
-import { FreeSpaceCopier, type CopyRun } from '../blockdev/copy.js';
+import { FreeSpaceCopier, gatherRuns, type GatherRun } from '../blockdev/copy.js';
 import { HOLE_BLOCK, isZeroRange } from '../blockdev/sparse.js';
 
 /** One movable data unit of the source (a cluster, grain or block), with where its pointer lives. */
@@ -252,16 +252,16 @@ export function finalHosts(units: Unit[], plan: RelocationPlan): number[] {
 
 const COPY_RUN = 8 << 20;
 
-/** A round's steps as copy runs: neighbouring units (source and destination both continuing) as one run of at most COPY_RUN bytes. */
-function copyRuns(round: Step[]): CopyRun[] {
-  const steps = round.slice().sort((a, b) => a.from - b.from);
-  const runs: CopyRun[] = [];
-  for (const s of steps) {
-    const last = runs[runs.length - 1];
-    if (last && last.length + s.length <= COPY_RUN && s.from === last.from + last.length && s.to === last.to + last.length) last.length += s.length;
-    else runs.push({ from: s.from, to: s.to, length: s.length });
-  }
-  return runs;
+/**
+ * A round's steps as copy runs of at most COPY_RUN bytes: units whose destinations continue each other
+ * as one gathered run (one buffer, one write; the sources read in parallel), neighbouring sources in it
+ * as one read.
+ */
+function copyRuns(round: Step[]): GatherRun[] {
+  return gatherRuns(
+    round.map((s) => ({ from: s.from, to: s.to, length: s.length })),
+    COPY_RUN,
+  );
 }
 
 /**

@@ -5,7 +5,7 @@
  * past the end of the file nothing needs punching, and the file still ends at the copy's end.
  */
 import { describe, expect, it } from 'vitest';
-import { FreeSpaceCopier } from '../../src/blockdev/copy.js';
+import { FreeSpaceCopier, gatherRuns } from '../../src/blockdev/copy.js';
 import { MemoryBlockDevice } from '../../src/blockdev/memory.js';
 import { readAt, type BlockDevice } from '../../src/blockdev/types.js';
 import { executeRelocation, type RelocationPlan, type Unit } from '../../src/engine/relocate.js';
@@ -97,6 +97,87 @@ describe('FreeSpaceCopier', () => {
     await expect(c2.copy(runs, () => {})).rejects.toThrow('EIO (injected)');
     expect(inFlight()).toBe(0);
     await expect(FreeSpaceCopier.open(dev, 32 * K).then((c) => c.copy(runs, () => {}))).rejects.toThrow(/exceeds/);
+  });
+});
+
+describe('gathered runs', () => {
+  it('gatherRuns: destinations continuing each other share a run (in destination order, at most maxBytes), continuing sources one piece', () => {
+    const runs = [
+      { from: 100 * K, to: 8 * K, length: 4 * K },
+      { from: 0, to: 0, length: 4 * K },
+      { from: 40 * K, to: 4 * K, length: 4 * K }, // source jumps, destination continues
+      { from: 104 * K, to: 12 * K, length: 4 * K }, // source and destination continue
+      { from: 200 * K, to: 20 * K, length: 4 * K }, // destination jumps
+      { from: 204 * K, to: 24 * K, length: 0 },
+    ];
+    expect(gatherRuns(runs, 16 * K)).toEqual([
+      { to: 0, length: 16 * K, pieces: [{ from: 0, length: 4 * K }, { from: 40 * K, length: 4 * K }, { from: 100 * K, length: 8 * K }] },
+      { to: 20 * K, length: 4 * K, pieces: [{ from: 200 * K, length: 4 * K }] },
+    ]);
+    // The buffer bounds a run: the fourth piece starts a new one.
+    expect(gatherRuns(runs, 12 * K).map((r) => [r.to, r.length])).toEqual([[0, 12 * K], [12 * K, 4 * K], [20 * K, 4 * K]]);
+  });
+
+  it('scattered 32 KiB pieces into one destination: one write per non-zero stretch, zero blocks over stale bytes punched, past-EOF sources read as zeros', async () => {
+    // Eight 32 KiB pieces from 1M on, spaced 33 KiB apart (a 512-byte cluster qcow2's data between its
+    // tables), the third all zeros, the last one 8 KiB of data where the file ends.
+    const P = 32 * K;
+    const base = 1024 * K;
+    const d = new MemoryBlockDevice('img');
+    const froms = [0, 1, 2, 3, 4, 5, 6, 7].map((k) => base + k * 33 * K);
+    const want = new Uint8Array(8 * P);
+    for (const [k, from] of froms.entries()) {
+      const b = k === 2 ? new Uint8Array(P) : pattern(k === 7 ? 8 * K : P, 20 + k);
+      await d.write(b, from);
+      want.set(b, k * P);
+    }
+    const fileEnd = froms[7]! + 8 * K;
+    expect(await d.size()).toBe(fileEnd);
+    // The destination [0, 256K) holds stale bytes in [0, 128K) (the zero piece's place among them);
+    // [512K, 768K) holds other data, copied first so that the buffer the gathered run reuses is dirty.
+    await d.write(new Uint8Array(128 * K).fill(0xee), 0);
+    await d.write(pattern(256 * K, 40), 512 * K);
+    const runs = froms.map((from, k) => ({ from, to: k * P, length: P }));
+    const gathered = gatherRuns(runs, 256 * K);
+    expect(gathered.length).toBe(1);
+    const { dev, ops } = watched(d);
+    const copier = await FreeSpaceCopier.open(dev, 256 * K);
+    await copier.copy([{ from: 512 * K, to: 768 * K, length: 256 * K }], () => {});
+    ops.length = 0;
+    const seen: number[] = [];
+    await copier.copy(gathered, (n) => seen.push(n));
+    expect(seen).toEqual([256 * K]);
+    expect(Buffer.from(await readAt(d, 0, 256 * K)).equals(Buffer.from(want))).toBe(true);
+    // Two writes around the zero piece's punch, instead of one write per piece; the last piece's
+    // zeros past the source's end are punched over the destination's (unallocated) blocks.
+    expect(ops).toEqual(['write 0', `punch ${2 * P}`, `write ${3 * P}`, `punch ${7 * P + 8 * K}`]);
+    expect(await d.size()).toBe(fileEnd);
+  });
+
+  it('a read failing while other reads of the run are in flight: no further piece is read, the error comes out after every read has ended, nothing written', async () => {
+    const d = new MemoryBlockDevice('img');
+    for (let k = 0; k < 32; k++) await d.write(pattern(4 * K, k), k * 8 * K);
+    const { dev, ops, inFlight } = watched(d);
+    let reads = 0;
+    let maxInFlight = 0;
+    const failing: BlockDevice = {
+      ...dev,
+      read: async (b, o) => {
+        reads++;
+        maxInFlight = Math.max(maxInFlight, inFlight() + 1);
+        if (o === 3 * 8 * K) throw new Error('EIO (injected read)');
+        return dev.read(b, o);
+      },
+    };
+    const runs = Array.from({ length: 32 }, (_, k) => ({ from: k * 8 * K, to: 1024 * K + k * 4 * K, length: 4 * K }));
+    const copier = await FreeSpaceCopier.open(failing, 128 * K);
+    await expect(copier.copy(gatherRuns(runs, 128 * K), () => {})).rejects.toThrow('EIO (injected read)');
+    expect(inFlight()).toBe(0);
+    expect(ops).toEqual([]);
+    // Bounded and stopped: at most eight reads at once, and the pieces after the failure not started.
+    expect(maxInFlight).toBeLessThanOrEqual(8);
+    expect(maxInFlight).toBeGreaterThan(1);
+    expect(reads).toBeLessThan(32);
   });
 });
 
