@@ -35,6 +35,10 @@ export interface GatherRun {
 
 /** Source reads of one gathered run in flight at once (libuv's pool has four threads by default). */
 const READS_IN_FLIGHT = 8;
+/** Pieces whose sources lie at most this far apart are read as one span (the gap's bytes read and dropped)… */
+const SPAN_GAP = 4096;
+/** …of at most this many bytes (each of the READS_IN_FLIGHT readers has a scratch buffer of it). */
+const SPAN_BYTES = 1 << 20;
 
 /**
  * Copy runs as gathered runs of at most `maxBytes`: runs whose destinations continue each other (in
@@ -60,6 +64,8 @@ const asGather = (r: CopyRun | GatherRun): GatherRun => ('pieces' in r ? r : { t
 
 export class FreeSpaceCopier {
   private readonly buffers: [Uint8Array, Uint8Array];
+  /** Per reader of a run, the buffer a span of pieces is read into (made when first needed). */
+  private readonly scratch: Uint8Array[] = [];
 
   /**
    * `fileSize` must be the device's length now (or more); this copier must be the only writer of the
@@ -121,32 +127,61 @@ export class FreeSpaceCopier {
   }
 
   /**
-   * Reads a run's pieces into `buffer`, one after another, up to READS_IN_FLIGHT at once. When a read
-   * fails no further piece is started, and the error is thrown once every read in flight has ended.
+   * Reads a run's pieces into `buffer`, up to READS_IN_FLIGHT reads at once. Pieces whose sources follow
+   * each other with small gaps (a 512-byte-cluster qcow2: 32 KiB of data, a 512-byte table, 32 KiB of
+   * data) are one read of the span into a scratch buffer, the pieces copied out of it: a read costs far
+   * more than the few gap bytes (nothing is written to a source during the call, and the gap bytes are
+   * thrown away, so what they hold does not matter). When a read fails no further one is started, and
+   * the error is thrown once every read in flight has ended. One read of runs at a time (copy's loop).
    */
   private async read(run: GatherRun, buffer: Uint8Array): Promise<Uint8Array> {
     const buf = buffer.subarray(0, run.length);
-    const at: number[] = [];
+    // Spans: consecutive pieces [first, end) with increasing sources, gaps ≤ SPAN_GAP, ≤ SPAN_BYTES long.
+    const spans: { first: number; end: number; at: number }[] = [];
     let sum = 0;
-    for (const p of run.pieces) {
-      at.push(sum);
+    for (let k = 0; k < run.pieces.length; k++) {
+      const p = run.pieces[k]!;
+      const span = spans[spans.length - 1];
+      const prev = run.pieces[k - 1];
+      if (span && prev) {
+        const gap = p.from - (prev.from + prev.length);
+        if (gap >= 0 && gap <= SPAN_GAP && p.from + p.length - run.pieces[span.first]!.from <= SPAN_BYTES) {
+          span.end = k + 1;
+          sum += p.length;
+          continue;
+        }
+      }
+      spans.push({ first: k, end: k + 1, at: sum });
       sum += p.length;
     }
     if (sum !== run.length) throw new Error(`gathered run at ${run.to}: pieces of ${sum} bytes for a run of ${run.length}`);
     let taken = 0;
     let failed = false;
-    const worker = async () => {
-      while (!failed && taken < run.pieces.length) {
-        const k = taken++;
+    const worker = async (w: number) => {
+      while (!failed && taken < spans.length) {
+        const s = spans[taken++]!;
         try {
-          await this.readPiece(run.pieces[k]!.from, buf.subarray(at[k]!, at[k]! + run.pieces[k]!.length));
+          const first = run.pieces[s.first]!;
+          if (s.end === s.first + 1) {
+            await this.readPiece(first.from, buf.subarray(s.at, s.at + first.length));
+            continue;
+          }
+          const last = run.pieces[s.end - 1]!;
+          const scratch = (this.scratch[w] ??= new Uint8Array(SPAN_BYTES)).subarray(0, last.from + last.length - first.from);
+          await this.readPiece(first.from, scratch);
+          let at = s.at;
+          for (let k = s.first; k < s.end; k++) {
+            const p = run.pieces[k]!;
+            buf.set(scratch.subarray(p.from - first.from, p.from - first.from + p.length), at);
+            at += p.length;
+          }
         } catch (e) {
           failed = true;
           throw e;
         }
       }
     };
-    const results = await Promise.allSettled(Array.from({ length: Math.min(READS_IN_FLIGHT, run.pieces.length) }, worker));
+    const results = await Promise.allSettled(Array.from({ length: Math.min(READS_IN_FLIGHT, spans.length) }, (_, w) => worker(w)));
     for (const r of results) if (r.status === 'rejected') throw r.reason;
     return buf;
   }

@@ -130,20 +130,26 @@ describe('gathered runs', () => {
       const b = k === 2 ? new Uint8Array(P) : pattern(k === 7 ? 8 * K : P, 20 + k);
       await d.write(b, from);
       want.set(b, k * P);
+      // The 1 KiB between two pieces holds a table: read with the span, never copied.
+      if (k < 7) await d.write(new Uint8Array(K).fill(0xab), from + P);
     }
     const fileEnd = froms[7]! + 8 * K;
     expect(await d.size()).toBe(fileEnd);
     // The destination [0, 256K) holds stale bytes in [0, 128K) (the zero piece's place among them);
-    // [512K, 768K) holds other data, copied first so that the buffer the gathered run reuses is dirty.
+    // [512K, 768K) holds other data, copied first (a span of two pieces) so that the buffer and the
+    // scratch the gathered run reuses are dirty.
     await d.write(new Uint8Array(128 * K).fill(0xee), 0);
     await d.write(pattern(256 * K, 40), 512 * K);
     const runs = froms.map((from, k) => ({ from, to: k * P, length: P }));
     const gathered = gatherRuns(runs, 256 * K);
     expect(gathered.length).toBe(1);
-    const { dev, ops } = watched(d);
+    const { dev: watchedDev, ops } = watched(d);
+    const reads: [number, number][] = [];
+    const dev: BlockDevice = { ...watchedDev, read: (b, o) => (reads.push([o, b.length]), watchedDev.read(b, o)) };
     const copier = await FreeSpaceCopier.open(dev, 256 * K);
-    await copier.copy([{ from: 512 * K, to: 768 * K, length: 256 * K }], () => {});
+    await copier.copy(gatherRuns([{ from: 512 * K, to: 768 * K, length: 128 * K }, { from: 641 * K, to: 896 * K, length: 127 * K }], 256 * K), () => {});
     ops.length = 0;
+    reads.length = 0;
     const seen: number[] = [];
     await copier.copy(gathered, (n) => seen.push(n));
     expect(seen).toEqual([256 * K]);
@@ -151,12 +157,16 @@ describe('gathered runs', () => {
     // Two writes around the zero piece's punch, instead of one write per piece; the last piece's
     // zeros past the source's end are punched over the destination's (unallocated) blocks.
     expect(ops).toEqual(['write 0', `punch ${2 * P}`, `write ${3 * P}`, `punch ${7 * P + 8 * K}`]);
+    // The pieces 1 KiB apart are one read of their span; it reads short at the end of the file, and
+    // the read of the rest finds nothing.
+    expect(reads).toEqual([[base, 7 * 33 * K + P], [fileEnd, base + 7 * 33 * K + P - fileEnd]]);
     expect(await d.size()).toBe(fileEnd);
   });
 
   it('a read failing while other reads of the run are in flight: no further piece is read, the error comes out after every read has ended, nothing written', async () => {
     const d = new MemoryBlockDevice('img');
-    for (let k = 0; k < 32; k++) await d.write(pattern(4 * K, k), k * 8 * K);
+    // Pieces 12 KiB apart: farther than a span reaches, so one read each.
+    for (let k = 0; k < 32; k++) await d.write(pattern(4 * K, k), k * 16 * K);
     const { dev, ops, inFlight } = watched(d);
     let reads = 0;
     let maxInFlight = 0;
@@ -165,11 +175,11 @@ describe('gathered runs', () => {
       read: async (b, o) => {
         reads++;
         maxInFlight = Math.max(maxInFlight, inFlight() + 1);
-        if (o === 3 * 8 * K) throw new Error('EIO (injected read)');
+        if (o === 3 * 16 * K) throw new Error('EIO (injected read)');
         return dev.read(b, o);
       },
     };
-    const runs = Array.from({ length: 32 }, (_, k) => ({ from: k * 8 * K, to: 1024 * K + k * 4 * K, length: 4 * K }));
+    const runs = Array.from({ length: 32 }, (_, k) => ({ from: k * 16 * K, to: 1024 * K + k * 4 * K, length: 4 * K }));
     const copier = await FreeSpaceCopier.open(failing, 128 * K);
     await expect(copier.copy(gatherRuns(runs, 128 * K), () => {})).rejects.toThrow('EIO (injected read)');
     expect(inFlight()).toBe(0);
