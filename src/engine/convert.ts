@@ -761,20 +761,23 @@ async function copyMoves(dev: BlockDevice, source: SourceImage, mapping: ExtentM
   const runs: CopyRun[] = [];
   const zeros: { to: number; length: number }[] = [];
   const compressed: { guest: number; to: number; length: number }[] = [];
+  // Progress is reported per run written: runs of at most 1/64 of the bytes moved (≥ 64 KiB) keep a small
+  // move's progress moving too — gathered 8 MiB runs made a 25 MiB move report three times.
+  const runMax = Math.min(MOVE_RUN, Math.max(64 << 10, alignUp(Math.ceil(moves.reduce((n, m) => n + m.length, 0) / 64), 64 << 10)));
   let end = 0;
   for (const m of moves) {
     end = Math.max(end, m.to + m.length);
     for (const e of mapping.range(m.guest, m.length)) {
       const to = m.to + (e.guest - m.guest);
       if (e.kind === 'data') {
-        for (let off = 0; off < e.length; off += MOVE_RUN) runs.push({ from: e.host! + off, to: to + off, length: Math.min(MOVE_RUN, e.length - off) });
+        for (let off = 0; off < e.length; off += runMax) runs.push({ from: e.host! + off, to: to + off, length: Math.min(runMax, e.length - off) });
       } else if (e.kind === 'compressed') compressed.push({ guest: e.guest, to, length: e.length });
       else zeros.push({ to, length: e.length });
     }
   }
   // Runs whose destinations continue each other as one buffer and one write (a qcow2 with 512-byte
   // clusters: 32 KiB pieces between its tables, one destination), sources continuing as one read.
-  const gathered = gatherRuns(runs, MOVE_RUN);
+  const gathered = gatherRuns(runs, runMax);
   const copier = await FreeSpaceCopier.open(dev, gathered.reduce((n, r) => Math.max(n, r.length), 0));
   for (const z of zeros) {
     signal?.throwIfAborted();
