@@ -4,30 +4,18 @@
  * engine does not take is refused before anything is written.
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { spawnSync } from 'node:child_process';
-import { createHash } from 'node:crypto';
-import { existsSync, readFileSync } from 'node:fs';
-import { join } from 'node:path';
+import { existsSync } from 'node:fs';
 import { randomRaw } from './support/peak-storage.js';
 import { qemuAvailable, qemuImg, qemuImgStatus, withTmpDir } from './support/qemu.js';
+import { ensureBuilt, fileSha256, runCli } from './support/cli.js';
 
-const root = join(import.meta.dirname, '..');
-const bin = join(root, 'bin', 'imgconv');
 const tmp = withTmpDir('imgconv-cli-window-');
 const MiB = 1 << 20;
 
-function run(...args: string[]) {
-  const r = spawnSync(process.execPath, [bin, ...args], { encoding: 'utf8' });
-  return { code: r.status, out: r.stdout, err: r.stderr };
-}
-const sha = (p: string) => createHash('sha256').update(readFileSync(p)).digest('hex');
+const run = runCli;
+const sha = fileSha256;
 
-beforeAll(() => {
-  if (!existsSync(join(root, 'dist', 'src', 'cli.js'))) {
-    const b = spawnSync('npx', ['tsc', '-p', root], { encoding: 'utf8' });
-    if (b.status !== 0) throw new Error(`build failed: ${b.stdout}${b.stderr}`);
-  }
-});
+beforeAll(ensureBuilt);
 afterAll(() => tmp.cleanup());
 
 describe.skipIf(!qemuAvailable())('imgconv --move-window', () => {

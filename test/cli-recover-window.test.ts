@@ -4,29 +4,17 @@
  * (What the window does in recovery: test/engine/recover-window.test.ts.)
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { spawnSync } from 'node:child_process';
-import { createHash } from 'node:crypto';
-import { existsSync, readFileSync, writeFileSync } from 'node:fs';
-import { join } from 'node:path';
+import { existsSync, writeFileSync } from 'node:fs';
 import { withTmpDir } from './support/qemu.js';
+import { ensureBuilt, fileSha256, runCli } from './support/cli.js';
 import { journalPath } from '../src/engine/journal.js';
 
-const root = join(import.meta.dirname, '..');
-const bin = join(root, 'bin', 'imgconv');
 const tmp = withTmpDir('imgconv-cli-recwin-');
 
-function run(...args: string[]) {
-  const r = spawnSync(process.execPath, [bin, ...args], { encoding: 'utf8' });
-  return { code: r.status, out: r.stdout, err: r.stderr };
-}
-const sha = (p: string) => createHash('sha256').update(readFileSync(p)).digest('hex');
+const run = runCli;
+const sha = fileSha256;
 
-beforeAll(() => {
-  if (!existsSync(join(root, 'dist', 'src', 'cli.js'))) {
-    const b = spawnSync('npx', ['tsc', '-p', root], { encoding: 'utf8' });
-    if (b.status !== 0) throw new Error(`build failed: ${b.stdout}${b.stderr}`);
-  }
-});
+beforeAll(ensureBuilt);
 afterAll(() => tmp.cleanup());
 
 describe('imgconv recover --move-window', () => {

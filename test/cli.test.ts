@@ -3,26 +3,15 @@
  * Runs bin/imgconv, so it needs the build (the test command builds first).
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { spawnSync } from 'node:child_process';
-import { existsSync, writeFileSync } from 'node:fs';
-import { join } from 'node:path';
+import { writeFileSync } from 'node:fs';
 import { withTmpDir } from './support/qemu.js';
+import { ensureBuilt, runCli } from './support/cli.js';
 
-const root = join(import.meta.dirname, '..');
-const bin = join(root, 'bin', 'imgconv');
 const tmp = withTmpDir('imgconv-cli-');
 
-function run(...args: string[]) {
-  const r = spawnSync(process.execPath, [bin, ...args], { encoding: 'utf8' });
-  return { code: r.status, out: r.stdout, err: r.stderr };
-}
+const run = runCli;
 
-beforeAll(() => {
-  if (!existsSync(join(root, 'dist', 'src', 'cli.js'))) {
-    const b = spawnSync('npx', ['tsc', '-p', root], { encoding: 'utf8' });
-    if (b.status !== 0) throw new Error(`build failed: ${b.stdout}${b.stderr}`);
-  }
-});
+beforeAll(ensureBuilt);
 afterAll(() => tmp.cleanup());
 
 describe('imgconv CLI', () => {
