@@ -36,24 +36,16 @@ export class GapAllocator implements Allocator {
       // A gap shorter than `length` cannot hold it at any alignment.
       if (this.longest[b]! < length) continue;
       const gaps = this.blocks[b]!;
-      for (let i = 0; i < gaps.length; i++) {
-        const g = gaps[i]!;
-        const start = alignUp(g.start, align);
-        if (start + length <= g.start + g.length) {
-          const rest: FreeRange[] = [];
-          if (start > g.start) rest.push({ start: g.start, length: start - g.start });
-          if (start + length < g.start + g.length) rest.push({ start: start + length, length: g.start + g.length - start - length });
-          gaps.splice(i, 1, ...rest);
-          if (gaps.length > 2 * GAP_BLOCK) {
-            // Split a block that alignment leftovers have grown, so a scan inside one stays short.
-            this.blocks.splice(b + 1, 0, gaps.splice(GAP_BLOCK));
-            this.longest.splice(b + 1, 0, longestOf(this.blocks[b + 1]!));
-          }
-          this.longest[b] = longestOf(gaps);
-          this.given.push({ start, length });
-          return start;
-        }
+      const start = firstFit(gaps, length, align);
+      if (start === undefined) continue;
+      if (gaps.length > 2 * GAP_BLOCK) {
+        // Split a block that alignment leftovers have grown, so a scan inside one stays short.
+        this.blocks.splice(b + 1, 0, gaps.splice(GAP_BLOCK));
+        this.longest.splice(b + 1, 0, longestOf(this.blocks[b + 1]!));
       }
+      this.longest[b] = longestOf(gaps);
+      this.given.push({ start, length });
+      return start;
     }
     const start = alignUp(this.tail, align);
     this.tail = start + length;
@@ -63,6 +55,22 @@ export class GapAllocator implements Allocator {
 }
 
 const GAP_BLOCK = 64;
+
+/** First aligned place for `length` bytes in `free` (sorted gaps); takes it out of `free`. */
+export function firstFit(free: FreeRange[], length: number, align: number): number | undefined {
+  for (let i = 0; i < free.length; i++) {
+    const f = free[i]!;
+    const s = alignUp(f.start, align);
+    if (s + length <= f.start + f.length) {
+      const rest: FreeRange[] = [];
+      if (s > f.start) rest.push({ start: f.start, length: s - f.start });
+      if (s + length < f.start + f.length) rest.push({ start: s + length, length: f.start + f.length - s - length });
+      free.splice(i, 1, ...rest);
+      return s;
+    }
+  }
+  return undefined;
+}
 
 function longestOf(gaps: FreeRange[]): number {
   let m = 0;

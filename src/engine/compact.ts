@@ -24,6 +24,7 @@ import type { BlockDevice } from '../blockdev/types.js';
 import type { FormatDriver, Relocatable, SourceImage } from '../driver.js';
 import type { FreeRange } from '../host-space.js';
 import { alignUp } from '../binary.js';
+import { firstFit } from './allocator.js';
 import { openImage, type ImageChain } from '../image.js';
 
 export interface CompactResult {
@@ -276,22 +277,6 @@ function clusterSlots(free: FreeRange[], cs: number): number[] {
     for (let s = alignUp(f.start, cs); s + cs <= f.start + f.length; s += cs) out.push(s);
   }
   return out;
-}
-
-/** First aligned place for `length` bytes; takes it out of `free`. */
-function firstFit(free: FreeRange[], length: number, align: number): number | undefined {
-  for (let i = 0; i < free.length; i++) {
-    const f = free[i]!;
-    const s = alignUp(f.start, align);
-    if (s + length <= f.start + f.length) {
-      const rest: FreeRange[] = [];
-      if (s > f.start) rest.push({ start: f.start, length: s - f.start });
-      if (s + length < f.start + f.length) rest.push({ start: s + length, length: f.start + f.length - s - length });
-      free.splice(i, 1, ...rest);
-      return s;
-    }
-  }
-  return undefined;
 }
 
 /**
