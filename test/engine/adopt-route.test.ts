@@ -11,7 +11,7 @@
  */
 import { createHash } from 'node:crypto';
 import { copyFileSync, existsSync, readFileSync } from 'node:fs';
-import { afterAll, beforeAll, describe, expect, test } from 'vitest';
+import { describe, expect, test } from 'vitest';
 import { allDrivers } from '../../drivers/index.js';
 import { fileStorage, type MemoryStorage } from '../../src/blockdev/storage.js';
 import type { BlockDevice, OpenOptions } from '../../src/blockdev/types.js';
@@ -21,9 +21,9 @@ import { recover } from '../../src/engine/recover.js';
 import { GuestReader } from '../../src/guest.js';
 import { openImage } from '../../src/image.js';
 import { PassThroughStorage } from '../support/pass-through.js';
-import { PeakStorage, randomRaw } from '../support/peak-storage.js';
+import { PeakStorage, randomRaw, randomRawSuite } from '../support/peak-storage.js';
 import { powerLossChoices, powerLossCuts, powerLossState, prng, RecordingStorage, stateAfter, type Files } from '../support/recording.js';
-import { qemuAvailable, qemuImg, qemuImgStatus, withTmpDir } from '../support/qemu.js';
+import { qemuAvailable, qemuImg, qemuImgStatus } from '../support/qemu.js';
 
 const MiB = 1 << 20;
 const SIZE = 32 * MiB;
@@ -55,13 +55,7 @@ class OpenCounter extends PassThroughStorage {
 }
 
 describe.skipIf(!qemuAvailable())('data-file source → VHD dynamic: the route chooser after the adoption', () => {
-  const tmp = withTmpDir('imgconv-adoptroute-');
-  let src = '';
-  beforeAll(() => {
-    src = tmp.path('src.raw');
-    randomRaw(src, SIZE);
-  });
-  afterAll(() => tmp.cleanup());
+  const { tmp, raw: src } = randomRawSuite('imgconv-adoptroute-', SIZE);
 
   /** A qcow2 whose data lives in `<name>.data` (data_file_raw=on), filled from the random disk by qemu-img. */
   function dataFileImage(name: string): { image: string; data: string } {

@@ -21,24 +21,18 @@
  * COMPACT_PEAK_MIB runs it on another size (default 64).
  */
 import { statSync } from 'node:fs';
-import { afterAll, beforeAll, describe, expect, test } from 'vitest';
+import { describe, expect, test } from 'vitest';
 import { allDrivers } from '../../drivers/index.js';
-import { PeakStorage, randomRaw } from '../support/peak-storage.js';
+import { PeakStorage, randomRawSuite } from '../support/peak-storage.js';
 import { convertInPlace, planConversion, type ConvertOptions } from '../../src/engine/convert.js';
-import { qemuAvailable, qemuImg, qemuImgStatus, withTmpDir } from '../support/qemu.js';
+import { qemuAvailable, qemuImg, qemuImgStatus } from '../support/qemu.js';
 
 const MiB = 1 << 20;
 const SIZE = Number(process.env.COMPACT_PEAK_MIB ?? 64) * MiB;
 const WINDOW = 8 * MiB;
 
 describe.skipIf(!qemuAvailable())('compacting targets: peak allocated space', () => {
-  const tmp = withTmpDir('imgconv-compact-peak-');
-  let raw = '';
-  beforeAll(() => {
-    raw = tmp.path('src.raw');
-    randomRaw(raw, SIZE);
-  });
-  afterAll(() => tmp.cleanup());
+  const { tmp, raw } = randomRawSuite('imgconv-compact-peak-', SIZE);
 
   const judge = (img: string) => {
     const cmp = qemuImgStatus(['compare', '-f', 'raw', '-F', 'qed', raw, img]);

@@ -9,24 +9,18 @@
  * the rollback; 34.0 MiB when round B copied everything before freeing anything, which on a disk with
  * the planned room ended a late Ctrl-C/EIO/ENOSPC in ENOSPC during the clean-up).
  */
-import { afterAll, beforeAll, describe, expect, test } from 'vitest';
+import { describe, expect, test } from 'vitest';
 import { allDrivers } from '../../drivers/index.js';
-import { PeakStorage, randomRaw } from '../support/peak-storage.js';
+import { PeakStorage, randomRawSuite } from '../support/peak-storage.js';
 import { ConversionFailedError, convertInPlace, planConversion } from '../../src/engine/convert.js';
-import { qemuAvailable, qemuImg, qemuImgStatus, withTmpDir } from '../support/qemu.js';
+import { qemuAvailable, qemuImg, qemuImgStatus } from '../support/qemu.js';
 
 const MiB = 1 << 20;
 const SIZE = 64 * MiB;
 const WINDOW = 8 * MiB;
 
 describe.skipIf(!qemuAvailable())('relocating moves cancelled after the relocation', () => {
-  const tmp = withTmpDir('imgconv-moverel-rb-');
-  let raw = '';
-  beforeAll(() => {
-    raw = tmp.path('src.raw');
-    randomRaw(raw, SIZE);
-  });
-  afterAll(() => tmp.cleanup());
+  const { tmp, raw } = randomRawSuite('imgconv-moverel-rb-', SIZE);
 
   const run = async (name: string) => {
     const img = tmp.path(name);

@@ -8,9 +8,9 @@
  * and qemu-img check (which has no check for vpc: it must say so, not report corruption).
  */
 import { readFileSync } from 'node:fs';
-import { afterAll, beforeAll, describe, expect, test } from 'vitest';
+import { afterAll, describe, expect, test } from 'vitest';
 import { allDrivers } from '../../drivers/index.js';
-import { PeakStorage, randomRaw } from '../support/peak-storage.js';
+import { PeakStorage, randomRaw, randomRawSuite } from '../support/peak-storage.js';
 import { convertInPlace, planConversion } from '../../src/engine/convert.js';
 import { openImage } from '../../src/image.js';
 import { checkImage } from '../../src/check.js';
@@ -29,13 +29,7 @@ const SIZE = Number(process.env.MOVE_MIB ?? 64) * MiB;
 const WINDOW = Number(process.env.MOVE_WINDOW_MIB ?? 8) * MiB;
 
 describe.skipIf(!qemuAvailable())('moves to VHD dynamic: bounded peak extra space', () => {
-  const tmp = withTmpDir('imgconv-moverel-');
-  let raw = '';
-  beforeAll(() => {
-    raw = tmp.path('src.raw');
-    randomRaw(raw, SIZE);
-  });
-  afterAll(() => tmp.cleanup());
+  const { tmp, raw } = randomRawSuite('imgconv-moverel-', SIZE);
 
   const cases: { from: string; steps: number }[] = [
     { from: 'qed', steps: 1 },

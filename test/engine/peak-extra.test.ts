@@ -5,24 +5,18 @@
  * (st_blocks·512, which on ext4 includes delayed allocation) and keeps the largest growth over the
  * start. Plan and measurement must agree within one cluster (PEAK_MIB=256 runs it on 256 MiB).
  */
-import { afterAll, beforeAll, describe, expect, test } from 'vitest';
+import { describe, expect, test } from 'vitest';
 import { allDrivers } from '../../drivers/index.js';
-import { PeakStorage, randomRaw } from '../support/peak-storage.js';
+import { PeakStorage, randomRawSuite } from '../support/peak-storage.js';
 import { convertInPlace, planConversion } from '../../src/engine/convert.js';
-import { qemuAvailable, qemuImg, withTmpDir } from '../support/qemu.js';
+import { qemuAvailable, qemuImg } from '../support/qemu.js';
 
 const MiB = 1 << 20;
 
 const SIZE = Number(process.env.PEAK_MIB ?? 64) * MiB;
 
 describe.skipIf(!qemuAvailable())('plan peakExtraBytes vs the allocated peak of a real conversion', () => {
-  const tmp = withTmpDir('imgconv-peak-');
-  let raw = '';
-  beforeAll(() => {
-    raw = tmp.path('src.raw');
-    randomRaw(raw, SIZE);
-  });
-  afterAll(() => tmp.cleanup());
+  const { tmp, raw } = randomRawSuite('imgconv-peak-', SIZE);
 
   // `slack`: how far plan and measurement may differ — one cluster of the QED/qcow2 source (qemu-img's
   // default 64 KiB), one block of the VHD target (2 MiB), which also covers the journal of a moving

@@ -9,9 +9,9 @@
  * The kill: from a chosen progress event on, every mutating operation of the conversion throws (its own
  * clean-up too), so the files stay as a killed process leaves them (with the OS keeping every write).
  */
-import { afterAll, beforeAll, describe, expect, test } from 'vitest';
+import { describe, expect, test } from 'vitest';
 import { allDrivers } from '../../drivers/index.js';
-import { PeakStorage, randomRaw } from '../support/peak-storage.js';
+import { PeakStorage, randomRawSuite } from '../support/peak-storage.js';
 import { PassThroughStorage, passThroughDevice } from '../support/pass-through.js';
 import { fileStorage } from '../../src/blockdev/storage.js';
 import type { BlockDevice, OpenOptions } from '../../src/blockdev/types.js';
@@ -19,7 +19,7 @@ import { convertInPlace, planConversion, type ConvertOptions, type ProgressEvent
 import { recover } from '../../src/engine/recover.js';
 import { journalPath } from '../../src/engine/journal.js';
 import { readJournal } from '../../src/engine/recover.js';
-import { qemuAvailable, qemuImg, qemuImgStatus, withTmpDir } from '../support/qemu.js';
+import { qemuAvailable, qemuImg, qemuImgStatus } from '../support/qemu.js';
 
 const MiB = 1 << 20;
 const SIZE = 32 * MiB;
@@ -101,13 +101,7 @@ async function recoverMeasured(img: string, relocationWindow?: number) {
 }
 
 describe.skipIf(!qemuAvailable())('recover keeps the conversion\'s relocation window', () => {
-  const tmp = withTmpDir('imgconv-recwin-');
-  let raw = '';
-  beforeAll(() => {
-    raw = tmp.path('src.raw');
-    randomRaw(raw, SIZE);
-  });
-  afterAll(() => tmp.cleanup());
+  const { tmp, raw } = randomRawSuite('imgconv-recwin-', SIZE);
 
   test('QED → VHD killed mid-relocation, 1 MiB window: the rollback\'s compaction holds about one window; --move-window 64M overrides', async () => {
     const opts = { to: 'vhd', drivers: allDrivers, relocationWindow: WINDOW };

@@ -8,7 +8,9 @@ import { randomFillSync } from 'node:crypto';
 import { closeSync, openSync, writeSync } from 'node:fs';
 import { fileStorage, type Storage } from '../../src/blockdev/storage.js';
 import type { BlockDevice, OpenOptions } from '../../src/blockdev/types.js';
+import { afterAll, beforeAll } from 'vitest';
 import { PassThroughStorage, passThroughDevice } from './pass-through.js';
+import { withTmpDir } from './qemu.js';
 
 const MiB = 1 << 20;
 
@@ -99,4 +101,16 @@ export function randomRaw(path: string, bytes: number): void {
   } finally {
     closeSync(fd);
   }
+}
+
+/**
+ * A suite's temporary directory and `src.raw` in it: `bytes` of random data, written before the suite's
+ * tests and removed with the directory after them (call inside `describe`).
+ */
+export function randomRawSuite(prefix: string, bytes: number): { tmp: ReturnType<typeof withTmpDir>; raw: string } {
+  const tmp = withTmpDir(prefix);
+  const raw = tmp.path('src.raw');
+  beforeAll(() => randomRaw(raw, bytes));
+  afterAll(() => tmp.cleanup());
+  return { tmp, raw };
 }
